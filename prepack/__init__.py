@@ -5,11 +5,33 @@ The data flow, one module per step::
     lengths --planner--> Plan --packing--> PackedBatch --attention/hf--> prefill --kvcache--> per-request caches
 """
 
+from .attention import BACKENDS, get_backend, resolve_backend
+from .generation import generate
+from .kvcache import FlashKVCache
 from .packing import PackedBatch, Varlen, pack
 from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
+from .prefill import PrefillResult, prefill
+
+try:  # transformers is an extra: without it, planning and packing still work
+    from .hf import attn_implementation, register as _register
+except ImportError:  # pragma: no cover
+    pass
+else:
+    try:
+        _register()
+    except ImportError:  # pragma: no cover - transformers not installed
+        pass
 
 __all__ = [
     "ALGORITHMS",
+    "BACKENDS",
+    "FlashKVCache",
+    "PrefillResult",
+    "attn_implementation",
+    "generate",
+    "get_backend",
+    "prefill",
+    "resolve_backend",
     "PackedBatch",
     "Plan",
     "Varlen",

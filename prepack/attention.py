@@ -1,0 +1,286 @@
+"""Step 3 of the data flow: attention over a packed stream.
+
+Every backend has the signature of flash-attn's ``flash_attn_varlen_func``::
+
+    backend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1),
+            softcap=0.0) -> out
+
+with ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)`` (``H`` a multiple of
+``H_kv``: grouped-query attention), ``cu_seqlens_*: (n + 1,) int32`` and
+``out: (total_q, H, D)``. Semantics follow flash-attn: with ``causal`` and
+``seqlen_q != seqlen_k`` the mask is aligned to the bottom right, and
+``window_size=(left, right)`` lets query i see keys j with
+``i - left <= j <= i + right`` (-1 means unbounded).
+
+Backends:
+    ``flash``        flash-attn's kernel (CUDA, fp16/bf16).
+    ``sdpa_varlen``  torch SDPA once per segment: O(sum l_i^2), no mask for the whole stream.
+    ``sdpa_masked``  one SDPA call with a dense block-diagonal mask (the prepacking paper's method).
+    ``flex``         FlexAttention with a document ``BlockMask``.
+    ``reference``    explicit float64 math per segment; slow, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Backend = Callable[..., torch.Tensor]
+BACKENDS: tuple[str, ...] = ("flash", "sdpa_varlen", "sdpa_masked", "flex", "reference")
+
+
+def flash_available() -> bool:
+    """True when flash-attn imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that ``name`` means on ``device`` for ``dtype``.
+
+    ``auto`` is ``flash`` when flash-attn and CUDA are there and the dtype is
+    fp16/bf16, otherwise ``sdpa_varlen``, the fastest exact path we measured on
+    CPU (docs/results.md).
+    """
+    if name == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "flash" if on_cuda and dtype in (torch.float16, torch.bfloat16) and flash_available() else "sdpa_varlen"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backend:
+    """The varlen attention function called ``name`` (``"auto"`` resolved for ``device`` and ``dtype``)."""
+    name = resolve_backend(name, device=device, dtype=dtype)
+    return _flash_varlen() if name == "flash" else _BACKENDS[name]
+
+
+def _flash_varlen() -> Backend:
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "backend='flash' needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen' on CPU"
+        )
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError(
+            "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA); "
+            "or use backend='sdpa_varlen'"
+        ) from e
+    return flash_attn_varlen_func
+
+
+def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """Yield (q_start, q_end, k_start, k_end) per segment, with one host sync for the whole stream."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q has {len(cq) - 1} segments but cu_seqlens_k has {len(ck) - 1}")
+    return zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
+
+
+def _allowed(lq: int, lk: int, causal: bool, window_size, device) -> torch.Tensor | None:
+    """(lq, lk) bool mask of flash-attn semantics, or None when plain attention (or top-left causal) is exact."""
+    left, right = window_size
+    if not causal and left < 0 and right < 0:
+        return None
+    if causal and left < 0 and lq == lk:
+        return None  # SDPA's is_causal is exactly this
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)  # bottom-right alignment
+    j = torch.arange(lk, device=device)[None, :]
+    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        ok &= j <= i + right
+    if left >= 0:
+        ok &= j >= i - left
+    return ok
+
+
+def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} heads, which is not a multiple of the {k.shape[1]} key/value heads")
+
+
+def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: float = 0.0):
+    """Explicit attention for (B, H, Lq, D) x (B, H_kv, Lk, D); used where SDPA cannot apply softcap."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.nan_to_num(probs)  # rows with no allowed key (possible with bottom-right causal) give 0
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
+def _sdpa(q, k, v, mask, *, is_causal: bool, scale: float, softcap: float, dropout_p: float):
+    """SDPA on (B, H, Lq, D) with grouped-query heads; falls back to math for softcap."""
+    if softcap > 0:
+        if mask is None and is_causal:
+            mask = _allowed(q.shape[-2], k.shape[-2], True, (-1, -1), q.device)
+        return _math_attention(q, k, v, mask, scale, softcap, dropout_p)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def sdpa_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype."""
+    _check_gqa(q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty_like(q)
+    masks: dict[tuple[int, int], torch.Tensor | None] = {}
+    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
+        lq, lk = qe - qs, ke - ks
+        if lq == 0:
+            continue
+        if (lq, lk) not in masks:
+            masks[(lq, lk)] = _allowed(lq, lk, causal, window_size, q.device)
+        mask = masks[(lq, lk)]
+        o = _sdpa(
+            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+            None if mask is None else mask,
+            is_causal=causal, scale=scale, softcap=softcap, dropout_p=dropout_p,
+        )
+        if mask is not None and lk < lq:
+            o = torch.nan_to_num(o)
+        out[qs:qe] = o[0].transpose(0, 1)
+    return out
+
+
+def varlen_mask(cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), device=None) -> torch.Tensor:
+    """The dense (total_q, total_k) block-diagonal bool mask that a varlen call implies. O(T^2) memory."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    mask = torch.zeros(cq[-1], ck[-1], dtype=torch.bool, device=device)
+    for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
+        block = _allowed(qe - qs, ke - ks, causal, window_size, device)
+        mask[qs:qe, ks:ke] = True if block is None and not causal else (
+            torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=device).tril() if block is None else block
+        )
+    return mask
+
+
+def sdpa_masked(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """One SDPA call over the whole stream with a dense block-diagonal mask (the prepacking paper's method)."""
+    _check_gqa(q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    mask = varlen_mask(cu_seqlens_q, cu_seqlens_k, causal=causal, window_size=window_size, device=q.device)
+    mask |= ~mask.any(-1, keepdim=True)  # a query with no key (padding) sees all; its output is dropped anyway
+    out = dense_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask,
+        scale=scale, softcap=softcap, dropout_p=dropout_p,
+    )
+    return out[0].transpose(0, 1).contiguous()
+
+
+def dense_attention(q, k, v, mask, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
+    """(B, H, L, D) attention under an explicit bool mask (B or 1, 1, L, L): the masked-backend kernel."""
+    return _sdpa(q, k, v, mask, is_causal=False, scale=scale, softcap=softcap, dropout_p=dropout_p)
+
+
+def flex(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """FlexAttention with a document ``BlockMask`` built from ``cu_seqlens``.
+
+    Compiled on CUDA. On CPU it runs flex's eager path, which is exact but
+    materialises the scores, so it is here for completeness, not speed.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if dropout_p:
+        raise ValueError("the flex backend does not support dropout")
+    _check_gqa(q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    dev = q.device
+    cq, ck = cu_seqlens_q.to(dev).long(), cu_seqlens_k.to(dev).long()
+    tq, tk = q.shape[0], k.shape[0]
+    doc_q = torch.searchsorted(cq, torch.arange(tq, device=dev), right=True) - 1
+    doc_k = torch.searchsorted(ck, torch.arange(tk, device=dev), right=True) - 1
+    # positions counted from each segment's end, so that causal is bottom-right aligned
+    end_q = (cq[1:] - 1)[doc_q] - torch.arange(tq, device=dev)
+    end_k = (ck[1:] - 1)[doc_k] - torch.arange(tk, device=dev)
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+
+    def mask_mod(b, h, qi, ki):
+        ok = doc_q[qi] == doc_k[ki]
+        delta = end_q[qi] - end_k[ki]  # key index minus query index, bottom-right aligned
+        if right >= 0:
+            ok = ok & (delta <= right)
+        if left >= 0:
+            ok = ok & (delta >= -left)
+        return ok
+
+    score_mod = None
+    if softcap > 0:
+        def score_mod(score, b, h, qi, ki):
+            return softcap * torch.tanh(score / softcap)
+
+    block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=dev)
+    fn = _compiled_flex() if dev.type == "cuda" else flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = fn(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        )
+    return out[0].transpose(0, 1).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def reference(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """Plain float64 math per segment, written for clarity. Slow; the oracle for the tests."""
+    _check_gqa(q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros_like(q)
+    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
+        qq, kk, vv = (x.double().transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        mask = _allowed(qe - qs, ke - ks, causal, window_size, q.device)
+        if mask is None and causal:
+            mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril()
+        out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap)[0].transpose(0, 1).to(q.dtype)
+    return out
+
+
+_BACKENDS: dict[str, Backend] = {
+    "sdpa_varlen": sdpa_varlen,
+    "sdpa_masked": sdpa_masked,
+    "flex": flex,
+    "reference": reference,
+}

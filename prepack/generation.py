@@ -1,0 +1,80 @@
+"""Step 6 of the data flow: decoding continues from the packed prefill.
+
+``generate`` prefills every prompt but its last token, packed, scatters the
+keys and values into a left-padded ``DynamicCache`` and hands that to
+``model.generate``. The last prompt token stays out of the cache on purpose:
+``generate`` must feed at least one uncached token to produce the first new
+token's logits, and feeding exactly the last prompt token makes that step
+identical to the last position of an ordinary padded prefill.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .prefill import _cache_kwarg, _prefill, check_prompts, model_device
+
+
+def generate(
+    model,
+    sequences: Sequence,
+    *,
+    backend: str = "auto",
+    capacity: int | None = None,
+    token_budget: int | None = None,
+    **generate_kwargs,
+) -> list[torch.Tensor]:
+    """Generate from many prompts with a packed prefill; decoding is ``model.generate``'s own.
+
+    Args:
+        model: a decoder-only transformers model (see :func:`prepack.prefill`).
+        sequences: N prompts, lists of token ids or 1-D integer tensors.
+        backend, capacity, token_budget: as in :func:`prepack.prefill`.
+        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``,
+            ``do_sample``, ``generation_config``, ...).
+
+    Returns:
+        N 1-D int64 tensors: the new tokens of each request, ending at its EOS
+        token if it produced one. Greedy output is token-for-token what
+        ``model.generate`` gives for the same prompts left-padded.
+    """
+    for key in ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds"):
+        if key in generate_kwargs:
+            raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
+    tokens = check_prompts(model, sequences)
+    if not tokens:
+        return []
+    device = model_device(model)
+    n = len(tokens)
+    longest = max(len(t) for t in tokens)
+    gen_config = generate_kwargs.get("generation_config") or model.generation_config
+    pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
+    eos = generate_kwargs.get("eos_token_id", gen_config.eos_token_id)
+    if pad_id is None:
+        pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    generate_kwargs.setdefault("pad_token_id", pad_id)
+
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(n, longest, dtype=torch.long, device=device)
+    for i, t in enumerate(tokens):
+        input_ids[i, longest - len(t) :] = torch.from_numpy(t)
+        attention_mask[i, longest - len(t) :] = 1
+    if longest > 1:
+        prefixes = [t[:-1] for t in tokens]
+        result = _prefill(model, prefixes, capacity=capacity, backend=backend, token_budget=token_budget, logits=False)
+        cache, _ = result.left_padded(pad_to=longest - 1)
+        generate_kwargs[_cache_kwarg(model)] = cache
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    return _strip(out[:, longest:], eos, pad_id)
+
+
+def _strip(new: torch.Tensor, eos, pad_id) -> list[torch.Tensor]:
+    """Cut each row after its first EOS (``generate`` pads finished rows with ``pad_id``)."""
+    eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=new.device)
+    rows = []
+    for row in new:
+        hit = torch.isin(row, eos_ids).nonzero()
+        rows.append(row[: int(hit[0]) + 1] if len(hit) else row)
+    return rows
