@@ -12,22 +12,19 @@ from .packing import PackedBatch, Varlen, pack
 from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
 from .prefill import PrefillResult, prefill
 
-try:  # transformers is an extra: without it, planning and packing still work
-    from .hf import attn_implementation, register as _register
-except ImportError:  # pragma: no cover
+from .hf import ATTN_IMPLEMENTATION, register as _register
+
+try:  # transformers is the [hf] extra: without it, planning and packing still work
+    _register()
+except ImportError:  # pragma: no cover - depends on the environment
     pass
-else:
-    try:
-        _register()
-    except ImportError:  # pragma: no cover - transformers not installed
-        pass
 
 __all__ = [
     "ALGORITHMS",
     "BACKENDS",
     "FlashKVCache",
     "PrefillResult",
-    "attn_implementation",
+    "ATTN_IMPLEMENTATION",
     "generate",
     "get_backend",
     "prefill",

@@ -108,6 +108,16 @@ def _allowed(lq: int, lk: int, causal: bool, window_size, device) -> torch.Tenso
     return ok
 
 
+def _dense_allowed(lq: int, lk: int, causal: bool, window_size, device) -> torch.Tensor:
+    """Like :func:`_allowed`, but always a tensor."""
+    mask = _allowed(lq, lk, causal, window_size, device)
+    if mask is None:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=device)
+        if causal:
+            mask = mask.tril(lk - lq)
+    return mask
+
+
 def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q has {q.shape[1]} heads, which is not a multiple of the {k.shape[1]} key/value heads")
@@ -134,7 +144,7 @@ def _sdpa(q, k, v, mask, *, is_causal: bool, scale: float, softcap: float, dropo
     """SDPA on (B, H, Lq, D) with grouped-query heads; falls back to math for softcap."""
     if softcap > 0:
         if mask is None and is_causal:
-            mask = _allowed(q.shape[-2], k.shape[-2], True, (-1, -1), q.device)
+            mask = _dense_allowed(q.shape[-2], k.shape[-2], True, (-1, -1), q.device)
         return _math_attention(q, k, v, mask, scale, softcap, dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None, scale=scale,
@@ -174,10 +184,7 @@ def varlen_mask(cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     mask = torch.zeros(cq[-1], ck[-1], dtype=torch.bool, device=device)
     for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
-        block = _allowed(qe - qs, ke - ks, causal, window_size, device)
-        mask[qs:qe, ks:ke] = True if block is None and not causal else (
-            torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=device).tril() if block is None else block
-        )
+        mask[qs:qe, ks:ke] = _dense_allowed(qe - qs, ke - ks, causal, window_size, device)
     return mask
 
 
@@ -271,9 +278,7 @@ def reference(
     out = torch.zeros_like(q)
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         qq, kk, vv = (x.double().transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
-        mask = _allowed(qe - qs, ke - ks, causal, window_size, q.device)
-        if mask is None and causal:
-            mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril()
+        mask = _dense_allowed(qe - qs, ke - ks, causal, window_size, q.device)
         out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap)[0].transpose(0, 1).to(q.dtype)
     return out
 

@@ -1,9 +1,10 @@
 """How packed attention reaches a Hugging Face model: by registration, never by patching.
 
-Importing prepack registers, with transformers' ``AttentionInterface``, one
-attention function per backend: ``"prepack"`` (auto) and ``"prepack_<backend>"``.
-A model switched to one of them (``model.set_attn_implementation("prepack")``)
-computes varlen attention whenever the call carries a packed layout:
+Importing prepack registers an attention function named ``"prepack"`` with
+transformers' ``AttentionInterface``. A model switched to it
+(``model.set_attn_implementation("prepack")``) computes varlen attention, with
+the backend named by the ``prepack_backend`` kwarg (default ``"auto"``),
+whenever the call carries a packed layout:
 
 * ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``
   kwargs, the names transformers' own flash-attention path and
@@ -22,18 +23,13 @@ from typing import Callable
 
 import torch
 
-from .attention import BACKENDS, dense_attention, get_backend
+from .attention import dense_attention, get_backend
 
-ATTN_PREFIX = "prepack"
+ATTN_IMPLEMENTATION = "prepack"
 
 # True while prepack runs a packed forward: the mask builders then return None,
 # because the packed layout, not a dense mask, tells attention what to see.
 _PACKED_FORWARD = contextvars.ContextVar("prepack_packed_forward", default=False)
-
-
-def attn_implementation(backend: str = "auto") -> str:
-    """The name under which ``backend`` is registered with transformers' ``AttentionInterface``."""
-    return ATTN_PREFIX if backend == "auto" else f"{ATTN_PREFIX}_{backend}"
 
 
 def _cu_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -51,40 +47,53 @@ def _is_packed(position_ids: torch.Tensor | None, q_len: int, k_len: int) -> boo
     return bool((position_ids[0, 1:] == 0).any())
 
 
-def _make_attention(backend: str) -> Callable:
-    def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D), None)."""
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        dropout = dropout if module.training else 0.0
-        window = kwargs.get("sliding_window")
-        softcap = kwargs.get("softcap") or 0.0
-        mask_fn = kwargs.get("prepack_mask_fn")
-        if mask_fn is not None:  # masked prefill: rows of capacity C with a dense block-diagonal mask
-            out = dense_attention(query, key, value, mask_fn(window), scale=scale, softcap=softcap, dropout_p=dropout)
-            return out.transpose(1, 2), None
-        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-        if cu_q is None and _is_packed(kwargs.get("position_ids"), query.shape[2], key.shape[2]):
-            cu_q = cu_k = _cu_from_position_ids(kwargs["position_ids"])
-        if cu_q is None:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D), None)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap") or 0.0
+    mask_fn = kwargs.get("prepack_mask_fn")
+    if mask_fn is not None:  # masked prefill: rows of capacity C with a dense block-diagonal mask
+        out = dense_attention(query, key, value, mask_fn(window), scale=scale, softcap=softcap, dropout_p=dropout)
+        return out.transpose(1, 2), None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and _is_packed(kwargs.get("position_ids"), query.shape[2], key.shape[2]):
+        cu_q = cu_k = _cu_from_position_ids(kwargs["position_ids"])
+    if cu_q is None:
+        return _unpacked_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs)
+    cu_k = cu_q if cu_k is None else cu_k
+    B, H, Lq, D = query.shape
+    fn = get_backend(kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype)
+    q = query.transpose(1, 2).reshape(B * Lq, H, D)
+    k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(-1, value.shape[1], D)
+    out = fn(
+        q, k, v, cu_q.to(query.device), cu_k.to(query.device),
+        kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2],
+        dropout_p=dropout, softmax_scale=scale, causal=True,
+        window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap,
+    )
+    return out.view(B, Lq, H, D), None
 
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        cu_k = cu_q if cu_k is None else cu_k
-        B, H, Lq, D = query.shape
-        fn = get_backend(backend, device=query.device, dtype=query.dtype)
-        q = query.transpose(1, 2).reshape(B * Lq, H, D)
-        k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
-        v = value.transpose(1, 2).reshape(-1, value.shape[1], D)
-        out = fn(
-            q, k, v, cu_q.to(query.device), cu_k.to(query.device),
-            kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2],
-            dropout_p=dropout, softmax_scale=scale, causal=True,
-            window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap,
-        )
-        return out.view(B, Lq, H, D), None
 
-    prepack_attention.__qualname__ = f"prepack_attention[{backend}]"
-    return prepack_attention
+def _unpacked_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs):
+    """No packed layout in this call (e.g. decoding): ordinary attention under transformers' mask."""
+    if softcap:  # SDPA cannot soft-cap logits: do it explicitly
+        if attention_mask is None:
+            mask = _causal(query.shape[2], key.shape[2], query.device)
+        else:
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        out = dense_attention(query, key, value, mask, scale=scale, softcap=softcap, dropout_p=dropout)
+        return out.transpose(1, 2), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("prepack_backend", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+
+
+def _causal(lq: int, lk: int, device) -> torch.Tensor:
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
 
 
 def _make_mask(kind: str) -> Callable:
@@ -102,20 +111,18 @@ def register() -> None:
     """Register prepack's attention (and mask) functions with transformers. Idempotent; runs on import."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    for backend in ("auto", *BACKENDS):
-        name = attn_implementation(backend)
-        AttentionInterface.register(name, _make_attention(backend))
-        # Outside a packed forward the fallback is SDPA, so it gets SDPA's mask.
-        AttentionMaskInterface.register(name, _make_mask("sdpa"))
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prepack_attention)
+    # Outside a packed forward the fallback is SDPA, so it gets SDPA's mask.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _make_mask("sdpa"))
 
 
 @contextlib.contextmanager
-def packed_forward(model, backend: str = "auto"):
-    """Run ``model`` with prepack's attention for ``backend``, restoring its own implementation afterwards."""
+def packed_forward(model):
+    """Run ``model`` with prepack's attention, restoring its own implementation afterwards."""
     check_model(model)
     previous = model.config._attn_implementation
     token = _PACKED_FORWARD.set(True)
-    model.set_attn_implementation(attn_implementation(backend))
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
     try:
         yield
     finally:

@@ -203,9 +203,9 @@ def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> Prefi
         calls = [slice(r, r + 1) for r in range(p.num_rows)]
 
     chunks, last_logits = [], []
-    with torch.no_grad(), packed_forward(model, name):
+    with torch.no_grad(), packed_forward(model):
         for rows in calls:
-            cache_layers, out = _forward(model, batch, rows, masked, device, logits)
+            cache_layers, out = _forward(model, batch, rows, name, device, logits)
             chunks.append(cache_layers)
             if logits:
                 last_logits.append(out)
@@ -236,13 +236,14 @@ def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> Prefi
     )
 
 
-def _forward(model, batch: PackedBatch, rows: slice, masked: bool, device, want_logits: bool):
+def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
     """One forward pass over ``rows`` of ``batch``; returns per-layer (k, v) and last-token logits in packed order."""
     from transformers import DynamicCache
 
     cache = DynamicCache()  # full layers: the capture buffer for this stream
-    kwargs = {"use_cache": True, _cache_kwarg(model): cache}
+    kwargs = {"use_cache": True, _cache_kwarg(model): cache, "prepack_backend": backend}
     p = batch.plan
+    masked = backend not in VARLEN_BACKENDS
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
     if masked:
         ids = batch.input_ids[rows].to(device)

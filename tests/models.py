@@ -1,0 +1,62 @@
+"""Tiny random-weight decoder models built from configs: nothing is downloaded."""
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+)
+ARCHITECTURES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+    # a window shorter than several prompts, so the window really cuts
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6)),
+    # alternating sliding/global layers and attention logit soft-capping
+    "gemma2": lambda: Gemma2ForCausalLM(
+        Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=30.0, query_pre_attn_scalar=20)
+    ),
+}
+
+
+def build(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return ARCHITECTURES[arch]().eval()
+
+
+def prompts(lengths, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def alone_last_logits(model, seqs) -> torch.Tensor:
+    """(N, V): each prompt run on its own, the ground truth."""
+    with torch.no_grad():
+        return torch.stack([model(s[None]).logits[0, -1] for s in seqs])
+
+
+def left_pad(seqs, pad_id: int = 0):
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, longest - len(s):] = s
+        mask[i, longest - len(s):] = 1
+    return ids, mask
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Pass ``cache`` under the name this transformers version uses (``cache``, formerly ``past_key_values``)."""
+    from prepack.prefill import _cache_kwarg
+
+    return {_cache_kwarg(model): cache, "use_cache": True}
