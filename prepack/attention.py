@@ -67,18 +67,40 @@ def get_backend(name: str, *, device: torch.device | str | None = None, dtype: t
 
 
 def _flash_varlen() -> Backend:
+    """flash-attn 2.x's ``flash_attn_varlen_func``, or flash-attn 4's (``flash_attn.cute``) behind an adapter."""
     if not torch.cuda.is_available():
         raise RuntimeError(
             "backend='flash' needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen' on CPU"
         )
     try:
         from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_varlen_func as fa4
     except ImportError as e:
         raise RuntimeError(
-            "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA); "
-            "or use backend='sdpa_varlen'"
+            "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA), "
+            "or flash-attn-4 on Hopper/Blackwell; or use backend='sdpa_varlen'"
         ) from e
-    return flash_attn_varlen_func
+    return functools.partial(_flash_attn_4, fa4)
+
+
+def _flash_attn_4(
+    fa4, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """flash-attn 4 under flash-attn 2's signature: None instead of -1 for no window, no dropout, no lse."""
+    if dropout_p:
+        raise ValueError("flash-attn 4 has no dropout")
+    out = fa4(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+        window_size=tuple(None if w < 0 else w for w in window_size), softcap=softcap,
+    )
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
@@ -251,13 +273,18 @@ def flex(
             return softcap * torch.tanh(score / softcap)
 
     block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=dev)
-    fn = _compiled_flex() if dev.type == "cuda" else flex_attention
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = fn(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        )
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = None
+    if dev.type == "cuda":
+        try:
+            out = _compiled_flex()(*args, **kwargs)
+        except Exception as e:  # inductor has no kernel for some dtype/shape combinations (e.g. fp32 on torch 2.11)
+            warnings.warn(f"compiled flex_attention failed ({type(e).__name__}); using its eager path", stacklevel=2)
+    if out is None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(*args, **kwargs)
     return out[0].transpose(0, 1).contiguous()
 
 

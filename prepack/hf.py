@@ -53,6 +53,9 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     dropout = dropout if module.training else 0.0
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap") or 0.0
+    captured = kwargs.get("prepack_kv")
+    if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
+        captured.append((key, value))
     mask_fn = kwargs.get("prepack_mask_fn")
     if mask_fn is not None:  # masked prefill: rows of capacity C with a dense block-diagonal mask
         out = dense_attention(query, key, value, mask_fn(window), scale=scale, softcap=softcap, dropout_p=dropout)
@@ -88,7 +91,8 @@ def _unpacked_attention(module, query, key, value, attention_mask, scale, dropou
         return out.transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    kwargs.pop("prepack_backend", None)
+    for name in ("prepack_backend", "prepack_kv"):
+        kwargs.pop(name, None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
 
 

@@ -3,9 +3,11 @@
 ``prefill`` plans and packs the prompts, runs the model once per micro-batch
 with prepack's attention registered through ``AttentionInterface``, and keeps
 what each request needs: its last-token logits and its own keys and values.
-Keys and values are captured in a plain full-attention ``DynamicCache`` during
-the packed forward (a sliding-window cache would drop tokens of the stream that
-other requests still need) and only gathered into per-request layouts on demand.
+The attention function records each layer's (RoPE-applied) keys and values as
+it sees them, so the packed forward runs with ``use_cache=False``: a
+transformers cache would copy the whole stream once more, and a sliding-window
+cache would drop tokens of the stream that other requests still need. They are
+gathered into per-request layouts only on demand.
 """
 
 from __future__ import annotations
@@ -238,10 +240,8 @@ def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> Prefi
 
 def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
     """One forward pass over ``rows`` of ``batch``; returns per-layer (k, v) and last-token logits in packed order."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()  # full layers: the capture buffer for this stream
-    kwargs = {"use_cache": True, _cache_kwarg(model): cache, "prepack_backend": backend}
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by prepack_attention, one entry per layer
+    kwargs = {"use_cache": False, "prepack_kv": captured, "prepack_backend": backend}
     p = batch.plan
     masked = backend not in VARLEN_BACKENDS
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
@@ -263,11 +263,10 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
     # Only the last token of each prompt needs logits: skip the LM head everywhere else.
     kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device) if want_logits else 1
     out = model(input_ids=ids, position_ids=pos, **kwargs)
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
     if not want_logits:
-        return layers, None
+        return captured, None
     row_of = torch.from_numpy(p.row[order] - rows.start).to(device) if masked else torch.zeros(len(order), dtype=torch.long, device=device)
-    return layers, out.logits[row_of, torch.from_numpy(where).to(device)]
+    return captured, out.logits[row_of, torch.from_numpy(where).to(device)]
 
 
 @functools.lru_cache(maxsize=None)
