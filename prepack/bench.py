@@ -221,7 +221,21 @@ def m_hf_packed_nocache(model, c: _Call):
 
 def m_hf_cb(model, c: _Call):
     """transformers' continuous batching (``generate_batch``, paged KV cache)."""
-    out = model.generate_batch(inputs=[list(p) for p in c.prompts], generation_config=_generation_config(model, c))
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # Sized to this workload: left to itself on CPU it sizes the paged cache from
+    # system memory (GBs, zero-filled on every call) and prefills in small slices.
+    page = 256
+    cb = ContinuousBatchingConfig(
+        page_size=page,
+        num_blocks=sum(-(-(len(p) + c.max_new_tokens) // page) for p in c.prompts) + 1,
+        max_batch_tokens=sum(len(p) for p in c.prompts),
+        max_requests_per_batch=len(c.prompts),
+    )
+    out = model.generate_batch(
+        inputs=[list(p) for p in c.prompts], generation_config=_generation_config(model, c),
+        continuous_batching_config=cb, warmup=False,
+    )
     new = [torch.tensor(out[f"req_{i}"].generated_tokens) for i in range(len(c.prompts))]
     return torch.stack([t[0] for t in new]), new
 
@@ -378,7 +392,9 @@ def run_bench(
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"request {i} is empty; drop empty prompts before benchmarking (prepack.prompts.select_prompts does)")
+            raise ValueError(
+                f"request {i} is empty; drop empty prompts before benchmarking (prepack.prompts.select_prompts does)"
+            )
     prompts = tuple(list(p) for p in prompts)
     device = _device(model)
     pad_id = model.generation_config.pad_token_id
@@ -393,10 +409,21 @@ def run_bench(
         mems = {m: [] for m in names}
         outputs: dict[str, object] = {}
         firsts: dict[str, torch.Tensor] = {}
+        failed: dict[str, str] = {}
         for r in range(warmup + repeat):
             order = names[r % len(names):] + names[: r % len(names)]
             for m in order:
-                dt, peak, (first, out) = time_call(lambda: METHOD_FNS[m](model, call), device)
+                if m in failed:
+                    continue
+                try:
+                    dt, peak, (first, out) = time_call(lambda: METHOD_FNS[m](model, call), device)
+                except Exception as e:  # a peer that cannot run here is reported, not fatal
+                    if m == "padded":
+                        raise
+                    failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    if progress:
+                        progress(f"{metric} {m} FAILED")
+                    continue
                 if r == 0:
                     firsts[m] = first.cpu()
                     outputs[m] = out if metric == "generate" else None
@@ -407,9 +434,11 @@ def run_bench(
                 if progress:
                     progress(f"{metric} {m}")
             if r == 0:
-                check_agreement({m: firsts[m] for m in names}, metric)
+                check_agreement({m: firsts[m] for m in names if m not in failed}, metric)
         ref = names[0]
-        for m in names:
+        for m, why in failed.items():
+            rows.append(dict(metric=metric, method=m, batch_size=len(prompts), error=why))
+        for m in [m for m in names if m not in failed]:
             ts = times[m]
             median = statistics.median(ts)
             generated = len(prompts) * call.max_new_tokens
@@ -449,8 +478,10 @@ def _as_rows(x) -> list[torch.Tensor]:
 
 def _add_speedups(rows: list[dict], metric: str, batch_size: int) -> None:
     group = [r for r in rows if r["metric"] == metric and r["batch_size"] == batch_size]
-    base = {r["method"]: r["median_s"] for r in group}
+    base = {r["method"]: r["median_s"] for r in group if "error" not in r}
     for r in group:
+        if "error" in r:
+            continue
         r["speedup"] = base["padded"] / r["median_s"] if "padded" in base else float("nan")
         r["speedup_vs_dense"] = base["prepack-dense"] / r["median_s"] if "prepack-dense" in base else float("nan")
 
@@ -478,10 +509,14 @@ def count_calls(batch_sizes, metrics, methods, repeat: int, warmup: int) -> int:
 def format_table(rows: Sequence[dict]) -> str:
     """Results as a markdown table, one line per (batch size, metric, method)."""
     lines = [
-        "| batch | metric | method | median s | min–max s | × vs padded | × vs prepack-dense | tokens/s | peak mem MB | computed/real tokens | same tokens |",
+        "| batch | metric | method | median s | min–max s | × vs padded | × vs prepack-dense "
+        "| tokens/s | peak mem MB | computed/real tokens | same tokens |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['batch_size']} | {r['metric']} | {r['method']} | failed: {r['error']} | | | | | | | |")
+            continue
         lines.append(
             f"| {r['batch_size']} | {r['metric']} | {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} "
             f"| {_ratio(r['speedup'])} | {_ratio(r['speedup_vs_dense'])} | {r['tokens_per_s']:,.0f} "
@@ -512,12 +547,23 @@ def plot_results(rows: Sequence[dict], lengths: np.ndarray, path: str, *, max_le
 
     fig, (ax, hx) = plt.subplots(1, 2, figsize=(12, 4.5))
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    # one colour per method, one line style per metric, so the same method reads alike across metrics
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
+    style = dict(zip(metrics, ("-", "--", ":")))
     for metric in metrics:
         for method in dict.fromkeys(r["method"] for r in rows if r["metric"] == metric):
-            pts = sorted((r["batch_size"], r["speedup"]) for r in rows if r["metric"] == metric and r["method"] == method)
+            pts = sorted(
+                (r["batch_size"], r["speedup"]) for r in rows
+                if r["metric"] == metric and r["method"] == method and "error" not in r
+            )
             label = method if len(metrics) == 1 else f"{method} ({metric})"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    color=colour[method], ls=style.get(metric, "-"))
     ax.set_xscale("log", base=2)
+    sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("batch size (prompts)")
     ax.set_ylabel("speedup over padded (ratio of medians)")
@@ -527,7 +573,9 @@ def plot_results(rows: Sequence[dict], lengths: np.ndarray, path: str, *, max_le
 
     lengths = np.asarray(lengths)
     lengths = lengths[lengths > 0]
-    bins = np.logspace(0, np.log10(max(2, lengths.max() + 1)), 40)
+    # log-spaced bin edges at half-integers, so that no bin falls between two integer lengths
+    bins = np.unique(np.floor(np.logspace(0, np.log10(max(2, lengths.max() + 1)), 40))) + 0.5
+    bins = np.concatenate([[0.5], bins])
     hx.hist(lengths, bins=bins, color="tab:blue", alpha=0.8)
     hx.set_xscale("log")
     if max_len:
@@ -554,7 +602,8 @@ def _csv(kind: Callable, allowed: Sequence | None = None, what: str = "") -> Cal
         items = [kind(x.strip()) for x in text.split(",") if x.strip()]
         bad = [x for x in items if allowed is not None and x not in allowed]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated subset of {','.join(map(str, allowed or ()))}, got {text!r}")
+            choices = ",".join(map(str, allowed or ()))
+            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated subset of {choices}, got {text!r}")
         return items
 
     return parse
@@ -573,7 +622,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batch-sizes", type=_csv(int, None, "--batch-sizes"), default=None,
                    help="sweep these batch sizes (default with --plot: 1,2,4,8,16,32,64)")
     p.add_argument("--max-len", type=int, default=2048, help="longest prompt, in tokens")
-    p.add_argument("--on-long", choices=("skip", "truncate"), default="skip", help="what to do with prompts over --max-len (they are counted either way)")
+    p.add_argument("--on-long", choices=("skip", "truncate"), default="skip",
+                   help="what to do with prompts over --max-len (they are counted and reported either way)")
     p.add_argument("--metric", type=_csv(str, METRICS, "--metric"), default=["prefill"],
                    help="prefill | ttft | generate, or several comma-separated")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate for --metric generate")
