@@ -2,17 +2,21 @@
 
 The data flow, one module per step::
 
-    lengths --planner--> Plan --packing--> PackedBatch --attention/hf--> prefill --kvcache--> per-request caches
+    lengths --planner--> Plan --packing--> PackedBatch --attention, hf--> prefill --kvcache--> per-request caches
+                                                                                  --generation--> model.generate
+
+``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training.
 """
 
 from .attention import BACKENDS, get_backend, resolve_backend
+from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, to_flash_kwargs
 from .generation import generate
+from .hf import ATTN_IMPLEMENTATION
+from .hf import register as _register
 from .kvcache import FlashKVCache
 from .packing import PackedBatch, Varlen, pack
 from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
 from .prefill import PrefillResult, prefill
-
-from .hf import ATTN_IMPLEMENTATION, register as _register
 
 try:  # transformers is the [hf] extra: without it, planning and packing still work
     _register()
@@ -21,20 +25,26 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "ALGORITHMS",
+    "ATTN_IMPLEMENTATION",
     "BACKENDS",
     "FlashKVCache",
-    "PrefillResult",
-    "ATTN_IMPLEMENTATION",
-    "generate",
-    "get_backend",
-    "prefill",
-    "resolve_backend",
+    "PackStats",
     "PackedBatch",
     "Plan",
+    "PrefillResult",
     "Varlen",
+    "generate",
+    "get_backend",
     "lower_bound_l1",
     "lower_bound_l2",
     "pack",
+    "pack_dataset",
+    "pack_examples",
+    "pack_iterable",
+    "pack_stats",
     "plan",
+    "prefill",
+    "resolve_backend",
+    "to_flash_kwargs",
 ]
 __version__ = "0.1.0"
