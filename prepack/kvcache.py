@@ -30,51 +30,77 @@ class FlashKVCache(NamedTuple):
     cache_leftpad: torch.Tensor | None
 
 
-def token_sources(src_b: torch.Tensor, src_l: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request starts -> per-token source indices.
+def _within(lengths: torch.Tensor) -> torch.Tensor:
+    """(sum(lengths),) int64: 0..n-1 for each n, request after request."""
+    first = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(first, lengths)
+
+
+def token_sources(src_b: torch.Tensor, src_l: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per-request starts -> per-token indices into the packed (B * L) token axis.
 
     Args:
         src_b, src_l: (N,) int64, where request i starts in the packed (B, L) layout.
         lengths: (N,) int64, tokens per request (0 allowed).
+        seq_len: L, the packed layout's token axis.
 
     Returns:
-        (T,) int64 batch and position indices, request after request.
+        (T,) int64, request after request.
     """
-    first = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(first, lengths)
-    return torch.repeat_interleave(src_b, lengths), torch.repeat_interleave(src_l, lengths) + within
+    return torch.repeat_interleave(src_b * seq_len + src_l, lengths) + _within(lengths)
 
 
-def padded_targets(lengths: torch.Tensor, pad_to: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (row, position) in an (N, pad_to) layout, left- or right-padded; request after request."""
+def padded_targets(lengths: torch.Tensor, pad_to: int, *, left: bool, row_len: int | None = None) -> torch.Tensor:
+    """Per-token indices into an (N * row_len) token axis (``row_len`` defaults to ``pad_to``).
+
+    Requests start at 0 (``left=False``) or end at ``pad_to`` (``left=True``);
+    slots from ``pad_to`` to ``row_len`` stay free for decoded tokens.
+    """
     n = len(lengths)
-    first = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(first, lengths)
-    rows = torch.repeat_interleave(torch.arange(n, device=lengths.device), lengths)
-    if left:
-        within = within + torch.repeat_interleave(pad_to - lengths, lengths)
-    return rows, within
+    row_start = torch.arange(n, device=lengths.device) * (row_len or pad_to) + ((pad_to - lengths) if left else 0)
+    return torch.repeat_interleave(row_start, lengths) + _within(lengths)
 
 
-def gather_padded(
-    x: torch.Tensor, src: tuple[torch.Tensor, torch.Tensor], dst: tuple[torch.Tensor, torch.Tensor],
-    n: int, pad_to: int, *, heads_first: bool = True,
-) -> torch.Tensor:
-    """Scatter packed (B, H, L, D) states into a zero-padded per-request tensor.
+def gather_padded(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int, row_len: int) -> torch.Tensor:
+    """Scatter packed (B, H, L, D) states into a zero-padded (n, row_len, H, D) tensor, flash-attn's kvcache layout.
 
-    Returns:
-        (n, H, pad_to, D) if ``heads_first`` (transformers' cache layout), else
-        (n, pad_to, H, D) (flash-attn's kvcache layout).
+    Tokens move as whole (D,) rows through ``index_select`` / ``index_copy_`` on
+    a token axis, which for a flat stream (B = 1) is a view of ``x``.
+
+    Args:
+        src: (T,) indices into the packed B * L token axis (:func:`token_sources`).
+        dst: (T,) indices into the n * row_len token axis (:func:`padded_targets`).
     """
     H, D = x.shape[1], x.shape[3]
-    shape = (n, H, pad_to, D) if heads_first else (n, pad_to, H, D)
-    out = x.new_zeros(shape)
-    tokens = x[src[0], :, src[1]]  # (T, H, D)
-    if heads_first:
-        out[dst[0], :, dst[1]] = tokens
-    else:
-        out[dst[0], dst[1]] = tokens
-    return out
+    tokens = x.transpose(0, 1).reshape(H, -1, D).index_select(1, src)  # (H, T, D)
+    out = x.new_zeros(n * row_len, H, D).index_copy_(0, dst, tokens.transpose(0, 1))
+    return out.view(n, row_len, H, D)
+
+
+def left_padded_cache(config, layers: list, src: torch.Tensor, dst: torch.Tensor, n: int, pad_to: int):
+    """A ``DynamicCache`` of (n, H_kv, pad_to, D) layers holding the packed tokens at ``dst``, zeros elsewhere.
+
+    The padded layout is mostly padding, so writing it is what costs. Each layer
+    is written once: ``DynamicCache.update`` materialises a broadcast zero into
+    the cache's own tensor, which it returns, and the real tokens are copied
+    into that tensor in place (for sliding-window layers the kept window is a
+    view of it, so it sees them too).
+
+    Args:
+        layers: per layer (keys, values), each packed (B, H_kv, L, D).
+        src: (T,) indices into the packed B * L token axis (:func:`token_sources`).
+        dst: (T,) indices into the n * pad_to token axis (:func:`padded_targets`).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    rows, cols = dst // pad_to, dst % pad_to
+    for i, kv in enumerate(layers):
+        zeros = [x.new_zeros(()).expand(n, x.shape[1], pad_to, x.shape[3]) for x in kv]
+        for full, x in zip(cache.update(*zeros, i), kv):
+            H, D = x.shape[1], x.shape[3]
+            full[rows, :, cols] = x.transpose(0, 1).reshape(H, -1, D).index_select(1, src).transpose(0, 1)
+    return cache
 
 
 def build_dynamic_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -57,7 +57,8 @@ class PrefillResult:
 
     @functools.cached_property
     def _sources(self):
-        return kvcache.token_sources(self.src_b, self.src_l, self.lengths)
+        seq_len = self.layers[0][0].shape[2] if self.layers else 0
+        return kvcache.token_sources(self.src_b, self.src_l, self.lengths, seq_len)
 
     def request_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D)."""
@@ -78,12 +79,9 @@ class PrefillResult:
         """
         n, pad_to = self.num_requests, self._pad_to(pad_to)
         dst = kvcache.padded_targets(self.lengths, pad_to, left=True)
-        layers = [
-            tuple(kvcache.gather_padded(x, self._sources, dst, n, pad_to) for x in kv) for kv in self.layers
-        ]
         mask = torch.zeros(n, pad_to, dtype=torch.long, device=self.lengths.device)
-        mask[dst] = 1
-        return kvcache.build_dynamic_cache(self.config, layers), mask
+        mask.view(-1)[dst] = 1
+        return kvcache.left_padded_cache(self.config, self.layers, self._sources, dst, n, pad_to), mask
 
     def flash_kvcache(self, extra: int = 0, *, padding: str = "right") -> kvcache.FlashKVCache:
         """Caches in ``flash_attn_with_kvcache`` layout, with room for ``extra`` decoded tokens.
@@ -97,11 +95,11 @@ class PrefillResult:
             raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
         n, longest = self.num_requests, self._pad_to(None)
         left = padding == "left"
-        dst = kvcache.padded_targets(self.lengths, longest, left=left)
+        dst = kvcache.padded_targets(self.lengths, longest, left=left, row_len=longest + extra)
         ks, vs = [], []
         for k, v in self.layers:
-            ks.append(kvcache.gather_padded(k, self._sources, dst, n, longest + extra, heads_first=False))
-            vs.append(kvcache.gather_padded(v, self._sources, dst, n, longest + extra, heads_first=False))
+            ks.append(kvcache.gather_padded(k, self._sources, dst, n, longest + extra))
+            vs.append(kvcache.gather_padded(v, self._sources, dst, n, longest + extra))
         lengths = self.lengths.to(torch.int32)
         if left:
             return kvcache.FlashKVCache(ks, vs, torch.full_like(lengths, longest), longest - lengths)
