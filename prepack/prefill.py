@@ -205,15 +205,13 @@ def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> Prefi
     chunks, last_logits = [], []
     with torch.no_grad(), packed_forward(model):
         for rows in calls:
-            cache_layers, out = _forward(model, batch, rows, name, device, logits)
-            chunks.append(cache_layers)
+            kv, out = _forward(model, batch, rows, name, device, logits)
+            chunks.append(kv)
             if logits:
                 last_logits.append(out)
+    # micro-batches add rows (masked) or extend the one flat stream (varlen)
     cat_dim = 0 if masked else 2
-    layers = [
-        tuple(torch.cat([c[i][j] for c in chunks], dim=cat_dim) if len(chunks) > 1 else chunks[0][i][j] for j in (0, 1))
-        for i in range(len(chunks[0]))
-    ] if chunks else []
+    layers = [tuple(_cat(xs, cat_dim) for xs in zip(*per_call)) for per_call in zip(*chunks)]
 
     # where each request starts in the packed layers
     src_b = np.zeros(len(tokens), np.int64)
@@ -234,6 +232,10 @@ def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> Prefi
         logits=out_logits, lengths=as_t(lengths), batch=batch, backend=name, layers=layers,
         src_b=as_t(src_b), src_l=as_t(src_l), config=model.config,
     )
+
+
+def _cat(xs: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
 
 
 def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
