@@ -1,12 +1,16 @@
-"""Packing inside a ``datasets`` pipeline: ``Dataset.map(batched=True)`` turns prompts into packed rows.
+"""Packing inside a ``datasets`` pipeline: tokenized prompts -> packed rows for padding-free training.
 
-Each map batch of prompts is packed with :func:`prepack.pack` into rows of at
-most ``--capacity`` tokens. Every output row carries the columns a varlen
-(flash-attn / ``DataCollatorWithFlattening``-style) training step wants:
+Two ways to pack the same dataset, both from :mod:`prepack.data`:
 
-* ``input_ids``: the row's tokens, requests back to back, no padding;
-* ``position_ids``: restarting at 0 for every request;
-* ``cu_seqlens``: request boundaries in the row, ``[0, l0, l0 + l1, ...]``.
+* ``Dataset.map(pack_examples, batched=True)``: each map batch is planned on
+  its own (as TRL's ``pack_dataset`` does); works with ``num_proc`` and caching;
+* ``pack_dataset``: one plan over the whole dataset, so rows are as full as the
+  lengths allow (at or next to the L2 lower bound on rows).
+
+Every packed row has ``input_ids``, ``labels``, ``position_ids`` (restarting
+at 0 for each prompt), ``seq_lengths``, ``cu_seqlens`` (``[0, l0, l0 + l1, ...]``),
+``example_ids`` and ``truncated``; ``to_flash_kwargs`` collates rows into the
+kwargs of a varlen (``DataCollatorWithFlattening``-style) training step.
 
 Run it offline::
 
@@ -17,35 +21,34 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-import prepack
+from prepack import pack_dataset, pack_examples, pack_stats, to_flash_kwargs
 from prepack.prompts import load_prompts
 
 
-def pack_rows(batch: dict, *, capacity: int) -> dict:
-    """A ``map(batched=True)`` function: a batch of prompts -> packed rows (fewer rows than prompts).
+def pack_per_batch(ds, capacity: int, batch_size: int, num_proc: int | None = None):
+    """Pack with ``Dataset.map(batched=True)``: the plan sees one map batch at a time.
 
     Args:
-        batch: ``{"input_ids": list of N token lists}``.
+        ds: a ``datasets.Dataset`` with an ``input_ids`` column of N token lists.
 
     Returns:
-        ``{"input_ids", "position_ids", "cu_seqlens", "num_requests"}``, one entry per packed row.
+        A ``datasets.Dataset`` of packed rows (the columns of :mod:`prepack.data`).
     """
-    packed = prepack.pack(batch["input_ids"], capacity, overflow="truncate_right")
-    p = packed.plan
-    used = p.row_lengths  # (R,) tokens in each row; the rest is padding, dropped here
-    ids = packed.input_ids.numpy()
-    pos = packed.position_ids.numpy()
-    order, ptr = p.order, packed.row_ptr  # requests of row r: order[ptr[r]:ptr[r + 1]], by offset
-    out = {"input_ids": [], "position_ids": [], "cu_seqlens": [], "num_requests": []}
-    for r in range(p.num_rows):
-        lengths = p.lengths[order[ptr[r]: ptr[r + 1]]]
-        out["input_ids"].append(ids[r, : used[r]].tolist())
-        out["position_ids"].append(pos[r, : used[r]].tolist())
-        out["cu_seqlens"].append(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32).tolist())
-        out["num_requests"].append(len(lengths))
-    return out
+    # The arrow format hands pack_examples a pyarrow.Table, no Python list per example;
+    # with_indices makes example_ids (and error messages) count across the whole dataset.
+    return ds.with_format("arrow").map(
+        pack_examples, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
+        remove_columns=ds.column_names,  # N examples become fewer rows, so no source column can stay
+        fn_kwargs={"capacity": capacity}, desc="packing per map batch",
+    ).with_format(None)
+
+
+def report(name: str, ds, rows, capacity: int) -> None:
+    """Print rows and fill of a packing, and check that it kept every example and token."""
+    s = pack_stats(rows, capacity)
+    print(f"{name}: {len(ds)} prompts -> {s.num_rows} packed rows of <= {capacity} tokens "
+          f"({s.efficiency:.2%} full; L2 bound {s.lower_bound_l2} rows, {s.gap_to_l2:+.2%})")
+    assert s.num_examples == len(ds) and s.num_truncated_tokens == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="sharegpt", help="sharegpt, synthetic:lognormal, FILE.jsonl or FILE.txt")
     ap.add_argument("--n", type=int, default=1000, help="prompts to pack")
     ap.add_argument("--capacity", type=int, default=2048, help="tokens per packed row")
-    ap.add_argument("--map-batch-size", type=int, default=500, help="prompts per map() batch; packing happens within a batch")
+    ap.add_argument("--map-batch-size", type=int, default=500, help="prompts per map() batch; the per-batch plan sees only these")
+    ap.add_argument("--num-proc", type=int, default=None, help="processes for map()")
     args = ap.parse_args(argv)
 
     import datasets
@@ -61,19 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.data, args.n, max_len=args.capacity, on_long="truncate", vocab_size=100352)
     print(prompts.summary())
     ds = datasets.Dataset.from_dict({"input_ids": [list(t) for t in prompts.token_ids]})
-    rows = ds.map(
-        pack_rows, batched=True, batch_size=args.map_batch_size, remove_columns=ds.column_names,
-        fn_kwargs={"capacity": args.capacity}, desc="packing",
-    )
+
+    per_batch = pack_per_batch(ds, args.capacity, args.map_batch_size, args.num_proc)
+    report(f"map(pack_examples, batch_size={args.map_batch_size})", ds, per_batch, args.capacity)
+    whole = pack_dataset(ds, args.capacity)
+    report("pack_dataset (whole dataset)", ds, whole, args.capacity)
+
     real = sum(len(t) for t in prompts.token_ids)
     padded = len(prompts) * max(len(t) for t in prompts.token_ids)
-    print(f"{len(ds)} prompts -> {len(rows)} packed rows of <= {args.capacity} tokens "
-          f"({real / (len(rows) * args.capacity):.1%} full; padding every prompt to the longest would fill {real / padded:.1%})")
-    first = rows[0]
-    print(f"row 0: {first['num_requests']} requests, {len(first['input_ids'])} tokens, cu_seqlens {first['cu_seqlens'][:6]}...")
-    # Every request survives: the rows hold exactly the prompts' tokens.
-    assert sum(rows["num_requests"]) == len(ds)
-    assert sum(len(r) for r in rows["input_ids"]) == real
+    print(f"(padding every prompt to the longest would fill {real / padded:.1%})")
+    busiest = max(whole, key=lambda row: len(row["seq_lengths"]))
+    print(f"fullest row by count: prompts {busiest['example_ids'][:6]}... ({len(busiest['seq_lengths'])} in all), "
+          f"{len(busiest['input_ids'])} tokens, cu_seqlens {busiest['cu_seqlens'][:6]}...")
+    # bfd puts the longest prompts first: shuffle the packed rows before training
+    batch = to_flash_kwargs(list(whole.shuffle(seed=0).select(range(min(2, len(whole))))))
+    print(f"2 rows collated for padding-free training: input_ids {tuple(batch['input_ids'].shape)}, "
+          f"cu_seq_lens_q {tuple(batch['cu_seq_lens_q'].shape)} {batch['cu_seq_lens_q'].dtype}, "
+          f"max_length_q {batch['max_length_q']}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Every example runs offline at tiny size and does what its docstring promises."""
 
 import importlib.util
+import itertools
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,16 @@ def test_pack_in_datasets_pipeline_keeps_every_token(capsys):
     assert "60 prompts ->" in capsys.readouterr().out
 
 
-def test_pack_rows_emits_boundaries_and_restarting_positions():
-    pack_rows = load("pack_in_datasets_pipeline").pack_rows
-    rows = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]}, capacity=5)
+def test_pack_per_batch_emits_boundaries_and_restarting_positions():
+    datasets = pytest.importorskip("datasets")
+    pack_per_batch = load("pack_in_datasets_pipeline").pack_per_batch
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]})
+    rows = pack_per_batch(ds, capacity=5, batch_size=2)
     for ids, pos, cu in zip(rows["input_ids"], rows["position_ids"], rows["cu_seqlens"]):
         assert cu[0] == 0 and cu[-1] == len(ids) <= 5
-        assert [p for a, b in zip(cu, cu[1:]) for p in range(b - a)] == pos
-    assert sorted(rows["num_requests"]) == [1, 2]
+        assert [p for a, b in itertools.pairwise(cu) for p in range(b - a)] == pos
+    assert sorted(len(r) for r in rows["example_ids"]) == [1, 2]
+    assert sorted(i for r in rows["example_ids"] for i in r) == [0, 1, 2]
 
 
 def test_benchmark_padded_vs_packed_writes_the_plot(tmp_path, capsys):
