@@ -19,16 +19,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import prepack
-
-
-def left_pad(seqs, device):
-    longest = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), longest, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, longest - len(s):] = torch.tensor(s, device=device)
-        mask[i, longest - len(s):] = 1
-    return ids, mask
+from prepack.generation import left_pad
 
 
 def main() -> None:
@@ -57,7 +48,7 @@ def main() -> None:
         print(f"{backend:12s} max |logits - alone| = {(got - alone).abs().max().item():.4f} "
               f"(alone's own scale: {alone.abs().max().item():.2f}); argmax agreement "
               f"{(got.argmax(-1) == alone.argmax(-1)).float().mean().item():.0%}")
-    ids, mask = left_pad(seqs, "cuda")
+    ids, mask = left_pad(seqs, 0, "cuda")
     with torch.no_grad():
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     got = prepack.generate(model, seqs, backend=backends[0], max_new_tokens=16, do_sample=False, pad_token_id=0)

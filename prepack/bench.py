@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .generation import left_pad
+
 METRICS = ("prefill", "ttft", "generate")
 METHODS = ("padded", "sorted", "prepack-dense", "prepack", "hf-packed-nocache", "hf-cb")
 DEFAULT_METHODS = ("padded", "sorted", "prepack-dense", "prepack")
@@ -119,17 +121,6 @@ class _Call:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> ``(input_ids, attention_mask)``, both (N, L_max) int64, left-padded as decoding wants."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, longest - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _generation_config(model, c: _Call):

@@ -47,7 +47,6 @@ def generate(
     if not tokens:
         return []
     device = model_device(model)
-    n = len(tokens)
     longest = max(len(t) for t in tokens)
     gen_config = generate_kwargs.get("generation_config") or model.generation_config
     pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
@@ -56,11 +55,7 @@ def generate(
         pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
     generate_kwargs.setdefault("pad_token_id", pad_id)
 
-    input_ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros(n, longest, dtype=torch.long, device=device)
-    for i, t in enumerate(tokens):
-        input_ids[i, longest - len(t) :] = torch.from_numpy(t)
-        attention_mask[i, longest - len(t) :] = 1
+    input_ids, attention_mask = left_pad(tokens, pad_id, device)
     if longest > 1:
         prefixes = [t[:-1] for t in tokens]
         result = _prefill(model, prefixes, capacity=capacity, backend=backend, token_budget=token_budget, logits=False)
@@ -68,6 +63,17 @@ def generate(
         generate_kwargs[_cache_kwarg(model)] = cache
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     return _strip(out[:, longest:], eos, pad_id)
+
+
+def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> ``(input_ids, attention_mask)``, both (N, L_max) int64, left-padded as decoding wants."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _strip(new: torch.Tensor, eos, pad_id) -> list[torch.Tensor]:

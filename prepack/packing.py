@@ -89,12 +89,6 @@ class PackedBatch:
         """(R + 1,) int64: requests of row r are ``plan.order[row_ptr[r]:row_ptr[r+1]]``."""
         return np.concatenate([[0], np.cumsum(self.plan.row_counts)])
 
-    def token_index(self) -> torch.Tensor:
-        """(T,) int64: for each token, in request order, its index in the flattened (R * C) grid."""
-        p = self.plan
-        starts = p.row * p.capacity + p.offset
-        return torch.from_numpy(_ranges(starts, p.lengths))
-
     def to_varlen(self, rows: slice | None = None) -> Varlen:
         """Drop the padding: the packed tokens as one flat stream plus ``cu_seqlens``.
 
