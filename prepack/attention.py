@@ -203,9 +203,8 @@ def sdpa_varlen(
 
 def varlen_mask(cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), device=None) -> torch.Tensor:
     """The dense (total_q, total_k) block-diagonal bool mask that a varlen call implies. O(T^2) memory."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    mask = torch.zeros(cq[-1], ck[-1], dtype=torch.bool, device=device)
-    for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
+    mask = torch.zeros(int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1]), dtype=torch.bool, device=device)
+    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         mask[qs:qe, ks:ke] = _dense_allowed(qe - qs, ke - ks, causal, window_size, device)
     return mask
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable
-
 import torch
 
-from .attention import dense_attention, get_backend
+from .attention import _dense_allowed, dense_attention, get_backend
 
 ATTN_IMPLEMENTATION = "prepack"
 
@@ -84,7 +82,7 @@ def _unpacked_attention(module, query, key, value, attention_mask, scale, dropou
     """No packed layout in this call (e.g. decoding): ordinary attention under transformers' mask."""
     if softcap:  # SDPA cannot soft-cap logits: do it explicitly
         if attention_mask is None:
-            mask = _causal(query.shape[2], key.shape[2], query.device)
+            mask = _dense_allowed(query.shape[2], key.shape[2], True, (-1, -1), query.device)
         else:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         out = dense_attention(query, key, value, mask, scale=scale, softcap=softcap, dropout_p=dropout)
@@ -96,19 +94,13 @@ def _unpacked_attention(module, query, key, value, attention_mask, scale, dropou
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
 
 
-def _causal(lq: int, lk: int, device) -> torch.Tensor:
-    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+def prepack_mask(*args, **kwargs):
+    """transformers' SDPA mask, or None inside a packed forward, where the packed layout says what each token sees."""
+    if _PACKED_FORWARD.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
 
-
-def _make_mask(kind: str) -> Callable:
-    def prepack_mask(*args, **kwargs):
-        if _PACKED_FORWARD.get():
-            return None
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-        return ALL_MASK_ATTENTION_FUNCTIONS[kind](*args, **kwargs)
-
-    return prepack_mask
+    return sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
@@ -117,7 +109,7 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, prepack_attention)
     # Outside a packed forward the fallback is SDPA, so it gets SDPA's mask.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _make_mask("sdpa"))
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prepack_mask)
 
 
 @contextlib.contextmanager
