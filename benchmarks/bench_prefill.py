@@ -84,7 +84,7 @@ def main() -> None:
     with torch.no_grad():
         result = prepack.prefill(model, seqs)
         t_prefill = median_time(lambda: prepack.prefill(model, seqs), args.repeat)
-        t_scatter = median_time(result.left_padded, args.repeat)
+        t_scatter = median_time(result.left_padded_cache, args.repeat)
     print(f"plan + pack {t_pack * 1e3:.1f} ms, KV scatter into the left-padded DynamicCache {t_scatter * 1e3:.0f} ms, "
           f"prefill without them {t_prefill:.2f} s: {(t_pack + t_scatter) / (t_prefill + t_scatter):.1%} of prepack's prefill")
     print(f"\nprepack vs padded {pad / ours:.2f}x = {pad / ours / (padded_tokens / real):.2f}x the token bound; "

@@ -11,7 +11,11 @@ with ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)`` (``H`` a multiple of
 ``out: (total_q, H, D)``. Semantics follow flash-attn: with ``causal`` and
 ``seqlen_q != seqlen_k`` the mask is aligned to the bottom right, and
 ``window_size=(left, right)`` lets query i see keys j with
-``i - left <= j <= i + right`` (-1 means unbounded).
+``i - left <= j <= i + right`` (-1 means unbounded; a side of ``max_seqlen_k`` or
+more is unbounded too, as in flash-attn's kernel). A query that sees no key
+(more queries than keys under ``causal``, or a window) gives 0, never NaN.
+Values may have a head dim of their own: ``v: (total_k, H_kv, D_v)`` gives
+``out: (total_q, H, D_v)``.
 
 Backends:
     ``flash``        flash-attn's kernel (CUDA, fp16/bf16).
@@ -111,33 +115,65 @@ def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
     return zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
 
 
-def _allowed(lq: int, lk: int, causal: bool, window_size, device) -> torch.Tensor | None:
-    """(lq, lk) bool mask of flash-attn semantics, or None when plain attention (or top-left causal) is exact."""
+def flash_window(window_size, causal: bool, max_seqlen_k: int | None) -> tuple[int, int]:
+    """``window_size`` as flash-attn's kernel applies it.
+
+    flash-attn drops a window side that reaches ``max_seqlen_k`` or beyond
+    (``flash_api.cpp``: ``if (window_size_left >= seqlen_k) window_size_left = -1``) and forces
+    the right side to 0 under ``causal``. Every backend normalises the same way, so that they
+    all mean the same thing for the same arguments.
+    """
+    left, right = (int(w) for w in window_size)
+    if max_seqlen_k is not None:
+        left = -1 if left >= max_seqlen_k else left
+        right = -1 if right >= max_seqlen_k else right
+    return (max(left, -1), 0 if causal else max(right, -1))
+
+
+def window_allows(delta, window_size):
+    """Whether a key at ``delta`` = key index - query index (bottom-right aligned) is visible.
+
+    ``window_size`` must already be normalised by :func:`flash_window` (``causal`` is then a
+    right window of 0). Works on tensors and inside FlexAttention's ``mask_mod``.
+    """
     left, right = window_size
-    if not causal and left < 0 and right < 0:
-        return None
-    if causal and left < 0 and lq == lk:
-        return None  # SDPA's is_causal is exactly this
-    i = torch.arange(lq, device=device)[:, None] + (lk - lq)  # bottom-right alignment
-    j = torch.arange(lk, device=device)[None, :]
-    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    ok = delta == delta  # all True, same type as delta
     if right >= 0:
-        ok &= j <= i + right
+        ok = ok & (delta <= right)
     if left >= 0:
-        ok &= j >= i - left
+        ok = ok & (delta >= -left)
     return ok
 
 
-def _dense_allowed(lq: int, lk: int, causal: bool, window_size, device) -> torch.Tensor:
-    """Like :func:`_allowed`, but always a tensor."""
-    mask = _allowed(lq, lk, causal, window_size, device)
-    if mask is None:
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=device)
-        if causal:
-            mask = mask.tril(lk - lq)
-    return mask
+def document_mask(doc_q, idx_q, doc_k, idx_k, window_size) -> torch.Tensor:
+    """The one dense-mask builder: (..., Lq, Lk) bool, True where a query may see a key.
+
+    Args:
+        doc_q, doc_k: (..., Lq), (..., Lk) int, the segment of each query / key; -1 (padding) sees nothing.
+        idx_q, idx_k: (..., Lq), (..., Lk) int, positions within the segment, with queries counted so that
+            the segment's last query and last key line up (flash-attn's bottom-right alignment).
+        window_size: normalised by :func:`flash_window`.
+    """
+    same = (doc_q[..., :, None] == doc_k[..., None, :]) & (doc_q[..., :, None] >= 0)
+    return same & window_allows(idx_k[..., None, :] - idx_q[..., :, None], window_size)
+
+
+def _allowed(lq: int, lk: int, window_size, device) -> torch.Tensor | None:
+    """(lq, lk) bool mask for one segment, or None when SDPA needs none (no window, or plain causal with lq == lk)."""
+    left, right = window_size
+    if left < 0 and right < 0:
+        return None
+    if left < 0 and right == 0 and lq == lk:
+        return None  # SDPA's is_causal is exactly this
+    return segment_mask(lq, lk, window_size, device)
+
+
+def segment_mask(lq: int, lk: int, window_size, device) -> torch.Tensor:
+    """(lq, lk) bool mask of one segment (bottom-right aligned; ``window_size`` normalised)."""
+    doc_q = torch.zeros(lq, dtype=torch.long, device=device)
+    doc_k = torch.zeros(lk, dtype=torch.long, device=device)
+    idx_q = torch.arange(lq, device=device) + (lk - lq)
+    return document_mask(doc_q, idx_q, doc_k, torch.arange(lk, device=device), window_size)
 
 
 def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -145,8 +181,26 @@ def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"q has {q.shape[1]} heads, which is not a multiple of the {k.shape[1]} key/value heads")
 
 
+def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size):
+    """Checks shared by every backend; returns (scale, normalised window)."""
+    _check_gqa(q, k)
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; tokens and heads must match")
+    if len(cu_seqlens_q) != len(cu_seqlens_k):
+        raise ValueError(
+            f"cu_seqlens_q has {len(cu_seqlens_q) - 1} segments but cu_seqlens_k has {len(cu_seqlens_k) - 1}"
+        )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if len(cu_seqlens_k) > 1 else 0
+    return scale, flash_window(window_size, causal, max_seqlen_k)
+
+
 def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: float = 0.0):
-    """Explicit attention for (B, H, Lq, D) x (B, H_kv, Lk, D); used where SDPA cannot apply softcap."""
+    """Explicit attention for (B, H, Lq, D) x (B, H_kv, Lk, D); used where SDPA cannot apply softcap.
+
+    A query with no visible key gives 0, as in flash-attn.
+    """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
@@ -156,22 +210,35 @@ def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: floa
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = torch.nan_to_num(probs)  # rows with no allowed key (possible with bottom-right causal) give 0
+    probs = torch.nan_to_num(probs)  # rows with no visible key: softmax of all -inf is NaN; flash-attn gives 0
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
 
 
-def _sdpa(q, k, v, mask, *, is_causal: bool, scale: float, softcap: float, dropout_p: float):
-    """SDPA on (B, H, Lq, D) with grouped-query heads; falls back to math for softcap."""
+def _sdpa(q, k, v, mask, *, scale: float, softcap: float, dropout_p: float, causal: bool = False):
+    """(B, H, Lq, D) attention under a bool mask (or plain causal), grouped-query heads; math for softcap.
+
+    Queries whose mask row is empty give 0 (flash-attn's convention), never NaN.
+    """
     if softcap > 0:
-        if mask is None and is_causal:
-            mask = _dense_allowed(q.shape[-2], k.shape[-2], True, (-1, -1), q.device)
+        if mask is None and causal:
+            mask = segment_mask(q.shape[-2], k.shape[-2], (-1, 0), q.device)
         return _math_attention(q, k, v, mask, scale, softcap, dropout_p)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None, scale=scale,
+    if k.shape[-2] == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1, keepdim=True)
+        if empty.any():
+            mask = mask | empty  # any finite softmax; those outputs are zeroed below
+        else:
+            empty = None
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def sdpa_varlen(
@@ -179,34 +246,46 @@ def sdpa_varlen(
     dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
 ) -> torch.Tensor:
     """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype."""
-    _check_gqa(q, k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out = torch.empty_like(q)
+    scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     masks: dict[tuple[int, int], torch.Tensor | None] = {}
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         lq, lk = qe - qs, ke - ks
         if lq == 0:
             continue
         if (lq, lk) not in masks:
-            masks[(lq, lk)] = _allowed(lq, lk, causal, window_size, q.device)
+            masks[(lq, lk)] = _allowed(lq, lk, window, q.device)
         mask = masks[(lq, lk)]
         o = _sdpa(
-            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
-            None if mask is None else mask,
-            is_causal=causal, scale=scale, softcap=softcap, dropout_p=dropout_p,
+            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], mask,
+            causal=mask is None and window[1] == 0, scale=scale, softcap=softcap, dropout_p=dropout_p,
         )
-        if mask is not None and lk < lq:
-            o = torch.nan_to_num(o)
         out[qs:qe] = o[0].transpose(0, 1)
     return out
 
 
 def varlen_mask(cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), device=None) -> torch.Tensor:
-    """The dense (total_q, total_k) block-diagonal bool mask that a varlen call implies. O(T^2) memory."""
-    mask = torch.zeros(int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1]), dtype=torch.bool, device=device)
-    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
-        mask[qs:qe, ks:ke] = _dense_allowed(qe - qs, ke - ks, causal, window_size, device)
-    return mask
+    """The dense (total_q, total_k) block-diagonal bool mask that a varlen call implies. O(T^2) memory: for tests."""
+    doc_q, idx_q = segment_index(cu_seqlens_q, cu_seqlens_k, device)
+    doc_k, idx_k = segment_index(cu_seqlens_k, cu_seqlens_k, device)
+    max_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if len(cu_seqlens_k) > 1 else 0
+    return document_mask(doc_q, idx_q, doc_k, idx_k, flash_window(window_size, causal, max_k))
+
+
+def segment_index(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, device=None):
+    """Per token of a varlen stream: its segment and its bottom-right-aligned index.
+
+    Returns:
+        doc: (total,) int64, the segment of each token.
+        idx: (total,) int64, its index within the segment, shifted by ``len_k - len`` so that the
+            segment's last token lines up with the segment's last key (pass ``cu_seqlens_k`` for keys).
+    """
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    cu_k = cu_seqlens_k.to(device=device, dtype=torch.long)
+    total = int(cu[-1])
+    doc = torch.searchsorted(cu, torch.arange(total, device=device), right=True) - 1
+    shift = (cu_k[1:] - cu_k[:-1]) - (cu[1:] - cu[:-1])
+    return doc, torch.arange(total, device=device) - cu[:-1][doc] + shift[doc]
 
 
 def sdpa_masked(
@@ -214,20 +293,19 @@ def sdpa_masked(
     dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
 ) -> torch.Tensor:
     """One SDPA call over the whole stream with a dense block-diagonal mask (the prepacking paper's method)."""
-    _check_gqa(q, k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    mask = varlen_mask(cu_seqlens_q, cu_seqlens_k, causal=causal, window_size=window_size, device=q.device)
-    mask |= ~mask.any(-1, keepdim=True)  # a query with no key (padding) sees all; its output is dropped anyway
+    scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
+    doc_q, idx_q = segment_index(cu_seqlens_q, cu_seqlens_k, q.device)
+    doc_k, idx_k = segment_index(cu_seqlens_k, cu_seqlens_k, q.device)
     out = dense_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask,
-        scale=scale, softcap=softcap, dropout_p=dropout_p,
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        document_mask(doc_q, idx_q, doc_k, idx_k, window), scale=scale, softcap=softcap, dropout_p=dropout_p,
     )
     return out[0].transpose(0, 1).contiguous()
 
 
 def dense_attention(q, k, v, mask, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
     """(B, H, L, D) attention under an explicit bool mask (B or 1, 1, L, L): the masked-backend kernel."""
-    return _sdpa(q, k, v, mask, is_causal=False, scale=scale, softcap=softcap, dropout_p=dropout_p)
+    return _sdpa(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p)
 
 
 def flex(
@@ -243,28 +321,16 @@ def flex(
 
     if dropout_p:
         raise ValueError("the flex backend does not support dropout")
-    _check_gqa(q, k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
     dev = q.device
-    cq, ck = cu_seqlens_q.to(dev).long(), cu_seqlens_k.to(dev).long()
+    doc_q, idx_q = segment_index(cu_seqlens_q, cu_seqlens_k, dev)
+    doc_k, idx_k = segment_index(cu_seqlens_k, cu_seqlens_k, dev)
     tq, tk = q.shape[0], k.shape[0]
-    doc_q = torch.searchsorted(cq, torch.arange(tq, device=dev), right=True) - 1
-    doc_k = torch.searchsorted(ck, torch.arange(tk, device=dev), right=True) - 1
-    # positions counted from each segment's end, so that causal is bottom-right aligned
-    end_q = (cq[1:] - 1)[doc_q] - torch.arange(tq, device=dev)
-    end_k = (ck[1:] - 1)[doc_k] - torch.arange(tk, device=dev)
-    left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    if tq == 0 or tk == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
 
     def mask_mod(b, h, qi, ki):
-        ok = doc_q[qi] == doc_k[ki]
-        delta = end_q[qi] - end_k[ki]  # key index minus query index, bottom-right aligned
-        if right >= 0:
-            ok = ok & (delta <= right)
-        if left >= 0:
-            ok = ok & (delta >= -left)
-        return ok
+        return (doc_q[qi] == doc_k[ki]) & window_allows(idx_k[ki] - idx_q[qi], window)
 
     score_mod = None
     if softcap > 0:
@@ -299,12 +365,13 @@ def reference(
     dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
 ) -> torch.Tensor:
     """Plain float64 math per segment, written for clarity. Slow; the oracle for the tests."""
-    _check_gqa(q, k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out = torch.zeros_like(q)
+    if dropout_p:
+        raise ValueError("the reference backend does not support dropout")
+    scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         qq, kk, vv = (x.double().transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
-        mask = _dense_allowed(qe - qs, ke - ks, causal, window_size, q.device)
+        mask = segment_mask(qe - qs, ke - ks, window, q.device)
         out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap)[0].transpose(0, 1).to(q.dtype)
     return out
 

@@ -185,7 +185,7 @@ def _m_prepack(backend: str) -> Callable:
             r = prepack.prefill(model, c.prompts, backend=backend)
             # Counted in the time: the scatter into the left-padded cache that
             # model.generate continues from, so the result is as usable as padded's.
-            cache = r.left_padded()
+            cache = r.left_padded_cache()
             return r.logits.argmax(-1), cache
         new = prepack.generate(model, c.prompts, backend=backend, generation_config=_generation_config(model, c))
         return torch.stack([t[0] for t in new]), new

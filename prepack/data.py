@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .packing import Overflow, _ranges
-from .planner import Algorithm, _check_capacity, lower_bound_l2, plan
+from . import layout
+from .hf import cu_seqlens_from_position_ids
+from .packing import Overflow, check_overflow
+from .planner import Algorithm, check_capacity, lower_bound_l2, plan
 
 if TYPE_CHECKING:
     import datasets
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what transformers' cross-entropy skips
-OVERFLOWS: tuple[str, ...] = ("error", "truncate_left", "truncate_right")
 PACKED_COLUMNS: tuple[str, ...] = (
     "input_ids", "labels", "position_ids", "seq_lengths", "cu_seqlens", "example_ids", "truncated",
 )
@@ -144,7 +145,7 @@ def pack_dataset(
     from datasets.fingerprint import generate_random_fingerprint
     from datasets.table import InMemoryTable
 
-    capacity = _check_capacity(capacity)
+    capacity = check_capacity(capacity)
     tokens, labels = _source_columns(data, column)
     table = _pack_arrow(
         tokens, labels, np.arange(len(tokens), dtype=np.int64), capacity,
@@ -190,7 +191,7 @@ def pack_examples(
     """
     import pyarrow as pa
 
-    capacity = _check_capacity(capacity)
+    capacity = check_capacity(capacity)
     tokens, labels = _source_columns(batch, column)
     ids = np.arange(len(tokens), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     table = _pack_arrow(
@@ -231,7 +232,7 @@ def pack_iterable(
     """
     import pyarrow as pa
 
-    capacity = _check_capacity(capacity)
+    capacity = check_capacity(capacity)
     if not isinstance(pool_size, int) or pool_size < 1:
         raise ValueError(f"pool_size must be an integer >= 1, got {pool_size!r}")
     it = iter(examples)
@@ -306,17 +307,17 @@ def to_flash_kwargs(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor
             f"rows must be packed rows whose position_ids start at 0 and match input_ids; "
             f"got {len(ids)} input_ids and {len(pos)} position_ids starting at {pos[:1].tolist()}"
         )
-    starts = np.flatnonzero(pos == 0)
+    position_ids = torch.from_numpy(pos)[None]
+    cu = cu_seqlens_from_position_ids(position_ids, 1, len(pos))
     if "labels" in rows[0]:
         labels = np.concatenate([np.asarray(r["labels"], np.int64) for r in rows])
     else:
         labels = ids.copy()
-        labels[starts] = IGNORE_INDEX
-    cu = torch.from_numpy(np.append(starts, len(pos)).astype(np.int32))
+        labels[cu[:-1].numpy()] = IGNORE_INDEX
     longest = int(np.diff(cu.numpy()).max())
     return {
         "input_ids": torch.from_numpy(ids)[None],
-        "position_ids": torch.from_numpy(pos)[None],
+        "position_ids": position_ids,
         "labels": torch.from_numpy(labels)[None],
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,
@@ -350,8 +351,7 @@ def _pack_arrow(
     """
     import pyarrow as pa
 
-    if overflow not in OVERFLOWS:
-        raise ValueError(f"overflow must be one of {', '.join(map(repr, OVERFLOWS))}, got {overflow!r}")
+    check_overflow(overflow)
     if pool_size is not None and (not isinstance(pool_size, int) or pool_size < 1):
         raise ValueError(f"pool_size must be an integer >= 1 or None, got {pool_size!r}")
     lengths, values = _flat_lists(tokens, example_ids, "token")
@@ -368,16 +368,14 @@ def _pack_arrow(
     if truncated.any():
         over = np.flatnonzero(truncated)
         if overflow == "error":
-            i = int(over[0])
-            raise ValueError(
-                f'example {example_ids[i]} has {lengths[i]} tokens but capacity is {C} ({len(over)} example(s) too long; '
-                f'pass overflow="truncate_left" or "truncate_right", or raise capacity)'
+            layout.check_fits(
+                lengths, C, what="example", ids=example_ids,
+                hint='pass overflow="truncate_left" or "truncate_right", or raise capacity',
             )
         # Cut only the overflow: the index work is proportional to the tokens dropped, not to the dataset.
-        first = np.cumsum(lengths) - lengths
-        cut_from = first[over] + (0 if overflow == "truncate_left" else C)
+        cut_from = layout.starts(lengths)[over] + (0 if overflow == "truncate_left" else C)
         keep = np.ones(len(values), bool)
-        keep[_ranges(cut_from, truncated[over])] = False
+        keep[layout.ranges(cut_from, truncated[over])] = False
         values = values[keep]
         if labels is not None:
             label_values = label_values[keep]
@@ -392,14 +390,14 @@ def _pack_arrow(
     # A plan fills each row from offset 0 in (row, offset) order, so a row is
     # simply its examples in plan order, back to back.
     seq = lengths[order]
-    starts = (np.cumsum(lengths) - lengths)[order]  # where each packed example begins in `values`
+    starts = layout.starts(lengths)[order]  # where each packed example begins in `values`
     row_ptr = np.concatenate([[0], np.cumsum(row_counts)])
     stream = _gather(values, starts, seq)
     label_stream = stream if labels is None else _gather(label_values, starts, seq)
     # a signed dtype, so -100 fits; a copy when labels are the tokens themselves
     label_stream = label_stream.astype(np.promote_types(label_stream.dtype, np.int8), copy=labels is None)
-    positions = _positions(seq)
-    seq_first = np.cumsum(seq) - seq
+    positions = layout.positions(seq, np.int32)
+    seq_first = layout.starts(seq)
     # Labels are unshifted (the model shifts them): -100 on a sequence's first
     # token stops the previous sequence's last token from learning to predict it.
     label_stream[seq_first] = IGNORE_INDEX
@@ -458,17 +456,8 @@ def _gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.n
     bounds = np.unique(np.concatenate([[0], np.searchsorted(ends, np.arange(_GATHER_CHUNK, len(out), _GATHER_CHUNK)), [len(ends)]]))
     for a, b in itertools.pairwise(bounds.tolist()):
         # mode="clip" lets numpy write straight into `out` (the indices are in range by construction)
-        np.take(values, _ranges(starts[a:b], lengths[a:b]), out=out[ends[a] - lengths[a] : ends[b - 1]], mode="clip")
+        np.take(values, layout.ranges(starts[a:b], lengths[a:b]), out=out[ends[a] - lengths[a] : ends[b - 1]], mode="clip")
     return out
-
-
-def _positions(lengths: np.ndarray) -> np.ndarray:
-    """(sum(lengths),) int32: 0, 1, ..., n - 1 for each n, by a cumulative sum that resets at each start."""
-    steps = np.ones(int(lengths.sum()), np.int32)
-    if len(lengths):
-        first = np.cumsum(lengths) - lengths
-        steps[first] = np.concatenate([[0], 1 - lengths[:-1]])
-    return np.cumsum(steps, dtype=np.int32, out=steps)
 
 
 def _scatter(real: np.ndarray, stream: np.ndarray, fill: int) -> np.ndarray:

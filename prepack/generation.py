@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .prefill import _cache_kwarg, _prefill, check_prompts, model_device
+from .hf import cache_kwarg, model_device
+from .prefill import check_prompts, prefill_tokens
 
 
 def generate(
@@ -58,9 +59,9 @@ def generate(
     input_ids, attention_mask = left_pad(tokens, pad_id, device)
     if longest > 1:
         prefixes = [t[:-1] for t in tokens]
-        result = _prefill(model, prefixes, capacity=capacity, backend=backend, token_budget=token_budget, logits=False)
-        cache, _ = result.left_padded(pad_to=longest - 1)
-        generate_kwargs[_cache_kwarg(model)] = cache
+        result = prefill_tokens(model, prefixes, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
+        cache, _ = result.left_padded_cache(pad_to=longest - 1)
+        generate_kwargs[cache_kwarg(model)] = cache
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     return _strip(out[:, longest:], eos, pad_id)
 

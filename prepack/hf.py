@@ -1,52 +1,74 @@
 """How packed attention reaches a Hugging Face model: by registration, never by patching.
 
-Importing prepack registers an attention function named ``"prepack"`` with
-transformers' ``AttentionInterface``. A model switched to it
-(``model.set_attn_implementation("prepack")``) computes varlen attention, with
-the backend named by the ``prepack_backend`` kwarg (default ``"auto"``),
-whenever the call carries a packed layout:
+Importing prepack registers an attention function and a mask function named
+``"prepack"`` with transformers' ``AttentionInterface`` /
+``AttentionMaskInterface``. A model switched to it computes, in each layer:
 
-* ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``
-  kwargs, the names transformers' own flash-attention path and
-  ``DataCollatorWithFlattening`` use, or
-* restarting ``position_ids`` in a single row with no cache prefix;
+* **varlen attention** when the call carries a packed layout: the
+  ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``
+  kwargs (the names of transformers' flash-attention path and
+  ``DataCollatorWithFlattening``), or restarting ``position_ids`` with no cache
+  and no mask. The backend comes from the ``prepack_backend`` kwarg (default ``"auto"``).
+* **the model's own attention** otherwise (decoding, padded batches), with the
+  model's own mask: the implementation the model had before prepack switched
+  it (``sdpa``, a flash kernel, ...), or explicit math where that would drop a
+  feature (soft-capping, or an ``eager`` model).
 
-and ordinary attention (transformers' SDPA, with its mask) otherwise, so the
-same model still decodes.
+Masks: the ``"prepack"`` mask function returns None, and builds nothing, for a
+call with no padding mask, no cache and no custom mask overlay: attention then
+knows everything from ``position_ids`` and the layout kwargs, so a packed
+forward never materialises a (T, T) mask. Otherwise it is the model's own mask.
+
+Thread safety: :func:`packed_forward` switches a model to ``"prepack"`` under a
+lock and counts the callers inside; the last one to leave restores the model's
+own implementation. While switched, every call that carries no packed layout
+takes the path above, so a concurrent caller of the same model (packed or not)
+gets the same result as without prepack. Nothing else is stored on the model:
+each packed call carries its layout and its KV sink through its own kwargs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import functools
+import inspect
+import threading
+
 import torch
 
-from .attention import _dense_allowed, dense_attention, get_backend
+from .attention import dense_attention, get_backend, segment_mask
 
 ATTN_IMPLEMENTATION = "prepack"
 
-# True while prepack runs a packed forward: the mask builders then return None,
-# because the packed layout, not a dense mask, tells attention what to see.
-_PACKED_FORWARD = contextvars.ContextVar("prepack_packed_forward", default=False)
+# Keyword arguments prepack's attention consumes; they never reach another implementation.
+PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask")
+
+_LOCK = threading.Lock()
+_SWITCHED: dict[int, list] = {}  # id(model) -> [callers inside, {id(config): (config, its own implementation)}]
+_FALLBACK: dict[int, str] = {}  # id(config) -> the implementation it had before the switch, while switched
 
 
-def _cu_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(1, T) restarting position ids -> (n + 1,) int32 cu_seqlens."""
-    pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos == 0).reshape(-1)
-    if len(starts) == 0 or starts[0] != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    return torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """The sequences a maskless (B, L) call holds -> (n + 1,) int32 cu_seqlens over its B * L tokens.
 
+    A sequence starts at each row start and wherever the position ids do not step by one, as in
+    transformers' ``find_packed_sequence_indices`` (so restarting position ids, padding-free rows
+    and ``DataCollatorWithFlattening`` batches all split where transformers splits them).
 
-def _is_packed(position_ids: torch.Tensor | None, q_len: int, k_len: int) -> bool:
-    if position_ids is None or position_ids.shape[0] != 1 or q_len != k_len or q_len < 2:
-        return False
-    return bool((position_ids[0, 1:] == 0).any())
+    Args:
+        position_ids: (B, L) or (1, L) int, or None (every row is one sequence).
+    """
+    if position_ids is None:
+        return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    pos = position_ids.expand(batch, length)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    first = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
 def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D), None)."""
+    """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     dropout = dropout if module.training else 0.0
     window = kwargs.get("sliding_window")
@@ -54,76 +76,175 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     captured = kwargs.get("prepack_kv")
     if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
         captured.append((key, value))
-    mask_fn = kwargs.get("prepack_mask_fn")
-    if mask_fn is not None:  # masked prefill: rows of capacity C with a dense block-diagonal mask
-        out = dense_attention(query, key, value, mask_fn(window), scale=scale, softcap=softcap, dropout_p=dropout)
+    B, H, Lq, D = query.shape
+    row_mask = kwargs.get("prepack_row_mask")
+    if row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
+        out = dense_attention(query, key, value, row_mask(window), scale=scale, softcap=softcap, dropout_p=dropout)
         return out.transpose(1, 2), None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and _is_packed(kwargs.get("position_ids"), query.shape[2], key.shape[2]):
-        cu_q = cu_k = _cu_from_position_ids(kwargs["position_ids"])
+    if cu_q is None and attention_mask is None and Lq == key.shape[2]:
+        # no mask and no cache: prepack_mask found attention plain (or windowed) causal within each sequence
+        cu_q = cu_k = cu_seqlens_from_position_ids(kwargs.get("position_ids"), B, Lq).to(query.device)
     if cu_q is None:
-        return _unpacked_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs)
+        return _model_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs)
+    if attention_mask is not None:
+        raise ValueError(
+            f"{type(module).__name__} got an attention mask together with a packed layout (cu_seq_lens); "
+            "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
+        )
     cu_k = cu_q if cu_k is None else cu_k
-    B, H, Lq, D = query.shape
     fn = get_backend(kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype)
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(-1, value.shape[1], D)
+    v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3])
     out = fn(
         q, k, v, cu_q.to(query.device), cu_k.to(query.device),
         kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2],
         dropout_p=dropout, softmax_scale=scale, causal=True,
         window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap,
     )
-    return out.view(B, Lq, H, D), None
+    return out.view(B, Lq, H, value.shape[3]), None
 
 
-def _unpacked_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs):
-    """No packed layout in this call (e.g. decoding): ordinary attention under transformers' mask."""
-    if softcap:  # SDPA cannot soft-cap logits: do it explicitly
-        if attention_mask is None:
-            mask = _dense_allowed(query.shape[2], key.shape[2], True, (-1, -1), query.device)
+def _model_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs):
+    """No packed layout in this call (decoding, a padded batch): the model's own attention under its own mask."""
+    for name in PREPACK_KWARGS:
+        kwargs.pop(name, None)
+    fallback = _fallback_implementation(module.config)
+    if softcap or fallback is None:
+        # SDPA cannot soft-cap logits, and an eager model's function is private to its modeling file:
+        # the same attention, written out (bool mask, or an additive one with 0 where allowed)
+        if attention_mask is None:  # transformers skipped a plain causal mask
+            mask = segment_mask(query.shape[2], key.shape[2], (-1, 0), query.device)
         else:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         out = dense_attention(query, key, value, mask, scale=scale, softcap=softcap, dropout_p=dropout)
         return out.transpose(1, 2), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers import AttentionInterface
 
-    for name in ("prepack_backend", "prepack_kv"):
-        kwargs.pop(name, None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+    return AttentionInterface._global_mapping[fallback](
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs
+    )
 
 
-def prepack_mask(*args, **kwargs):
-    """transformers' SDPA mask, or None inside a packed forward, where the packed layout says what each token sees."""
-    if _PACKED_FORWARD.get():
+def _fallback_implementation(config) -> str | None:
+    """The implementation ``config`` had before prepack switched it, if transformers registers it globally.
+
+    None for ``eager`` (each model has its own eager function). A model switched to ``"prepack"`` by the
+    user, not by prepack, falls back to ``sdpa``.
+    """
+    from transformers import AttentionInterface
+
+    name = _FALLBACK.get(id(config), "sdpa")
+    return name if name in AttentionInterface._global_mapping and name != ATTN_IMPLEMENTATION else None
+
+
+def prepack_mask(*args, config=None, **kwargs):
+    """The mask for ``"prepack"`` attention: None where attention needs none, else the model's own mask.
+
+    With no padding mask, no cache and no custom overlay, a layer's attention is plain causal (or
+    sliding-window, from the ``sliding_window`` kwarg) within each sequence that ``position_ids`` or
+    the packed layout kwargs delimit, and :func:`prepack_attention` computes it from those: no mask
+    is built, so a packed stream of T tokens never costs a (T, T) mask.
+    """
+    if (
+        kwargs.get("attention_mask") is None
+        and not kwargs.get("use_vmap")
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+        and not kwargs.get("q_offset")
+        and not kwargs.get("kv_offset")
+    ):
         return None
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    return sdpa_mask(*args, **kwargs)
+    fallback = _fallback_implementation(config) or "sdpa"
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[fallback](*args, config=config, **kwargs)
 
 
 def register() -> None:
-    """Register prepack's attention (and mask) functions with transformers. Idempotent; runs on import."""
+    """Register prepack's attention and mask functions with transformers. Idempotent; runs on import."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, prepack_attention)
-    # Outside a packed forward the fallback is SDPA, so it gets SDPA's mask.
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prepack_mask)
 
 
 @contextlib.contextmanager
 def packed_forward(model):
-    """Run ``model`` with prepack's attention, restoring its own implementation afterwards."""
+    """Run ``model`` with prepack's attention for the duration of the block; safe across threads.
+
+    The first caller switches the model to ``"prepack"``, the last one out restores each of its
+    configs' own implementation, also when the body or the switch itself raises.
+    """
     check_model(model)
-    previous = model.config._attn_implementation
-    token = _PACKED_FORWARD.set(True)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    _enter(model)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
-        _PACKED_FORWARD.reset(token)
+        _leave(model)
+
+
+def _configs(model) -> list:
+    """Every config object of ``model`` whose ``_attn_implementation`` a switch may change."""
+    seen, out = set(), []
+    stack = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "sub_configs")]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        stack.extend(s for key in getattr(c, "sub_configs", {}) if (s := getattr(c, key, None)) is not None)
+    return out
+
+
+def _enter(model) -> None:
+    with _LOCK:
+        state = _SWITCHED.get(id(model))
+        if state is None:
+            own = {id(c): (c, c._attn_implementation_internal) for c in _configs(model)}
+            if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+                _FALLBACK.update({key: impl for key, (c, impl) in own.items()})
+                try:
+                    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+                except BaseException:
+                    _restore(own)
+                    raise
+            else:
+                own = {}  # the user chose "prepack": nothing of ours to undo
+            state = _SWITCHED[id(model)] = [0, own]
+        state[0] += 1
+
+
+def _leave(model) -> None:
+    with _LOCK:
+        state = _SWITCHED[id(model)]
+        state[0] -= 1
+        if state[0] == 0:
+            del _SWITCHED[id(model)]
+            _restore(state[1])
+
+
+def _restore(own: dict) -> None:
+    for key, (config, impl) in own.items():
+        config._attn_implementation_internal = impl
+        _FALLBACK.pop(key, None)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(cls) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` / ``generate`` take a cache under: transformers 5.x renamed
+    ``past_key_values`` to ``cache``; use whichever this model takes."""
+    return _cache_kwarg_for(type(model))
 
 
 def check_model(model) -> None:

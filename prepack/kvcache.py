@@ -2,16 +2,19 @@
 
 After a packed prefill every layer's keys and values sit in the packed layout,
 (B, H_kv, L, D): one flat stream (B = 1) for varlen backends, or R rows of
-capacity C for masked ones. Token p of request i sits at
-``[src_b[i] , :, src_l[i] + p]``. These pure functions gather them, with one
-indexing op per layer and tensor, into the layout a decoder wants.
+capacity C for ``sdpa_masked``. Flattening (B, L) into one token axis, request
+i's tokens sit at ``layout.ranges(starts, lengths)``. These pure functions gather
+them, with one indexing op per layer and tensor, into the layout a decoder wants.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from . import layout
 
 
 class FlashKVCache(NamedTuple):
@@ -30,35 +33,15 @@ class FlashKVCache(NamedTuple):
     cache_leftpad: torch.Tensor | None
 
 
-def _within(lengths: torch.Tensor) -> torch.Tensor:
-    """(sum(lengths),) int64: 0..n-1 for each n, request after request."""
-    first = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(first, lengths)
-
-
-def token_sources(src_b: torch.Tensor, src_l: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Per-request starts -> per-token indices into the packed (B * L) token axis.
-
-    Args:
-        src_b, src_l: (N,) int64, where request i starts in the packed (B, L) layout.
-        lengths: (N,) int64, tokens per request (0 allowed).
-        seq_len: L, the packed layout's token axis.
-
-    Returns:
-        (T,) int64, request after request.
-    """
-    return torch.repeat_interleave(src_b * seq_len + src_l, lengths) + _within(lengths)
-
-
-def padded_targets(lengths: torch.Tensor, pad_to: int, *, left: bool, row_len: int | None = None) -> torch.Tensor:
-    """Per-token indices into an (N * row_len) token axis (``row_len`` defaults to ``pad_to``).
+def padded_targets(lengths: np.ndarray, pad_to: int, *, left: bool, row_len: int | None = None) -> np.ndarray:
+    """(T,) int64 indices into an (N * row_len) token axis (``row_len`` defaults to ``pad_to``), request after request.
 
     Requests start at 0 (``left=False``) or end at ``pad_to`` (``left=True``);
     slots from ``pad_to`` to ``row_len`` stay free for decoded tokens.
     """
-    n = len(lengths)
-    row_start = torch.arange(n, device=lengths.device) * (row_len or pad_to) + ((pad_to - lengths) if left else 0)
-    return torch.repeat_interleave(row_start, lengths) + _within(lengths)
+    lengths = np.asarray(lengths, np.int64)
+    row_start = np.arange(len(lengths), dtype=np.int64) * (row_len or pad_to) + ((pad_to - lengths) if left else 0)
+    return layout.ranges(row_start, lengths)
 
 
 def gather_padded(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int, row_len: int) -> torch.Tensor:
@@ -68,8 +51,8 @@ def gather_padded(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int,
     a token axis, which for a flat stream (B = 1) is a view of ``x``.
 
     Args:
-        src: (T,) indices into the packed B * L token axis (:func:`token_sources`).
-        dst: (T,) indices into the n * row_len token axis (:func:`padded_targets`).
+        src: (T,) int64 indices into the packed B * L token axis.
+        dst: (T,) int64 indices into the n * row_len token axis (:func:`padded_targets`).
     """
     H, D = x.shape[1], x.shape[3]
     tokens = x.transpose(0, 1).reshape(H, -1, D).index_select(1, src)  # (H, T, D)
@@ -88,8 +71,8 @@ def left_padded_cache(config, layers: list, src: torch.Tensor, dst: torch.Tensor
 
     Args:
         layers: per layer (keys, values), each packed (B, H_kv, L, D).
-        src: (T,) indices into the packed B * L token axis (:func:`token_sources`).
-        dst: (T,) indices into the n * pad_to token axis (:func:`padded_targets`).
+        src: (T,) int64 indices into the packed B * L token axis.
+        dst: (T,) int64 indices into the n * pad_to token axis (:func:`padded_targets`).
     """
     from transformers import DynamicCache
 

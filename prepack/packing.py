@@ -14,9 +14,12 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .planner import Algorithm, Plan, _check_capacity, plan
+from . import layout
+from .attention import document_mask, flash_window
+from .planner import ALGORITHMS, Algorithm, Plan, check_capacity, plan
 
 Overflow = Literal["error", "truncate_left", "truncate_right"]
+OVERFLOWS: tuple[str, ...] = ("error", "truncate_left", "truncate_right")
 
 
 class Varlen(NamedTuple):
@@ -89,6 +92,13 @@ class PackedBatch:
         """(R + 1,) int64: requests of row r are ``plan.order[row_ptr[r]:row_ptr[r+1]]``."""
         return np.concatenate([[0], np.cumsum(self.plan.row_counts)])
 
+    @property
+    def stream_starts(self) -> np.ndarray:
+        """(N,) int64, where each request begins in the flat stream of :meth:`to_varlen` (request order)."""
+        out = np.empty(self.plan.num_requests, np.int64)
+        out[self.plan.order] = layout.starts(self.plan.lengths[self.plan.order])
+        return out
+
     def to_varlen(self, rows: slice | None = None) -> Varlen:
         """Drop the padding: the packed tokens as one flat stream plus ``cu_seqlens``.
 
@@ -100,13 +110,12 @@ class PackedBatch:
         order = self.plan.order[first:last]
         lengths = self.plan.lengths[order]
         grid_start = (self.plan.row[order] - start) * self.capacity + self.plan.offset[order]
-        indices = torch.from_numpy(_ranges(grid_start, lengths))
+        indices = torch.from_numpy(layout.ranges(grid_start, lengths))
         grid = slice(start, stop)
-        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return Varlen(
             self.input_ids[grid].reshape(-1)[indices],
             self.position_ids[grid].reshape(-1)[indices],
-            torch.from_numpy(cu),
+            torch.from_numpy(layout.cu_seqlens(lengths)),
             int(lengths.max()) if len(lengths) else 0,
             indices,
         )
@@ -123,8 +132,9 @@ class PackedBatch:
 
         A query attends to a key iff both belong to the same request, the key is
         not after the query, and (with ``window``) fewer than ``window`` positions
-        before it. Padding queries attend only to themselves, so no row of the
-        mask is empty and softmax never produces NaN.
+        before it (:func:`prepack.attention.document_mask`, the mask every backend
+        means). Padding queries attend only to themselves, so no row of the mask
+        is empty and a model's own SDPA never produces NaN from it.
 
         Args:
             kind: ``"bool"`` (True = attend) or ``"additive"`` (0 or the dtype's minimum).
@@ -132,9 +142,17 @@ class PackedBatch:
             window: sliding window size, as in transformers' ``sliding_window``.
             rows: only these rows.
         """
+        if kind not in ("bool", "additive"):
+            raise ValueError(f"kind must be 'bool' or 'additive', got {kind!r}")
         seg = self.segment_ids[rows or slice(None)]
-        pos = self.position_ids[rows or slice(None)]
-        return _block_causal_mask(seg, pos, kind, dtype, window)
+        idx = torch.arange(seg.shape[-1]).expand_as(seg)
+        window_size = flash_window((-1 if window is None else window - 1, 0), True, None)
+        allowed = document_mask(seg, idx, seg, idx, window_size)
+        allowed |= torch.eye(seg.shape[-1], dtype=torch.bool)  # padding sees itself
+        allowed = allowed[:, None]
+        if kind == "bool":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def unpack(self, x: torch.Tensor | np.ndarray, *, flat: bool | None = None) -> list:
         """Split a packed tensor back into per-request pieces, in request order.
@@ -157,9 +175,7 @@ class PackedBatch:
                     f"cannot unpack a tensor of shape {tuple(x.shape)}: expected (R={self.num_rows}, "
                     f"C={self.capacity}, ...) or (T={p.num_tokens}, ...)"
                 )
-            starts = np.empty(p.num_requests, np.int64)
-            starts[p.order] = self.cu_seqlens[:-1].numpy()
-            return [x[s : s + n] for s, n in zip(starts.tolist(), p.lengths.tolist())]
+            return [x[s : s + n] for s, n in zip(self.stream_starts.tolist(), p.lengths.tolist())]
         return [x[r, o : o + n] for r, o, n in zip(p.row.tolist(), p.offset.tolist(), p.lengths.tolist())]
 
 
@@ -187,20 +203,17 @@ def pack(
     Returns:
         A :class:`PackedBatch`.
     """
-    tokens = [_as_token_array(s, i) for i, s in enumerate(sequences)]
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    check_overflow(overflow)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if capacity is not None:
-        capacity = _check_capacity(capacity)
+        capacity = check_capacity(capacity)
+    tokens = [token_array(s, i) for i, s in enumerate(sequences)]
+    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
     truncated = np.zeros(len(tokens), np.int64)
     if capacity is not None and len(tokens) and lengths.max() > capacity:
         if overflow == "error":
-            i = int(np.argmax(lengths > capacity))
-            raise ValueError(
-                f"request {i} has {lengths[i]} tokens but capacity is {capacity} "
-                f'(pass overflow="truncate_left" or "truncate_right", or raise capacity)'
-            )
-        if overflow not in ("truncate_left", "truncate_right"):
-            raise ValueError(f"overflow must be 'error', 'truncate_left' or 'truncate_right', got {overflow!r}")
+            layout.check_fits(lengths, capacity, hint='pass overflow="truncate_left" or "truncate_right", or raise capacity')
         for i in np.flatnonzero(lengths > capacity):
             tokens[i] = tokens[i][-capacity:] if overflow == "truncate_left" else tokens[i][:capacity]
         truncated = np.maximum(lengths - capacity, 0)
@@ -212,53 +225,32 @@ def pack_plan(p: Plan, tokens: Sequence[np.ndarray], *, pad_id: int = 0, truncat
     """Lay out ``tokens`` (already checked, one int64 array per request) as ``p`` says."""
     R, C, n = p.num_rows, p.capacity, p.num_requests
     flat = np.concatenate(tokens) if n else np.zeros(0, np.int64)
-    starts = p.row * C + p.offset
-    dest = _ranges(starts, p.lengths)
-    first = np.cumsum(p.lengths) - p.lengths
-    positions = np.arange(len(flat), dtype=np.int64) - np.repeat(first, p.lengths)
+    dest = layout.ranges(p.row * C + p.offset, p.lengths)
+    positions = layout.positions(p.lengths)
     input_ids = np.full(R * C, pad_id, np.int64)
     input_ids[dest] = flat
     position_ids = np.zeros(R * C, np.int64)
     position_ids[dest] = positions
     segment_ids = np.full(R * C, -1, np.int64)
     segment_ids[dest] = np.repeat(np.arange(n, dtype=np.int64), p.lengths)
-    cu = np.concatenate([[0], np.cumsum(p.lengths[p.order])]).astype(np.int32)
     return PackedBatch(
         plan=p,
         input_ids=torch.from_numpy(input_ids).view(R, C),
         position_ids=torch.from_numpy(position_ids).view(R, C),
         segment_ids=torch.from_numpy(segment_ids).view(R, C),
-        cu_seqlens=torch.from_numpy(cu),
+        cu_seqlens=torch.from_numpy(layout.cu_seqlens(p.lengths[p.order])),
         max_seqlen=int(p.lengths.max()) if n else 0,
         truncated=np.zeros(n, np.int64) if truncated is None else truncated,
     )
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
-    first = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(np.asarray(starts, np.int64) - first, lengths)
+def check_overflow(overflow) -> None:
+    """Reject an unknown ``overflow`` up front, whether or not anything would overflow."""
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow must be one of {', '.join(map(repr, OVERFLOWS))}, got {overflow!r}")
 
 
-def _block_causal_mask(
-    seg: torch.Tensor, pos: torch.Tensor, kind: str, dtype: torch.dtype, window: int | None
-) -> torch.Tensor:
-    """(B, L) segment and position ids -> (B, 1, L, L) block-diagonal causal mask."""
-    same = seg[:, :, None] == seg[:, None, :]
-    idx = torch.arange(seg.shape[-1], device=seg.device)
-    allowed = same & (idx[:, None] >= idx[None, :]) & (seg[:, :, None] >= 0)
-    if window is not None:
-        allowed &= (pos[:, :, None] - pos[:, None, :]) < window
-    allowed |= torch.eye(seg.shape[-1], dtype=torch.bool, device=seg.device)  # padding sees itself
-    allowed = allowed[:, None]
-    if kind == "bool":
-        return allowed
-    if kind == "additive":
-        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    raise ValueError(f"kind must be 'bool' or 'additive', got {kind!r}")
-
-
-def _as_token_array(seq, i: int) -> np.ndarray:
+def token_array(seq, i: int) -> np.ndarray:
     """One request -> 1-D int64 numpy array, with errors that name the request."""
     if isinstance(seq, torch.Tensor):
         if seq.dtype.is_floating_point or seq.dtype == torch.bool or seq.dtype.is_complex:

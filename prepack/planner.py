@@ -12,6 +12,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from . import layout
+
 Algorithm = Literal["bfd", "ffd", "binpacking", "sorted", "none"]
 ALGORITHMS: tuple[str, ...] = ("bfd", "ffd", "binpacking", "sorted", "none")
 
@@ -108,16 +110,12 @@ def plan(
     lengths = _check_lengths(lengths)
     if capacity is None:
         capacity = int(lengths.max()) if len(lengths) else 1
-    capacity = _check_capacity(capacity)
+    capacity = check_capacity(capacity)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if max_per_row is not None and (not _is_int(max_per_row) or max_per_row < 1):
         raise ValueError(f"max_per_row must be an integer >= 1, got {max_per_row!r}")
-    too_long = np.flatnonzero(lengths > capacity)
-    if len(too_long):
-        i = int(too_long[0])
-        raise ValueError(
-            f"request {i} has {lengths[i]} tokens but capacity is {capacity} "
-            f"({len(too_long)} request(s) too long; raise capacity or truncate them first)"
-        )
+    layout.check_fits(lengths, capacity, hint="raise capacity or truncate them first")
     limit = _NO_LIMIT if max_per_row is None else int(max_per_row)
     if algorithm == "bfd":
         row, offset = _best_fit_decreasing(lengths, capacity, limit)
@@ -129,10 +127,8 @@ def plan(
         row = np.empty(len(lengths), np.int64)
         row[np.argsort(-lengths, kind="stable")] = np.arange(len(lengths))
         offset = np.zeros(len(lengths), np.int64)
-    elif algorithm == "none":
+    else:  # "none"
         row, offset = np.arange(len(lengths), dtype=np.int64), np.zeros(len(lengths), np.int64)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     num_rows = int(row.max()) + 1 if len(row) else 0
     return Plan(lengths, row, offset, capacity, num_rows, algorithm)
 
@@ -263,9 +259,7 @@ def _count_sort(lengths: np.ndarray, C: int) -> np.ndarray:
 def _place(rows: np.ndarray, slots: np.ndarray, used, x: int) -> tuple[np.ndarray, np.ndarray]:
     """Expand 'row i takes slots[i] items of length x, starting at used[i]' into per-item (row, offset)."""
     r = np.repeat(rows, slots)
-    first = np.cumsum(slots) - slots
-    within = np.arange(len(r), dtype=np.int64) - np.repeat(first, slots)
-    return r, np.repeat(np.broadcast_to(used, rows.shape), slots) + within * x
+    return r, np.repeat(np.broadcast_to(used, rows.shape), slots) + layout.positions(slots) * x
 
 
 def _first_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +316,7 @@ def _binpacking(lengths: np.ndarray, C: int, limit: int) -> tuple[np.ndarray, np
     for r, b in enumerate(bins):
         idx = np.array(sorted(b), dtype=np.int64)
         row[idx] = r
-        offset[idx] = np.cumsum(lengths[idx]) - lengths[idx]
+        offset[idx] = layout.starts(lengths[idx])
     return row, offset
 
 
@@ -330,9 +324,10 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _check_capacity(capacity) -> int:
+def check_capacity(capacity, name: str = "capacity") -> int:
+    """``capacity`` as an int, or a ValueError naming ``name`` if it is not a positive integer."""
     if not _is_int(capacity) or capacity <= 0:
-        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        raise ValueError(f"{name} must be a positive integer, got {capacity!r}")
     return int(capacity)
 
 

@@ -19,13 +19,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import kvcache
+from . import kvcache, layout
 from .attention import resolve_backend
-from .hf import check_model, packed_forward
-from .packing import PackedBatch, _as_token_array, pack_plan
-from .planner import plan
+from .hf import check_model, model_device, packed_forward
+from .packing import PackedBatch, pack_plan, token_array
+from .planner import check_capacity, plan
 
-VARLEN_BACKENDS = ("flash", "sdpa_varlen", "flex", "reference")
+# Backends that prefill lays out as rows of ``capacity`` tokens, each row under a dense (C, C)
+# block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
+# stream of at most ``token_budget`` tokens per forward.
+ROW_BACKENDS = ("sdpa_masked",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,11 +37,12 @@ class PrefillResult:
 
     Attributes:
         logits: (N, V) last-token logits, in request order (None when not asked for).
-        lengths: (N,) int64 tokens per request.
+        lengths: (N,) int64 tokens per request, on the model's device.
         batch: the :class:`~prepack.packing.PackedBatch` that was run.
-        backend: the attention backend that ran.
+        backend: the attention backend that ran (``"auto"`` resolved).
         layers: per layer, packed (keys, values), each (B, H_kv, L, D), RoPE applied.
-        src_b, src_l: (N,) int64, where each request starts in the packed layers.
+        starts: (N,) int64 numpy, where each request's first token sits in the
+            layers' flattened (B * L) token axis.
         config: the model config, for building caches with the right layer types.
     """
 
@@ -47,8 +51,7 @@ class PrefillResult:
     batch: PackedBatch
     backend: str
     layers: list
-    src_b: torch.Tensor
-    src_l: torch.Tensor
+    starts: np.ndarray
     config: object
 
     @property
@@ -56,29 +59,35 @@ class PrefillResult:
         return len(self.lengths)
 
     @functools.cached_property
-    def _sources(self):
-        seq_len = self.layers[0][0].shape[2] if self.layers else 0
-        return kvcache.token_sources(self.src_b, self.src_l, self.lengths, seq_len)
+    def _lengths(self) -> np.ndarray:
+        return self.lengths.cpu().numpy()
+
+    @functools.cached_property
+    def _sources(self) -> torch.Tensor:
+        """(T,) int64 on the device: the packed token index of every request's tokens, request after request."""
+        return torch.from_numpy(layout.ranges(self.starts, self._lengths)).to(self.lengths.device)
 
     def request_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D)."""
-        b, l, n = int(self.src_b[i]), int(self.src_l[i]), int(self.lengths[i])
+        """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D): views, no copy."""
+        seq_len = self.layers[0][0].shape[2] if self.layers else 1
+        b, l = divmod(int(self.starts[i]), seq_len)
+        n = int(self._lengths[i])
         return [(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in self.layers]
 
     @functools.cached_property
-    def caches(self) -> list:
-        """One transformers ``DynamicCache`` per request, holding exactly its prompt's keys and values."""
+    def dynamic_caches(self) -> list:
+        """One transformers ``DynamicCache`` per request, holding a copy of exactly its prompt's keys and values."""
         return [kvcache.build_dynamic_cache(self.config, self.request_kv(i)) for i in range(self.num_requests)]
 
-    def left_padded(self, pad_to: int | None = None):
-        """A batched cache for ``model.generate``, left-padded to the longest prompt.
+    def left_padded_cache(self, pad_to: int | None = None):
+        """One batched ``DynamicCache`` for ``model.generate``, left-padded to the longest prompt.
 
         Returns:
             ``(cache, attention_mask)``: a ``DynamicCache`` whose layers are
             (N, H_kv, pad_to, D), and an (N, pad_to) int64 mask, 1 on real tokens.
         """
         n, pad_to = self.num_requests, self._pad_to(pad_to)
-        dst = kvcache.padded_targets(self.lengths, pad_to, left=True)
+        dst = torch.from_numpy(kvcache.padded_targets(self._lengths, pad_to, left=True)).to(self.lengths.device)
         mask = torch.zeros(n, pad_to, dtype=torch.long, device=self.lengths.device)
         mask.view(-1)[dst] = 1
         return kvcache.left_padded_cache(self.config, self.layers, self._sources, dst, n, pad_to), mask
@@ -90,27 +99,28 @@ class PrefillResult:
             extra: free slots after the longest prompt, for the tokens to decode.
             padding: ``"right"`` (prompts start at 0, ``cache_seqlens`` = lengths) or
                 ``"left"`` (prompts end together; pass ``cache_leftpad``, flash-attn >= 2.6.1).
+
+        Returns:
+            A :class:`~prepack.kvcache.FlashKVCache`: per layer (N, longest + extra, H_kv, D)
+            keys and values, ``cache_seqlens`` (N,) int32 and, for ``"left"``, ``cache_leftpad`` (N,) int32.
         """
         if padding not in ("right", "left"):
             raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
+        if not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"extra must be an integer >= 0, got {extra!r}")
         n, longest = self.num_requests, self._pad_to(None)
         left = padding == "left"
-        dst = kvcache.padded_targets(self.lengths, longest, left=left, row_len=longest + extra)
-        ks, vs = [], []
-        for k, v in self.layers:
-            ks.append(kvcache.gather_padded(k, self._sources, dst, n, longest + extra))
-            vs.append(kvcache.gather_padded(v, self._sources, dst, n, longest + extra))
+        dst = kvcache.padded_targets(self._lengths, longest, left=left, row_len=longest + extra)
+        dst = torch.from_numpy(dst).to(self.lengths.device)
+        ks = [kvcache.gather_padded(k, self._sources, dst, n, longest + extra) for k, _ in self.layers]
+        vs = [kvcache.gather_padded(v, self._sources, dst, n, longest + extra) for _, v in self.layers]
         lengths = self.lengths.to(torch.int32)
         if left:
             return kvcache.FlashKVCache(ks, vs, torch.full_like(lengths, longest), longest - lengths)
         return kvcache.FlashKVCache(ks, vs, lengths, None)
 
-    def right_padded(self, extra: int = 0) -> kvcache.FlashKVCache:
-        """``flash_kvcache(extra, padding="right")``: caches (N, L, H_kv, D) plus ``cache_seqlens`` int32."""
-        return self.flash_kvcache(extra, padding="right")
-
     def _pad_to(self, pad_to: int | None) -> int:
-        longest = int(self.lengths.max()) if self.num_requests else 0
+        longest = int(self._lengths.max()) if self.num_requests else 0
         if pad_to is None:
             return longest
         if pad_to < longest:
@@ -122,9 +132,9 @@ def prefill(
     model,
     sequences: Sequence,
     *,
-    capacity: int | None = None,
     backend: str = "auto",
     token_budget: int | None = None,
+    capacity: int | None = None,
     logits: bool = True,
 ) -> PrefillResult:
     """Run many prompts through ``model`` in one packed prefill.
@@ -133,18 +143,18 @@ def prefill(
         model: a decoder-only transformers model whose attention goes through
             ``AttentionInterface`` (Llama, Qwen2, Mistral, Gemma, ...).
         sequences: N prompts, each a list of token ids or a 1-D integer tensor/array.
-        capacity: row length for masked backends (default: the longest prompt).
         backend: ``"auto"``, ``"flash"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"`` or ``"reference"``.
-        token_budget: at most this many tokens per forward pass. Varlen backends
-            otherwise run all prompts as one flat stream.
+        token_budget: at most this many tokens per forward pass.
+        capacity: row length for ``backend="sdpa_masked"`` (default: the longest prompt);
+            refused for the other backends, which take no rows.
         logits: compute the last-token logits.
 
     Returns:
-        A :class:`PrefillResult`: ``.logits`` (N, V), ``.caches``,
-        ``.left_padded()``, ``.right_padded()``, ``.flash_kvcache()``.
+        A :class:`PrefillResult`: ``.logits`` (N, V), ``.dynamic_caches``,
+        ``.left_padded_cache()``, ``.flash_kvcache()``.
     """
     tokens = check_prompts(model, sequences)
-    return _prefill(model, tokens, capacity=capacity, backend=backend, token_budget=token_budget, logits=logits)
+    return prefill_tokens(model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits)
 
 
 def check_prompts(model, sequences: Sequence, *, allow_empty: bool = False) -> list[np.ndarray]:
@@ -161,7 +171,7 @@ def check_prompts(model, sequences: Sequence, *, allow_empty: bool = False) -> l
         if allow_empty and len(s) == 0:
             tokens.append(np.zeros(0, np.int64))
             continue
-        t = _as_token_array(s, i)
+        t = token_array(s, i)
         if max_pos is not None and len(t) > max_pos:
             raise ValueError(f"request {i} has {len(t)} tokens but the model's max_position_embeddings is {max_pos}")
         if vocab is not None and t.max() >= vocab:
@@ -170,67 +180,60 @@ def check_prompts(model, sequences: Sequence, *, allow_empty: bool = False) -> l
     return tokens
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _prefill(model, tokens, *, capacity, backend, token_budget, logits) -> PrefillResult:
-    """Prefill already-checked prompts; zero-length ones get an empty cache and no logits."""
+def prefill_tokens(
+    model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool
+) -> PrefillResult:
+    """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     device, dtype = model_device(model), next(model.parameters()).dtype
     name = resolve_backend(backend, device=device, dtype=dtype)
+    rows_layout = name in ROW_BACKENDS
+    if token_budget is not None:
+        token_budget = check_capacity(token_budget, "token_budget")
+    if capacity is not None:
+        capacity = check_capacity(capacity)
+        if not rows_layout:
+            raise ValueError(
+                f"capacity applies to backend='sdpa_masked', which packs rows of capacity tokens; backend {name!r} "
+                "runs one varlen stream per forward: bound it with token_budget instead"
+            )
     lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
     real = np.flatnonzero(lengths)
     real_lengths = lengths[real]
-    masked = name not in VARLEN_BACKENDS
     longest = int(real_lengths.max()) if len(real) else 1
-    if token_budget is not None and token_budget < longest:
-        i = int(real[np.argmax(real_lengths)])
-        raise ValueError(f"request {i} has {longest} tokens but token_budget is {token_budget}")
-    if masked:
+    if rows_layout:
         row_len = capacity or longest
-        if row_len < longest:
-            i = int(real[np.argmax(real_lengths)])
-            raise ValueError(f"request {i} has {longest} tokens but capacity is {row_len}")
+        layout.check_fits(real_lengths, row_len, ids=real, hint="raise capacity")
+        if token_budget is not None and row_len > token_budget:
+            raise ValueError(f"capacity {row_len} exceeds token_budget {token_budget}: one row must fit in one forward")
     else:
         row_len = token_budget or max(1, int(real_lengths.sum()))
+        layout.check_fits(real_lengths, row_len, ids=real, limit_name="token_budget", hint="raise token_budget")
     batch = pack_plan(plan(real_lengths, row_len), [tokens[i] for i in real])
     p = batch.plan
-
-    if masked:
-        per_call = max(1, (token_budget or p.num_rows * p.capacity) // p.capacity)
-        calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
-    else:
-        calls = [slice(r, r + 1) for r in range(p.num_rows)]
+    # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
+    per_call = max(1, (token_budget or p.num_rows * p.capacity) // p.capacity) if rows_layout else 1
+    calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
 
     chunks, last_logits = [], []
     with torch.no_grad(), packed_forward(model):
         for rows in calls:
             kv, out = _forward(model, batch, rows, name, device, logits)
             chunks.append(kv)
-            if logits:
-                last_logits.append(out)
-    # micro-batches add rows (masked) or extend the one flat stream (varlen)
-    cat_dim = 0 if masked else 2
+            last_logits.append(out)
+    # calls add rows (row layout) or extend the one flat stream (varlen)
+    cat_dim = 0 if rows_layout else 2
     layers = [tuple(_cat(xs, cat_dim) for xs in zip(*per_call)) for per_call in zip(*chunks)]
 
-    # where each request starts in the packed layers
-    src_b = np.zeros(len(tokens), np.int64)
-    src_l = np.zeros(len(tokens), np.int64)
-    if masked:
-        src_b[real], src_l[real] = p.row, p.offset
-    else:
-        starts = np.empty(p.num_requests, np.int64)
-        starts[p.order] = batch.cu_seqlens[:-1].numpy()
-        src_l[real] = starts
+    starts = np.zeros(len(tokens), np.int64)
+    starts[real] = p.row * p.capacity + p.offset if rows_layout else batch.stream_starts
     out_logits = None
     if logits and len(real):
-        packed = torch.cat(last_logits)  # packed order for varlen, (row, offset) order for masked too
+        packed = torch.cat(last_logits)  # in packed order
         out_logits = packed.new_zeros(len(tokens), packed.shape[-1])
-        out_logits[torch.from_numpy(real[p.order])] = packed
-    as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        out_logits[torch.from_numpy(real[p.order]).to(device)] = packed
     return PrefillResult(
-        logits=out_logits, lengths=as_t(lengths), batch=batch, backend=name, layers=layers,
-        src_b=as_t(src_b), src_l=as_t(src_l), config=model.config,
+        logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=batch, backend=name,
+        layers=layers, starts=starts, config=model.config,
     )
 
 
@@ -239,44 +242,35 @@ def _cat(xs: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
 
 
 def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
-    """One forward pass over ``rows`` of ``batch``; returns per-layer (k, v) and last-token logits in packed order."""
+    """One forward pass over ``rows`` of ``batch``.
+
+    Returns:
+        per layer (keys, values) as the attention function saw them, and the (n, V) last-token
+        logits of the call's n requests in packed order (None without ``want_logits``).
+    """
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by prepack_attention, one entry per layer
     kwargs = {"use_cache": False, "prepack_kv": captured, "prepack_backend": backend}
     p = batch.plan
-    masked = backend not in VARLEN_BACKENDS
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
-    if masked:
-        ids = batch.input_ids[rows].to(device)
-        pos = batch.position_ids[rows].to(device)
-        ends = p.offset[order] + p.lengths[order] - 1
-        keep, where = np.unique(ends, return_inverse=True)
-        kwargs["prepack_mask_fn"] = functools.lru_cache(maxsize=None)(
+    if backend in ROW_BACKENDS:
+        ids, pos = batch.input_ids[rows], batch.position_ids[rows]
+        first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
+        kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
             lambda window: batch.attention_mask("bool", window=window, rows=rows).to(device)
         )
     else:
         v = batch.to_varlen(rows)
-        ids, pos = v.input_ids[None].to(device), v.position_ids[None].to(device)
+        ids, pos = v.input_ids[None], v.position_ids[None]
         cu = v.cu_seqlens.to(device)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=v.max_seqlen, max_length_k=v.max_seqlen)
-        keep = v.cu_seqlens[1:].numpy().astype(np.int64) - 1
-        where = np.arange(len(keep))
+        first = v.cu_seqlens[:-1].numpy().astype(np.int64)
     # Only the last token of each prompt needs logits: skip the LM head everywhere else.
+    seq_len = ids.shape[1]
+    last = first + p.lengths[order] - 1  # in the call's flattened (B * L) token axis
+    keep, where = np.unique(last % seq_len, return_inverse=True)
     kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device) if want_logits else 1
-    out = model(input_ids=ids, position_ids=pos, **kwargs)
+    out = model(input_ids=ids.to(device), position_ids=pos.to(device), **kwargs)
     if not want_logits:
         return captured, None
-    row_of = torch.from_numpy(p.row[order] - rows.start).to(device) if masked else torch.zeros(len(order), dtype=torch.long, device=device)
-    return captured, out.logits[row_of, torch.from_numpy(where).to(device)]
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg_for(cls) -> str:
-    import inspect
-
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` in 5.x; use whichever this model takes."""
-    return _cache_kwarg_for(type(model))
+    flat = out.logits.reshape(-1, out.logits.shape[-1])  # (B * len(keep), V)
+    return captured, flat[torch.from_numpy(last // seq_len * len(keep) + where).to(device)]

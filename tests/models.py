@@ -46,17 +46,14 @@ def alone_last_logits(model, seqs) -> torch.Tensor:
 
 
 def left_pad(seqs, pad_id: int = 0):
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, longest - len(s):] = s
-        mask[i, longest - len(s):] = 1
-    return ids, mask
+    """The library's own left padding (what model.generate gets), on CPU."""
+    from prepack.generation import left_pad as _left_pad
+
+    return _left_pad(seqs, pad_id, "cpu")
 
 
 def cache_kwargs(model, cache) -> dict:
     """Pass ``cache`` under the name this transformers version uses (``cache``, formerly ``past_key_values``)."""
-    from prepack.prefill import _cache_kwarg
+    from prepack.hf import cache_kwarg
 
-    return {_cache_kwarg(model): cache, "use_cache": True}
+    return {cache_kwarg(model): cache, "use_cache": True}

@@ -150,3 +150,13 @@ def test_unpack_rejects_a_tensor_of_the_wrong_shape():
     b = prepack.pack([[1, 2], [3]], 4)
     with pytest.raises(ValueError, match="cannot unpack a tensor of shape"):
         b.unpack(torch.zeros(7))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"overflow": "typo"}, "overflow must be one of 'error', 'truncate_left', 'truncate_right', got 'typo'"),
+    ({"algorithm": "fastest"}, "unknown algorithm 'fastest'"),
+    ({"capacity": 0}, "capacity must be a positive integer"),
+])
+def test_bad_arguments_are_rejected_even_when_nothing_overflows(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        prepack.pack([[1, 2], [3]], **{"capacity": 8, **kwargs})

@@ -109,16 +109,16 @@ def test_sorted_orders_rows_by_length_without_packing():
     assert p.row.tolist() == [0, 2, 1] and p.num_rows == 3
 
 
-def test_planner_does_not_import_torch():
+def test_planner_and_layout_do_not_import_torch():
     import subprocess
     from pathlib import Path
 
-    # prepack/__init__ imports torch, so load the planner's file on its own
-    path = Path(prepack.planner.__file__)
+    # prepack/__init__ imports torch, so load the package's modules without running it
+    folder = Path(prepack.planner.__file__).parent
     code = (
-        f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('planner', {str(path)!r});"
-        "m = importlib.util.module_from_spec(spec); sys.modules['planner'] = m; spec.loader.exec_module(m);"
-        "m.plan([1, 2, 3], 4); print('torch' in sys.modules)"
+        f"import sys, types; pkg = types.ModuleType('prepack'); pkg.__path__ = [{str(folder)!r}];"
+        "sys.modules['prepack'] = pkg; import prepack.planner, prepack.layout;"
+        "prepack.planner.plan([1, 2, 3], 4); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

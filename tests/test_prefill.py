@@ -45,7 +45,7 @@ def test_more_requests_than_fit_in_one_row_are_split_into_micro_batches(backend,
 def test_each_cache_holds_the_keys_and_values_of_its_prompt_alone(arch):
     model, seqs = build(arch), prompts([7, 3, 11])
     result = prepack.prefill(model, seqs)
-    for seq, cache in zip(seqs, result.caches):
+    for seq, cache in zip(seqs, result.dynamic_caches):
         alone = DynamicCache(config=model.config)
         with torch.no_grad():
             model(seq[None], **cache_kwargs(model, alone))
@@ -59,7 +59,7 @@ def test_decoding_from_a_per_request_cache_matches_a_full_forward():
     model, seqs = build("llama"), prompts([7, 3, 11])
     result = prepack.prefill(model, seqs)
     nxt = torch.tensor([[5]])
-    for seq, cache in zip(seqs, result.caches):
+    for seq, cache in zip(seqs, result.dynamic_caches):
         with torch.no_grad():
             step = model(nxt, **cache_kwargs(model, cache)).logits[0, -1]
             full = model(torch.cat([seq, nxt[0]])[None]).logits[0, -1]
@@ -68,7 +68,7 @@ def test_decoding_from_a_per_request_cache_matches_a_full_forward():
 
 def test_left_padded_cache_matches_a_padded_prefill():
     model, seqs = build("mistral"), prompts([4, 9, 2])
-    cache, mask = prepack.prefill(model, seqs).left_padded()
+    cache, mask = prepack.prefill(model, seqs).left_padded_cache()
     ids, want_mask = left_pad(seqs)
     assert torch.equal(mask, want_mask)
     padded = DynamicCache(config=model.config)
@@ -88,7 +88,7 @@ def test_flash_kvcache_layout_holds_each_prompt_at_its_seqlens(padding):
     kv = result.flash_kvcache(extra=5, padding=padding)
     assert kv.cache_seqlens.dtype == torch.int32
     assert kv.k_caches[0].shape == (3, 9 + 5, 2, 16)  # (N, L_pad, H_kv, D)
-    for i, cache in enumerate(result.caches):
+    for i, cache in enumerate(result.dynamic_caches):
         start = 0 if padding == "right" else int(kv.cache_leftpad[i])
         end = int(kv.cache_seqlens[i])
         assert end - start == len(seqs[i])
@@ -97,9 +97,9 @@ def test_flash_kvcache_layout_holds_each_prompt_at_its_seqlens(padding):
     assert (kv.cache_leftpad is None) == (padding == "right")
 
 
-def test_right_padded_is_the_right_padded_flash_layout():
+def test_flash_kvcache_is_right_padded_by_default():
     result = prepack.prefill(build("llama"), prompts([4, 9, 2]))
-    kv = result.right_padded()
+    kv = result.flash_kvcache()
     assert kv.cache_seqlens.tolist() == [4, 9, 2] and kv.cache_leftpad is None
 
 
@@ -172,3 +172,33 @@ def test_flash_backend_without_cuda_names_the_fix():
         pytest.skip("CUDA is available")
     with pytest.raises(RuntimeError, match="backend='flash' needs a CUDA GPU"):
         prepack.prefill(build("llama"), [[1, 2]], backend="flash")
+
+
+def test_capacity_is_refused_by_varlen_backends_that_have_no_rows():
+    with pytest.raises(ValueError, match="capacity applies to backend='sdpa_masked'.*token_budget instead"):
+        prepack.prefill(build("llama"), prompts([3, 4]), backend="sdpa_varlen", capacity=16)
+
+
+def test_a_row_larger_than_the_token_budget_is_refused():
+    with pytest.raises(ValueError, match="capacity 32 exceeds token_budget 16"):
+        prepack.prefill(build("llama"), prompts([3, 4]), backend="sdpa_masked", capacity=32, token_budget=16)
+
+
+def test_masked_prefill_keeps_each_forward_within_the_token_budget():
+    model, seqs = build("llama"), prompts(CASES["mixed"])
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    result = prepack.prefill(model, seqs, backend="sdpa_masked", capacity=30, token_budget=60)
+    hook.remove()
+    assert max(seen) <= 60 and len(seen) > 1
+    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "fastest"}, "unknown attention backend 'fastest'"),
+    ({"token_budget": 0}, "token_budget must be a positive integer"),
+    ({"token_budget": 2.5}, "token_budget must be a positive integer"),
+])
+def test_bad_arguments_are_rejected_up_front(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        prepack.prefill(build("llama"), prompts([3, 4]), **kwargs)
