@@ -22,7 +22,8 @@ import torch
 from . import kvcache, layout
 from .attention import resolve_backend
 from .hf import check_model, model_device, packed_forward
-from .packing import PackedBatch, pack_plan, token_array
+from .inputs import Prompts, as_prompts
+from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 
 # Backends that prefill lays out as rows of ``capacity`` tokens, each row under a dense (C, C)
@@ -79,18 +80,27 @@ class PrefillResult:
         """One transformers ``DynamicCache`` per request, holding a copy of exactly its prompt's keys and values."""
         return [kvcache.build_dynamic_cache(self.config, self.request_kv(i)) for i in range(self.num_requests)]
 
-    def left_padded_cache(self, pad_to: int | None = None):
+    def left_padded_cache(self, pad_to: int | None = None, *, rows: Sequence[int] | np.ndarray | None = None):
         """One batched ``DynamicCache`` for ``model.generate``, left-padded to the longest prompt.
+
+        Args:
+            pad_to: cache length (default: the longest prompt).
+            rows: (M,) the request each cache row holds (default: every request once, in
+                order). Repeats give several rows the same prompt, e.g. for several samples
+                per prompt, without prefilling it twice or copying a cache.
 
         Returns:
             ``(cache, attention_mask)``: a ``DynamicCache`` whose layers are
-            (N, H_kv, pad_to, D), and an (N, pad_to) int64 mask, 1 on real tokens.
+            (M, H_kv, pad_to, D), and an (M, pad_to) int64 mask, 1 on real tokens.
         """
-        n, pad_to = self.num_requests, self._pad_to(pad_to)
-        dst = torch.from_numpy(kvcache.padded_targets(self._lengths, pad_to, left=True)).to(self.lengths.device)
-        mask = torch.zeros(n, pad_to, dtype=torch.long, device=self.lengths.device)
+        pad_to = self._pad_to(pad_to)
+        rows = np.arange(self.num_requests) if rows is None else np.asarray(rows, np.int64)
+        lengths, device = self._lengths[rows], self.lengths.device
+        src = torch.from_numpy(layout.ranges(self.starts[rows], lengths)).to(device)
+        dst = torch.from_numpy(kvcache.padded_targets(lengths, pad_to, left=True)).to(device)
+        mask = torch.zeros(len(rows), pad_to, dtype=torch.long, device=device)
         mask.view(-1)[dst] = 1
-        return kvcache.left_padded_cache(self.config, self.layers, self._sources, dst, n, pad_to), mask
+        return kvcache.left_padded_cache(self.config, self.layers, src, dst, len(rows), pad_to), mask
 
     def flash_kvcache(self, extra: int = 0, *, padding: str = "right") -> kvcache.FlashKVCache:
         """Caches in ``flash_attn_with_kvcache`` layout, with room for ``extra`` decoded tokens.
@@ -136,48 +146,84 @@ def prefill(
     token_budget: int | None = None,
     capacity: int | None = None,
     logits: bool = True,
+    tokenizer=None,
 ) -> PrefillResult:
     """Run many prompts through ``model`` in one packed prefill.
 
     Args:
         model: a decoder-only transformers model whose attention goes through
             ``AttentionInterface`` (Llama, Qwen2, Mistral, Gemma, ...).
-        sequences: N prompts, each a list of token ids or a 1-D integer tensor/array.
+        sequences: N prompts: token-id lists or 1-D tensors, tokenizer output
+            (``input_ids`` + ``attention_mask``, left- or right-padded), strings or chat
+            conversations with ``tokenizer`` (see :mod:`prepack.inputs`).
         backend: ``"auto"``, ``"flash"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"`` or ``"reference"``.
-        token_budget: at most this many tokens per forward pass.
+        token_budget: at most this many tokens per forward pass; default
+            :func:`default_token_budget` (raised to the longest prompt if that is longer).
         capacity: row length for ``backend="sdpa_masked"`` (default: the longest prompt);
             refused for the other backends, which take no rows.
         logits: compute the last-token logits.
+        tokenizer: tokenizes string or chat prompts.
 
     Returns:
         A :class:`PrefillResult`: ``.logits`` (N, V), ``.dynamic_caches``,
         ``.left_padded_cache()``, ``.flash_kvcache()``.
     """
-    tokens = check_prompts(model, sequences)
-    return prefill_tokens(model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits)
+    prompts = check_prompts(model, sequences, tokenizer=tokenizer)
+    return prefill_tokens(model, prompts.tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits)
 
 
-def check_prompts(model, sequences: Sequence, *, allow_empty: bool = False) -> list[np.ndarray]:
-    """Validate prompts against ``model``; errors name the request and the limit."""
+def check_prompts(model, inputs, *, tokenizer=None) -> Prompts:
+    """Normalise prompts (:func:`prepack.inputs.as_prompts`) and validate them against ``model``.
+
+    Errors name the request and the limit: an empty prompt, one longer than the model's
+    ``max_position_embeddings``, a token id outside its vocabulary, a tensor on another device.
+    """
     check_model(model)
     device = model_device(model)
+    if hasattr(inputs, "keys") and "input_ids" in inputs.keys():
+        tensors = [("input_ids", inputs["input_ids"])]
+    elif isinstance(inputs, (list, tuple)):
+        tensors = [(f"request {i}", s) for i, s in enumerate(inputs)]
+    else:
+        tensors = [("input_ids", inputs)]
+    for what, s in tensors:
+        if isinstance(s, torch.Tensor) and s.device != device:
+            raise ValueError(f"{what} is on {s.device} but the model is on {device}; move it with .to({str(device)!r})")
+    prompts = as_prompts(inputs, tokenizer)
     config = model.config.get_text_config(decoder=True)
     max_pos = getattr(config, "max_position_embeddings", None)
     vocab = getattr(config, "vocab_size", None)
-    tokens = []
-    for i, s in enumerate(sequences):
-        if isinstance(s, torch.Tensor) and s.device != device:
-            raise ValueError(f"request {i} is on {s.device} but the model is on {device}; move it with .to({str(device)!r})")
-        if allow_empty and len(s) == 0:
-            tokens.append(np.zeros(0, np.int64))
-            continue
-        t = token_array(s, i)
+    for i, t in enumerate(prompts.tokens):
         if max_pos is not None and len(t) > max_pos:
             raise ValueError(f"request {i} has {len(t)} tokens but the model's max_position_embeddings is {max_pos}")
         if vocab is not None and t.max() >= vocab:
             raise ValueError(f"request {i} has token id {t.max()} but the model's vocab_size is {vocab}")
-        tokens.append(t)
-    return tokens
+    return prompts
+
+
+def default_token_budget(model) -> int:
+    """Tokens per forward when the caller sets no ``token_budget``.
+
+    * CPU: 8192. Longer streams are slower, not faster: the activations of a longer forward fall
+      out of the caches, and its memory grows with the stream (``benchmarks/bench_token_budget.py``,
+      ``docs/prefill.md``).
+    * CUDA: what a quarter of the free device memory holds, counting per token the keys and values
+      kept for every layer plus eight hidden-size-or-MLP-width activations of the layer being run,
+      clamped to [4096, 131072].
+    """
+    device = model_device(model)
+    if device.type != "cuda":
+        return 8192
+    config = model.config.get_text_config(decoder=True)
+    hidden = getattr(config, "hidden_size", 4096)
+    width = max(hidden, getattr(config, "intermediate_size", hidden) or hidden)
+    heads = getattr(config, "num_attention_heads", 32)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    layers = getattr(config, "num_hidden_layers", 32)
+    per_token = (2 * layers * kv_dim + 8 * width) * next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(max(free // 4 // per_token, 4096), 131072))
 
 
 def prefill_tokens(
@@ -200,18 +246,20 @@ def prefill_tokens(
     real = np.flatnonzero(lengths)
     real_lengths = lengths[real]
     longest = int(real_lengths.max()) if len(real) else 1
+    if token_budget is None:  # ours, not the caller's: never a reason to refuse a prompt
+        token_budget = max(default_token_budget(model), longest if not rows_layout else capacity or longest)
     if rows_layout:
         row_len = capacity or longest
         layout.check_fits(real_lengths, row_len, ids=real, hint="raise capacity")
         if token_budget is not None and row_len > token_budget:
             raise ValueError(f"capacity {row_len} exceeds token_budget {token_budget}: one row must fit in one forward")
     else:
-        row_len = token_budget or max(1, int(real_lengths.sum()))
+        row_len = token_budget
         layout.check_fits(real_lengths, row_len, ids=real, limit_name="token_budget", hint="raise token_budget")
     batch = pack_plan(plan(real_lengths, row_len), [tokens[i] for i in real])
     p = batch.plan
     # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
-    per_call = max(1, (token_budget or p.num_rows * p.capacity) // p.capacity) if rows_layout else 1
+    per_call = max(1, token_budget // p.capacity) if rows_layout else 1
     calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
 
     chunks, last_logits = [], []
