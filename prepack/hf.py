@@ -67,6 +67,14 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
+def _own_storage(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a copy when it is a view into a larger tensor (a fused qkv projection, say),
+    so that keeping a layer's keys and values does not keep its queries alive too."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
+
+
 def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -75,7 +83,7 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     softcap = kwargs.get("softcap") or 0.0
     captured = kwargs.get("prepack_kv")
     if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
-        captured.append((key, value))
+        captured.append((_own_storage(key), _own_storage(value)))
     B, H, Lq, D = query.shape
     row_mask = kwargs.get("prepack_row_mask")
     if row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)

@@ -36,14 +36,18 @@ ROW_BACKENDS = ("sdpa_masked",)
 class PrefillResult:
     """What a packed prefill leaves for each of N requests.
 
+    The keys and values stay where the forwards left them, one chunk per forward, so that
+    holding them costs their size once; the cache layouts below gather from them on demand.
+
     Attributes:
         logits: (N, V) last-token logits, in request order (None when not asked for).
         lengths: (N,) int64 tokens per request, on the model's device.
         batch: the :class:`~prepack.packing.PackedBatch` that was run.
         backend: the attention backend that ran (``"auto"`` resolved).
-        layers: per layer, packed (keys, values), each (B, H_kv, L, D), RoPE applied.
-        starts: (N,) int64 numpy, where each request's first token sits in the
-            layers' flattened (B * L) token axis.
+        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D), RoPE applied.
+        chunk: (N,) int64 numpy, the forward (index into ``chunks``) that holds each request.
+        starts: (N,) int64 numpy, where each request's first token sits in its chunk's
+            flattened (B * L) token axis.
         config: the model config, for building caches with the right layer types.
     """
 
@@ -51,7 +55,8 @@ class PrefillResult:
     lengths: torch.Tensor
     batch: PackedBatch
     backend: str
-    layers: list
+    chunks: list
+    chunk: np.ndarray
     starts: np.ndarray
     config: object
 
@@ -63,22 +68,26 @@ class PrefillResult:
     def _lengths(self) -> np.ndarray:
         return self.lengths.cpu().numpy()
 
-    @functools.cached_property
-    def _sources(self) -> torch.Tensor:
-        """(T,) int64 on the device: the packed token index of every request's tokens, request after request."""
-        return torch.from_numpy(layout.ranges(self.starts, self._lengths)).to(self.lengths.device)
-
     def request_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D): views, no copy."""
-        seq_len = self.layers[0][0].shape[2] if self.layers else 1
+        layers = self.chunks[int(self.chunk[i])] if len(self.chunks) else []
+        seq_len = layers[0][0].shape[2] if layers else 1
         b, l = divmod(int(self.starts[i]), seq_len)
         n = int(self._lengths[i])
-        return [(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in self.layers]
+        return [(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in layers]
 
     @functools.cached_property
     def dynamic_caches(self) -> list:
         """One transformers ``DynamicCache`` per request, holding a copy of exactly its prompt's keys and values."""
         return [kvcache.build_dynamic_cache(self.config, self.request_kv(i)) for i in range(self.num_requests)]
+
+    def _pieces(self, rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per chunk: (chunk, src, dst) token indices moving ``rows``' tokens to ``dst`` (request after request)."""
+        lengths, device = self._lengths[rows], self.lengths.device
+        src = layout.ranges(self.starts[rows], lengths)
+        owner = np.repeat(self.chunk[rows], lengths)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        return [(int(c), as_t(src[owner == c]), as_t(dst[owner == c])) for c in np.unique(owner)]
 
     def left_padded_cache(self, pad_to: int | None = None, *, rows: Sequence[int] | np.ndarray | None = None):
         """One batched ``DynamicCache`` for ``model.generate``, left-padded to the longest prompt.
@@ -95,12 +104,11 @@ class PrefillResult:
         """
         pad_to = self._pad_to(pad_to)
         rows = np.arange(self.num_requests) if rows is None else np.asarray(rows, np.int64)
-        lengths, device = self._lengths[rows], self.lengths.device
-        src = torch.from_numpy(layout.ranges(self.starts[rows], lengths)).to(device)
-        dst = torch.from_numpy(kvcache.padded_targets(lengths, pad_to, left=True)).to(device)
-        mask = torch.zeros(len(rows), pad_to, dtype=torch.long, device=device)
-        mask.view(-1)[dst] = 1
-        return kvcache.left_padded_cache(self.config, self.layers, src, dst, len(rows), pad_to), mask
+        dst = kvcache.padded_targets(self._lengths[rows], pad_to, left=True)
+        mask = torch.zeros(len(rows), pad_to, dtype=torch.long, device=self.lengths.device)
+        mask.view(-1)[torch.from_numpy(dst).to(mask.device)] = 1
+        cache = kvcache.left_padded_cache(self.config, self.chunks, self._pieces(rows, dst), len(rows), pad_to)
+        return cache, mask
 
     def flash_kvcache(self, extra: int = 0, *, padding: str = "right") -> kvcache.FlashKVCache:
         """Caches in ``flash_attn_with_kvcache`` layout, with room for ``extra`` decoded tokens.
@@ -121,9 +129,10 @@ class PrefillResult:
         n, longest = self.num_requests, self._pad_to(None)
         left = padding == "left"
         dst = kvcache.padded_targets(self._lengths, longest, left=left, row_len=longest + extra)
-        dst = torch.from_numpy(dst).to(self.lengths.device)
-        ks = [kvcache.gather_padded(k, self._sources, dst, n, longest + extra) for k, _ in self.layers]
-        vs = [kvcache.gather_padded(v, self._sources, dst, n, longest + extra) for _, v in self.layers]
+        pieces = self._pieces(np.arange(n), dst)
+        num_layers = len(self.chunks[0]) if self.chunks else 0
+        ks = [kvcache.gather_padded([c[j][0] for c in self.chunks], pieces, n, longest + extra) for j in range(num_layers)]
+        vs = [kvcache.gather_padded([c[j][1] for c in self.chunks], pieces, n, longest + extra) for j in range(num_layers)]
         lengths = self.lengths.to(torch.int32)
         if left:
             return kvcache.FlashKVCache(ks, vs, torch.full_like(lengths, longest), longest - lengths)
@@ -268,12 +277,14 @@ def prefill_tokens(
             kv, out = _forward(model, batch, rows, name, device, logits)
             chunks.append(kv)
             last_logits.append(out)
-    # calls add rows (row layout) or extend the one flat stream (varlen)
-    cat_dim = 0 if rows_layout else 2
-    layers = [tuple(_cat(xs, cat_dim) for xs in zip(*per_call)) for per_call in zip(*chunks)]
-
-    starts = np.zeros(len(tokens), np.int64)
-    starts[real] = p.row * p.capacity + p.offset if rows_layout else batch.stream_starts
+    # which forward holds each request, and where it starts in that forward's flattened (B * L) tokens
+    chunk, starts = np.zeros(len(tokens), np.int64), np.zeros(len(tokens), np.int64)
+    first_row = np.array([rows.start for rows in calls], np.int64)
+    chunk[real] = np.searchsorted(first_row, p.row, side="right") - 1
+    if rows_layout:
+        starts[real] = (p.row - first_row[chunk[real]]) * p.capacity + p.offset
+    else:  # one row per forward: the request's start in that row's varlen stream
+        starts[real] = batch.stream_starts - layout.starts(p.row_lengths)[p.row]
     out_logits = None
     if logits and len(real):
         packed = torch.cat(last_logits)  # in packed order
@@ -281,12 +292,8 @@ def prefill_tokens(
         out_logits[torch.from_numpy(real[p.order]).to(device)] = packed
     return PrefillResult(
         logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=batch, backend=name,
-        layers=layers, starts=starts, config=model.config,
+        chunks=chunks, chunk=chunk, starts=starts, config=model.config,
     )
-
-
-def _cat(xs: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
-    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
 
 
 def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
