@@ -257,15 +257,16 @@ def prefill_tokens(
     longest = int(real_lengths.max()) if len(real) else 1
     if token_budget is None:  # ours, not the caller's: never a reason to refuse a prompt
         token_budget = max(default_token_budget(model), longest if not rows_layout else capacity or longest)
+    # The planner's rows: `capacity` tokens under one dense mask each (several rows per forward),
+    # or one varlen stream of at most `token_budget` tokens (one row per forward).
     if rows_layout:
-        row_len = capacity or longest
-        layout.check_fits(real_lengths, row_len, ids=real, hint="raise capacity")
-        if token_budget is not None and row_len > token_budget:
-            raise ValueError(f"capacity {row_len} exceeds token_budget {token_budget}: one row must fit in one forward")
+        capacity = capacity or longest
+        layout.check_fits(real_lengths, capacity, ids=real, hint="raise capacity")
+        if capacity > token_budget:
+            raise ValueError(f"capacity {capacity} exceeds token_budget {token_budget}: one row must fit in one forward")
     else:
-        row_len = token_budget
-        layout.check_fits(real_lengths, row_len, ids=real, limit_name="token_budget", hint="raise token_budget")
-    batch = pack_plan(plan(real_lengths, row_len), [tokens[i] for i in real])
+        layout.check_fits(real_lengths, token_budget, ids=real, limit_name="token_budget", hint="raise token_budget")
+    batch = pack_plan(plan(real_lengths, capacity if rows_layout else token_budget), [tokens[i] for i in real])
     p = batch.plan
     # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
     per_call = max(1, token_budget // p.capacity) if rows_layout else 1
