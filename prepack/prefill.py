@@ -21,7 +21,7 @@ import torch
 
 from . import kvcache, layout
 from .attention import resolve_backend
-from .hf import check_model, model_device, packed_forward
+from .hf import attention_needs, check_model, model_device, packed_forward
 from .packing import PackedBatch, pack_plan, token_array
 from .planner import check_capacity, plan
 
@@ -143,7 +143,10 @@ def prefill(
         model: a decoder-only transformers model whose attention goes through
             ``AttentionInterface`` (Llama, Qwen2, Mistral, Gemma, ...).
         sequences: N prompts, each a list of token ids or a 1-D integer tensor/array.
-        backend: ``"auto"``, ``"flash"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"`` or ``"reference"``.
+        backend: ``"auto"``, ``"flash"``, ``"torch_varlen"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"``
+            or ``"reference"``. ``"auto"`` on CUDA in fp16/bf16 is flash-attn if it imports, else PyTorch's
+            FlashAttention varlen kernel (``"torch_varlen"``), else ``"sdpa_varlen"``; the choice is
+            ``PrefillResult.backend``.
         token_budget: at most this many tokens per forward pass.
         capacity: row length for ``backend="sdpa_masked"`` (default: the longest prompt);
             refused for the other backends, which take no rows.
@@ -185,7 +188,7 @@ def prefill_tokens(
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     device, dtype = model_device(model), next(model.parameters()).dtype
-    name = resolve_backend(backend, device=device, dtype=dtype)
+    name = resolve_backend(backend, device=device, dtype=dtype, **attention_needs(model))
     rows_layout = name in ROW_BACKENDS
     if token_budget is not None:
         token_budget = check_capacity(token_budget, "token_budget")
