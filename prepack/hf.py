@@ -101,7 +101,10 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
         )
     cu_k = cu_q if cu_k is None else cu_k
-    fn = get_backend(kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype)
+    fn = get_backend(
+        kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype,
+        head_dim=max(D, value.shape[3]), softcap=softcap,
+    )
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
     v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3])
@@ -237,6 +240,21 @@ def _restore(own: dict) -> None:
     for key, (config, impl) in own.items():
         config._attn_implementation_internal = impl
         _FALLBACK.pop(key, None)
+
+
+def attention_needs(model) -> dict:
+    """What ``model``'s attention layers ask of a kernel, for choosing one before the first forward.
+
+    Returns:
+        ``{"head_dim": int | None, "softcap": float}``: the widest head dim the config names (``head_dim``,
+        ``qk_head_dim``, ``v_head_dim``, ``global_head_dim``, ..., else hidden_size / num_attention_heads), and
+        the attention logit soft-capping (0.0 for none).
+    """
+    config = model.config.get_text_config(decoder=True)
+    dims = [d for key, d in vars(config).items() if key.endswith("head_dim") and isinstance(d, int) and d > 0]
+    if not dims and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
+        dims = [config.hidden_size // config.num_attention_heads]
+    return {"head_dim": max(dims) if dims else None, "softcap": float(getattr(config, "attn_logit_softcapping", None) or 0.0)}
 
 
 def model_device(model) -> torch.device:

@@ -21,7 +21,7 @@ import torch
 
 from . import kvcache, layout
 from .attention import resolve_backend
-from .hf import check_model, model_device, packed_forward
+from .hf import attention_needs, check_model, model_device, packed_forward
 from .inputs import Prompts, as_prompts
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
@@ -165,7 +165,10 @@ def prefill(
         sequences: N prompts: token-id lists or 1-D tensors, tokenizer output
             (``input_ids`` + ``attention_mask``, left- or right-padded), strings or chat
             conversations with ``tokenizer`` (see :mod:`prepack.inputs`).
-        backend: ``"auto"``, ``"flash"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"`` or ``"reference"``.
+        backend: ``"auto"``, ``"flash"``, ``"torch_varlen"``, ``"sdpa_varlen"``, ``"flex"``, ``"sdpa_masked"``
+            or ``"reference"``. ``"auto"`` on CUDA in fp16/bf16 is flash-attn if it imports, else PyTorch's
+            FlashAttention varlen kernel (``"torch_varlen"``), else ``"sdpa_varlen"``; the choice is
+            ``PrefillResult.backend``.
         token_budget: at most this many tokens per forward pass; default
             :func:`default_token_budget` (raised to the longest prompt if that is longer).
         capacity: row length for ``backend="sdpa_masked"`` (default: the longest prompt);
@@ -240,7 +243,7 @@ def prefill_tokens(
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     device, dtype = model_device(model), next(model.parameters()).dtype
-    name = resolve_backend(backend, device=device, dtype=dtype)
+    name = resolve_backend(backend, device=device, dtype=dtype, **attention_needs(model))
     rows_layout = name in ROW_BACKENDS
     if token_budget is not None:
         token_budget = check_capacity(token_budget, "token_budget")
