@@ -3,7 +3,7 @@
     python benchmarks/bench_gpu_flash.py --prompts prompts.json [--dtype bfloat16] [--repeat 10]
 
 ``prompts.json`` holds a list of token-id lists (e.g. 32 ShareGPT first turns
-from ``prepack.prompts``; the GPU machine may have no ShareGPT package). The
+from ``prepack.bench.prompts``; the GPU machine may have no ShareGPT package). The
 model is the llama-small preset (hidden 1024, 4 layers, 16 heads, 4 KV heads)
 with random weights. Times are CUDA-synchronised medians, methods interleaved.
 """
