@@ -170,3 +170,29 @@ def test_a_trainer_step_on_packed_rows_builds_no_dense_mask(tmp_path, monkeypatc
     model.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
     packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": SFT_SEQS}), 24)
     assert np.isfinite(first_step_loss(tmp_path, model, packed, DataCollatorForPackedRows(), 2))
+
+
+def test_sft_trainer_first_step_loss_on_packed_rows_matches_the_unpacked_examples(tmp_path):
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(i): i for i in range(1, 128)} | {"<pad>": 0}  # SFTTrainer wants a tokenizer; the rows are tokenized already
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>", eos_token="<pad>"
+    )
+    examples = datasets.Dataset.from_dict({"input_ids": SFT_SEQS})
+    packed = pack_dataset(examples, 24)
+    unpacked = first_step_loss(tmp_path, build("llama"), examples, pad_examples, len(examples))
+    model = build("llama")
+    model.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(packed), logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        packing=False, max_length=None, bf16=False,  # packed already: no repacking, no truncation; fp32 like the baseline
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=packed, data_collator=DataCollatorForPackedRows(), processing_class=tokenizer
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(unpacked, rel=1e-5)
