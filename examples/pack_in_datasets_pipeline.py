@@ -7,10 +7,12 @@ Two ways to pack the same dataset, both from :mod:`prepack.data`:
 * ``pack_dataset``: one plan over the whole dataset, so rows are as full as the
   lengths allow (at or next to the L2 lower bound on rows).
 
-Every packed row has ``input_ids``, ``labels``, ``position_ids`` (restarting
-at 0 for each prompt), ``seq_lengths``, ``cu_seqlens`` (``[0, l0, l0 + l1, ...]``),
-``example_ids`` and ``truncated``; ``to_flash_kwargs`` collates rows into the
-kwargs of a varlen (``DataCollatorWithFlattening``-style) training step.
+Both use the full schema here, so every packed row has ``input_ids``, ``labels``,
+``position_ids`` (restarting at 0 for each prompt), ``seq_lengths``, ``cu_seqlens``
+(``[0, l0, l0 + l1, ...]``), ``example_ids`` and ``truncated`` to print (the default
+lean schema stores only ``input_ids`` and ``seq_lengths``);
+``DataCollatorForPackedRows`` collates rows into the kwargs of a varlen
+(``DataCollatorWithFlattening``-layout) training step.
 
 Run it offline::
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from prepack import pack_dataset, pack_examples, pack_stats, to_flash_kwargs
+from prepack import DataCollatorForPackedRows, pack_dataset, pack_examples, pack_stats
 from prepack.bench import load_prompts
 
 
@@ -39,7 +41,7 @@ def pack_per_batch(ds, capacity: int, batch_size: int, num_proc: int | None = No
     return ds.with_format("arrow").map(
         pack_examples, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
         remove_columns=ds.column_names,  # N examples become fewer rows, so no source column can stay
-        fn_kwargs={"capacity": capacity}, desc="packing per map batch",
+        fn_kwargs={"capacity": capacity, "schema": "full"}, desc="packing per map batch",
     ).with_format(None)
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     per_batch = pack_per_batch(ds, args.capacity, args.map_batch_size, args.num_proc)
     report(f"map(pack_examples, batch_size={args.map_batch_size})", ds, per_batch, args.capacity)
-    whole = pack_dataset(ds, args.capacity)
+    whole = pack_dataset(ds, args.capacity, schema="full")
     report("pack_dataset (whole dataset)", ds, whole, args.capacity)
 
     real = sum(len(t) for t in prompts.token_ids)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fullest row by count: prompts {busiest['example_ids'][:6]}... ({len(busiest['seq_lengths'])} in all), "
           f"{len(busiest['input_ids'])} tokens, cu_seqlens {busiest['cu_seqlens'][:6]}...")
     # bfd puts the longest prompts first: shuffle the packed rows before training
-    batch = to_flash_kwargs(list(whole.shuffle(seed=0).select(range(min(2, len(whole))))))
+    batch = DataCollatorForPackedRows()(list(whole.shuffle(seed=0).select(range(min(2, len(whole))))))
     print(f"2 rows collated for padding-free training: input_ids {tuple(batch['input_ids'].shape)}, "
           f"cu_seq_lens_q {tuple(batch['cu_seq_lens_q'].shape)} {batch['cu_seq_lens_q'].dtype}, "
           f"max_length_q {batch['max_length_q']}")

@@ -5,11 +5,14 @@ The data flow, one module per step::
     lengths --planner--> Plan --packing--> PackedBatch --attention, hf--> prefill --kvcache--> per-request caches
                                                                                   --generation--> model.generate
 
-``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training.
+``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training,
+``prepack.collate`` turns packed rows into ``Trainer`` batches, and ``prepack.ray_data`` runs both
+packing and batch inference on Ray Data.
 """
 
 from .attention import BACKENDS, get_backend, resolve_backend
-from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, to_flash_kwargs
+from .collate import DataCollatorForPackedRows, to_flash_kwargs
+from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, pack_table
 from .generation import generate, generate_iter
 from .hf import ATTN_IMPLEMENTATION
 from .hf import register as _register
@@ -27,6 +30,7 @@ __all__ = [
     "ALGORITHMS",
     "ATTN_IMPLEMENTATION",
     "BACKENDS",
+    "DataCollatorForPackedRows",
     "FlashKVCache",
     "PackStats",
     "PackedBatch",
@@ -43,6 +47,7 @@ __all__ = [
     "pack_examples",
     "pack_iterable",
     "pack_stats",
+    "pack_table",
     "plan",
     "prefill",
     "resolve_backend",

@@ -54,9 +54,21 @@ def ranges(first, lengths) -> np.ndarray:
     """(sum(lengths),) int64: ``arange(s, s + n)`` for each (s, n), concatenated, without a Python loop.
 
     The gather/scatter index of a layout: token p of segment i sits at ``first[i] + p``.
+    Built like :func:`positions`, a running sum of ones that jumps at each segment start, so the
+    only array allocated is the result (a gather over millions of tokens touches no other fresh memory).
     """
     lengths = np.asarray(lengths, np.int64)
-    return np.repeat(np.asarray(first, np.int64) - starts(lengths), lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    steps = np.ones(int(lengths.sum()), np.int64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        first = np.asarray(first, np.int64)[nonempty]
+        n = lengths[nonempty]
+        jump = np.empty(len(first), np.int64)
+        jump[0] = first[0]
+        # from the previous segment's last index to this segment's first
+        jump[1:] = first[1:] - (first[:-1] + n[:-1] - 1)
+        steps[starts(n)] = jump
+    return np.cumsum(steps, out=steps)
 
 
 def check_fits(lengths, limit: int, *, what: str = "request", limit_name: str = "capacity", ids=None, hint: str = "") -> None:

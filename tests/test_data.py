@@ -1,6 +1,7 @@
 """prepack.data: whole-dataset packing for datasets pipelines and padding-free training."""
 
 import functools
+import os
 
 import datasets
 import numpy as np
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepack
-from prepack.data import PACKED_COLUMNS, pack_dataset, pack_examples, pack_iterable, pack_stats, to_flash_kwargs
+from prepack.collate import to_flash_kwargs
+from prepack.data import FULL_COLUMNS, LEAN_COLUMNS, pack_dataset, pack_examples, pack_iterable, pack_stats
 
 from .models import build
 
@@ -31,7 +33,9 @@ def examples(draw):
 @given(examples(), st.booleans())
 def test_every_example_appears_exactly_once_and_tokens_round_trip(data, padded):
     seqs, capacity = data
-    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), capacity, pad_id=0 if padded else None)
+    packed = pack_dataset(
+        datasets.Dataset.from_dict({"input_ids": seqs}), capacity, schema="full", pad_id=0 if padded else None
+    )
     stats = pack_stats(packed, capacity)
     seen = {}
     for row in packed:
@@ -49,7 +53,9 @@ def test_every_example_appears_exactly_once_and_tokens_round_trip(data, padded):
 @given(examples(), st.booleans())
 def test_labels_are_minus_100_exactly_at_sequence_starts_and_padding(data, padded):
     seqs, capacity = data
-    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), capacity, pad_id=0 if padded else None)
+    packed = pack_dataset(
+        datasets.Dataset.from_dict({"input_ids": seqs}), capacity, schema="full", pad_id=0 if padded else None
+    )
     for row in packed:
         starts = set(row["cu_seqlens"][:-1])
         real = row["cu_seqlens"][-1]
@@ -61,7 +67,7 @@ def test_labels_are_minus_100_exactly_at_sequence_starts_and_padding(data, padde
 @given(examples())
 def test_position_ids_restart_and_cu_seqlens_match_seq_lengths(data):
     seqs, capacity = data
-    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), capacity)
+    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), capacity, schema="full")
     for row in packed:
         assert row["cu_seqlens"] == [0, *np.cumsum(row["seq_lengths"]).tolist()]
         assert row["position_ids"] == [p for n in row["seq_lengths"] for p in range(n)]
@@ -82,7 +88,7 @@ def test_a_bigger_pool_never_needs_more_rows():
 
 
 def test_padded_rows_are_exactly_capacity_long():
-    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": token_lists([3, 4, 7])}), 8, pad_id=9)
+    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": token_lists([3, 4, 7])}), 8, pad_id=9, schema="full")
     assert all(len(r["input_ids"]) == 8 for r in packed)
     for r in packed:
         real = r["cu_seqlens"][-1]
@@ -91,22 +97,24 @@ def test_padded_rows_are_exactly_capacity_long():
 
 def test_dataset_map_batched_with_indices_and_two_processes():
     ds = datasets.Dataset.from_dict({"input_ids": token_lists(np.arange(1, 41) % 13 + 1), "text": ["x"] * 40})
-    fn = functools.partial(pack_examples, capacity=16)
-    out = ds.map(fn, batched=True, batch_size=10, with_indices=True, remove_columns=ds.column_names, num_proc=2)
-    assert set(out.column_names) == set(PACKED_COLUMNS)
+    fn = functools.partial(pack_examples, capacity=16, schema="full", scalar_columns="error")
+    out = ds.remove_columns("text").map(
+        fn, batched=True, batch_size=10, with_indices=True, remove_columns=["input_ids"], num_proc=2
+    )
+    assert set(out.column_names) == set(FULL_COLUMNS)
     ids = sorted(i for row in out["example_ids"] for i in row)
     assert ids == list(range(40))
 
 
 def test_map_function_accepts_arrow_batches():
     ds = datasets.Dataset.from_dict({"input_ids": token_lists([2, 3, 4])}).with_format("arrow")
-    out = ds.map(functools.partial(pack_examples, capacity=5), batched=True)
+    out = ds.map(functools.partial(pack_examples, capacity=5, schema="full"), batched=True)
     assert sum(len(r) for r in out.with_format(None)["example_ids"]) == 3
 
 
 def test_streaming_packs_each_bounded_pool():
     ds = datasets.Dataset.from_dict({"input_ids": token_lists(np.arange(1, 26) % 7 + 1)}).to_iterable_dataset()
-    rows = list(pack_iterable(ds, 10, pool_size=8))
+    rows = list(pack_iterable(ds, 10, pool_size=8, schema="full"))
     ids = [i for r in rows for i in r["example_ids"]]
     assert sorted(ids) == list(range(25))
     # a row never mixes examples from two pools
@@ -116,12 +124,12 @@ def test_streaming_packs_each_bounded_pool():
 def test_streaming_output_feeds_an_iterable_dataset():
     source = datasets.Dataset.from_dict({"input_ids": token_lists([3, 5, 2, 6])}).to_iterable_dataset()
     ds = datasets.IterableDataset.from_generator(lambda: pack_iterable(source, 8, pool_size=2))
-    assert sum(len(r["example_ids"]) for r in ds) == 4
+    assert sum(len(r["seq_lengths"]) for r in ds) == 4
 
 
 def test_truncation_is_counted_and_keeps_the_chosen_end():
     ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5, 6], [7, 8]]})
-    packed = pack_dataset(ds, 4, overflow="truncate_left")
+    packed = pack_dataset(ds, 4, overflow="truncate_left", schema="full")
     stats = pack_stats(packed, 4)
     assert stats.num_truncated_examples == 1 and stats.num_truncated_tokens == 2
     assert [3, 4, 5, 6] in packed["input_ids"]
@@ -136,13 +144,13 @@ def test_over_long_example_error_names_the_example_and_the_limit():
 
 def test_empty_example_error_names_the_example():
     ds = datasets.Dataset.from_dict({"input_ids": [[1], [2], []]})
-    with pytest.raises(ValueError, match="example 2 has an empty token list"):
+    with pytest.raises(ValueError, match="example 2 has an empty list in column 'input_ids'"):
         pack_dataset(ds, 8)
 
 
 def test_missing_example_error_names_the_example():
     ds = datasets.Dataset.from_dict({"input_ids": [[1], None, [2]]})
-    with pytest.raises(ValueError, match=r"example 1 has no token list \(None\)"):
+    with pytest.raises(ValueError, match=r"example 1 has no list in column 'input_ids' \(None\)"):
         pack_dataset(ds, 8)
 
 
@@ -150,55 +158,6 @@ def test_unknown_column_error_lists_the_columns():
     ds = datasets.Dataset.from_dict({"tokens": [[1]], "text": ["a"]})
     with pytest.raises(ValueError, match=r"column 'input_ids' not found; available columns: \['tokens', 'text'\]"):
         pack_dataset(ds, 8)
-
-
-def test_collated_rows_are_the_flash_varlen_kwargs_of_data_collator_with_flattening():
-    from transformers import DataCollatorWithFlattening
-
-    seqs = token_lists([3, 5, 2])
-    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), 16)
-    mine = to_flash_kwargs(list(packed))
-    order = [i for r in packed for i in r["example_ids"]]
-    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(
-        [{"input_ids": seqs[i]} for i in order]
-    )
-    for key in ("input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k"):
-        assert torch.equal(mine[key].to(theirs[key].dtype), theirs[key]), key
-    assert mine["max_length_q"] == theirs["max_length_q"]
-
-
-def summed_loss(logits, labels):
-    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
-
-
-def test_packed_training_step_gives_the_loss_and_gradients_of_each_sequence_alone():
-    seqs = token_lists([7, 3, 12, 5, 9])
-    model = build("llama").train()
-    model.config.attention_dropout = 0.0
-    alone = sum(summed_loss(model(torch.tensor([s])).logits[0], torch.tensor(s)) for s in seqs)
-    alone.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-
-    batch = to_flash_kwargs(list(pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), 64)))
-    model.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[0]
-    loss = summed_loss(logits, labels[0])
-    loss.backward()
-    torch.testing.assert_close(loss, alone, atol=1e-4, rtol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_naive_packing_without_restarts_or_masks_gives_a_different_loss():
-    seqs = token_lists([7, 3, 12, 5, 9])
-    model = build("llama").eval()
-    with torch.no_grad():
-        alone = sum(summed_loss(model(torch.tensor([s])).logits[0], torch.tensor(s)) for s in seqs)
-        batch = to_flash_kwargs(list(pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), 64)))
-        naive = summed_loss(model(batch["input_ids"]).logits[0], batch["labels"][0])  # plain causal, positions 0..T-1
-    assert abs(naive.item() - alone.item()) > 1e-2
 
 
 def test_non_positive_capacity_is_rejected():
@@ -210,3 +169,161 @@ def test_an_existing_labels_column_is_packed_alongside():
     ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]]})
     row = pack_dataset(ds, 8)[0]
     assert sorted(zip(row["input_ids"], row["labels"])) == [(5, -100), (6, 6), (7, 7), (8, -100), (9, 9)]
+
+
+# --- schemas -------------------------------------------------------------------------------------
+
+
+def test_the_lean_schema_stores_only_input_ids_and_seq_lengths_in_int32():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]]}).cast(
+        datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
+    )
+    packed = pack_dataset(ds, 8)
+    assert packed.column_names == list(LEAN_COLUMNS)
+    assert packed.features["input_ids"].feature.dtype == "int32"
+    assert packed.features["seq_lengths"].feature.dtype == "int32"
+
+
+def test_ids_that_do_not_fit_int32_keep_their_dtype():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 2**40], [8, 9]]})
+    packed = pack_dataset(ds, 8)
+    assert packed.features["input_ids"].feature.dtype == "int64"
+    assert sorted(packed[0]["input_ids"]) == [5, 8, 9, 2**40]
+
+
+@settings(max_examples=30, deadline=None)
+@given(examples(), st.booleans())
+def test_lean_and_full_rows_collate_to_the_same_batch(data, padded):
+    seqs, capacity = data
+    ds = datasets.Dataset.from_dict({"input_ids": seqs})
+    pad = 0 if padded else None
+    lean, full = (list(pack_dataset(ds, capacity, schema=s, pad_id=pad)) for s in ("lean", "full"))
+    a, b = to_flash_kwargs(lean), to_flash_kwargs(full)
+    for key in ("input_ids", "labels", "position_ids"):
+        # full rows with padding collate pad tokens as one-token sequences, lean ones as one sequence
+        real = a["labels"] != -100 if padded else slice(None)
+        assert torch.equal(a[key][real], b[key][real]), key
+
+
+# --- other columns -------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(examples())
+def test_every_list_column_travels_with_its_tokens(data):
+    seqs, capacity = data
+    marks = [[10 * i + t for t in range(len(s))] for i, s in enumerate(seqs)]
+    packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs, "mark": marks}), capacity)
+    for row in packed:
+        assert len(row["mark"]) == len(row["input_ids"])
+        start = 0
+        for n in row["seq_lengths"]:
+            i = row["mark"][start] // 10
+            assert row["input_ids"][start : start + n] == seqs[i]
+            assert row["mark"][start : start + n] == marks[i]
+            start += n
+
+
+def test_lean_rows_keep_the_label_values_of_the_source():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[1, 6, 7], [2, 9]]})
+    row = pack_dataset(ds, 8)[0]
+    assert sorted(zip(row["input_ids"], row["labels"])) == [(5, 1), (6, 6), (7, 7), (8, 2), (9, 9)]
+
+
+def test_scalar_columns_are_dropped_with_a_warning_naming_them():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6], [7]], "text": ["a", "b"], "score": [0.5, 1.0]})
+    with pytest.warns(UserWarning, match=r"drops the non-list columns \['text', 'score'\]"):
+        packed = pack_dataset(ds, 8)
+    assert packed.column_names == list(LEAN_COLUMNS)
+
+
+def test_scalar_columns_can_be_kept_one_value_per_sequence():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6], [7], [8, 9, 10]], "text": ["a", "b", "c"]})
+    packed = pack_dataset(ds, 4, scalar_columns="keep", schema="full")
+    for row in packed:
+        assert row["text"] == ["abc"[i] for i in row["example_ids"]]
+
+
+def test_scalar_columns_can_be_refused():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6]], "text": ["a"]})
+    with pytest.raises(ValueError, match=r"columns \['text'\] are not lists"):
+        pack_dataset(ds, 8, scalar_columns="error")
+
+
+def test_columns_the_packer_writes_are_refused():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6]], "seq_lengths": [[2]]})
+    with pytest.raises(ValueError, match="column 'seq_lengths' is one the packer writes"):
+        pack_dataset(ds, 8)
+
+
+# --- DatasetDict and the map cache ---------------------------------------------------------------
+
+
+def test_a_dataset_dict_is_packed_split_by_split():
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"input_ids": token_lists([3, 5, 2, 6])}),
+        "test": datasets.Dataset.from_dict({"input_ids": token_lists([4, 4], seed=1)}),
+    })
+    packed = pack_dataset(dd, 8)
+    assert set(packed) == {"train", "test"}
+    assert sum(len(r) for r in packed["train"]["seq_lengths"]) == 4
+    assert sum(len(r) for r in packed["test"]["seq_lengths"]) == 2
+
+
+def test_an_empty_split_is_named():
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+        "validation": datasets.Dataset.from_dict({"input_ids": [[1]]}).select([]),
+    })
+    with pytest.raises(ValueError, match="split 'validation': the dataset is empty"):
+        pack_dataset(dd, 8)
+
+
+def test_an_error_in_a_split_names_the_split_and_the_example():
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+        "test": datasets.Dataset.from_dict({"input_ids": [[1], [1] * 9]}),
+    })
+    with pytest.raises(ValueError, match="split 'test': example 1 has 9 tokens but capacity is 8"):
+        pack_dataset(dd, 8)
+
+
+def test_packing_the_same_files_again_loads_the_map_cache(tmp_path):
+    source = datasets.Dataset.from_dict({"input_ids": token_lists(np.arange(1, 60) % 11 + 1), "text": ["x"] * 59})
+    source.save_to_disk(tmp_path / "source")
+    ds = datasets.load_from_disk(tmp_path / "source")
+    with pytest.warns(UserWarning):
+        first = pack_dataset(ds, 16, schema="full")
+    cache = first.cache_files[0]["filename"]
+    written = os.stat(cache)
+    again = pack_dataset(datasets.load_from_disk(tmp_path / "source"), 16, schema="full")
+    assert again.cache_files[0]["filename"] == cache
+    assert os.stat(cache).st_mtime_ns == written.st_mtime_ns  # loaded, not rewritten
+    # the map path (files) and the direct path (memory) give the same rows
+    in_memory = pack_dataset(source.remove_columns("text"), 16, schema="full")
+    assert again[:] == in_memory[:]
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_a_column_whose_lists_mix_types_names_the_example():
+    with pytest.raises(ValueError, match="column 'input_ids' mixes types: example 2 holds lists of str"):
+        pack_dataset({"input_ids": [[1, 2], [3], ["a", "b"]]}, 8)
+
+
+def test_ints_mixed_with_floats_name_the_example():
+    with pytest.raises(ValueError, match="column 'input_ids' mixes types: example 1 holds lists of float"):
+        pack_dataset({"input_ids": [[1, 2], [3.5]]}, 8)
+
+
+def test_a_streamed_column_whose_lists_mix_types_names_the_example():
+    stream = [{"input_ids": [1, 2], "mask": [1, 1]}] * 3 + [{"input_ids": [3, 4], "mask": ["x", "y"]}]
+    with pytest.raises(ValueError, match="column 'mask' mixes types: example 3 holds lists of str"):
+        list(pack_iterable(stream, 8, pool_size=10))
+
+
+def test_labels_whose_length_differs_from_input_ids_name_the_example():
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[5, 6, 7], [9]]})
+    with pytest.raises(ValueError, match="example 1 has 2 tokens but 1 values in column 'labels'"):
+        pack_dataset(ds, 8)
