@@ -256,7 +256,7 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
         first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
         kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
-            lambda window: batch.attention_mask("bool", window=window, rows=rows).to(device)
+            lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
     else:
         v = batch.to_varlen(rows)
