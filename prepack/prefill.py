@@ -3,11 +3,13 @@
 ``prefill`` plans and packs the prompts, runs the model once per micro-batch
 with prepack's attention registered through ``AttentionInterface``, and keeps
 what each request needs: its last-token logits and its own keys and values.
-The attention function records each layer's (RoPE-applied) keys and values as
-it sees them, so the packed forward runs with ``use_cache=False``: a
-transformers cache would copy the whole stream once more, and a sliding-window
-cache would drop tokens of the stream that other requests still need. They are
-gathered into per-request layouts only on demand.
+The packed forward gets a recording cache (:func:`prepack.kvcache.recording_cache`)
+that keeps what the model writes to its cache, layer by layer, and stores nothing:
+a transformers cache would copy the whole stream once more, and a sliding-window
+cache would drop tokens of the stream that other requests still need. Recording
+at the cache, not in attention, keeps exactly what the model caches, also where
+that is not what attention sees (MLA caches compressed latents). They are gathered
+into per-request layouts only on demand.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from . import kvcache, layout
 from .attention import resolve_backend
-from .hf import check_model, model_device, packed_forward
+from .hf import cache_kwarg, check_model, model_device, packed_forward
+from .support import UnsupportedModelError
 from .packing import PackedBatch, pack_plan, token_array
 from .planner import check_capacity, plan
 
@@ -40,7 +43,7 @@ class PrefillResult:
         lengths: (N,) int64 tokens per request, on the model's device.
         batch: the :class:`~prepack.packing.PackedBatch` that was run.
         backend: the attention backend that ran (``"auto"`` resolved).
-        layers: per layer, packed (keys, values), each (B, H_kv, L, D), RoPE applied.
+        layers: per layer, packed (keys, values), each (B, H_kv, L, D): what the model caches (RoPE applied).
         starts: (N,) int64 numpy, where each request's first token sits in the
             layers' flattened (B * L) token axis.
         config: the model config, for building caches with the right layer types.
@@ -248,8 +251,9 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
         per layer (keys, values) as the attention function saw them, and the (n, V) last-token
         logits of the call's n requests in packed order (None without ``want_logits``).
     """
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by prepack_attention, one entry per layer
-    kwargs = {"use_cache": False, "prepack_kv": captured, "prepack_backend": backend}
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> what the model caches
+    cache = kvcache.recording_cache(model.config, records)
+    kwargs = {"use_cache": True, cache_kwarg(model): cache, "prepack_backend": backend}
     p = batch.plan
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
     if backend in ROW_BACKENDS:
@@ -270,6 +274,13 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
     keep, where = np.unique(last % seq_len, return_inverse=True)
     kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device) if want_logits else 1
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), **kwargs)
+    if sorted(records) != list(range(len(cache.layers))):
+        missing = sorted(set(range(len(cache.layers))) - set(records))
+        raise UnsupportedModelError(
+            f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "
+            f"{len(cache.layers)}; prepack builds each request's cache from what the model caches"
+        )
+    captured = [records[i] for i in range(len(cache.layers))]
     if not want_logits:
         return captured, None
     flat = out.logits.reshape(-1, out.logits.shape[-1])  # (B * len(keep), V)
