@@ -37,7 +37,8 @@ LENGTHS = [1, 2, 3, 5, 8, 9, 13, 17, 24, 31, 40, 7, 11]  # several longer than W
 TOKEN_BUDGET = 64  # far below the 171 tokens above: several forwards
 NEW_TOKENS = 8
 WINDOW = CHUNK = 8
-BACKENDS = ("sdpa_varlen", "sdpa_masked", "flex")  # "reference" is float64 math: the grid tests cover it
+# flex (eager on CPU) and reference (float64 math) compute what these do; the grid tests check them against flash-attn
+BACKENDS = ("sdpa_varlen", "sdpa_masked")
 OUTCOMES = ("exact", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
 
 # A generic shrink: set where the default config has the attribute.
@@ -403,8 +404,15 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", default=None, help="also append each row, as it finishes, to this file")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
     parser.add_argument("--batch", type=int, default=12, help="model types per worker process")
+    parser.add_argument("--from-jsonl", help="only render --out from rows a previous run wrote with --jsonl")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_jsonl:
+        with open(args.from_jsonl) as f:
+            rows = {r["type"]: r for r in map(json.loads, f)}  # a later row for a type replaces an earlier one
+        write_markdown(sorted(rows.values(), key=lambda r: r["type"]), args.out,
+                       "python benchmarks/model_zoo.py --jsonl rows.jsonl", 0.0)
+        return 0
     if args.one:
         for mt in args.one:
             print(json.dumps(check_with_timeout(mt, args.timeout)), flush=True)
