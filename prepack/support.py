@@ -36,7 +36,7 @@ PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask")
 # Passed down through model forwards to every layer; they do not change what attention computes.
 INERT_KWARGS = (
     "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position",
-    "layer_idx", "past_key_value", "past_key_values", "cache", "position_embeddings", "dropout", "scaling",
+    "logits_to_keep", "layer_idx", "past_key_value", "past_key_values", "cache", "position_embeddings", "dropout", "scaling",
 )
 ALLOWED_KWARGS = frozenset(SEMANTIC_KWARGS + LAYOUT_KWARGS + PREPACK_KWARGS + INERT_KWARGS)
 
