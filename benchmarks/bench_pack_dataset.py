@@ -43,9 +43,9 @@ from typing import Any, Self
 
 import numpy as np
 
+from prepack.bench.prompts import sample_lengths
 from prepack.data import pack_dataset, pack_examples, pack_stats
 from prepack.planner import lower_bound_l2, plan
-from prepack.prompts import sample_lengths
 
 GOAL_ROWS_PER_S = 500_000
 PACKERS = {  # name -> (what it is, what one plan sees); see packer()

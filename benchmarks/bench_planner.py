@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from prepack import plan
-from prepack.prompts import sample_lengths
+from prepack.bench.prompts import sample_lengths
 
 
 def timed(fn, repeat: int):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 from prepack import pack_dataset, pack_examples, pack_stats, to_flash_kwargs
-from prepack.prompts import load_prompts
+from prepack.bench import load_prompts
 
 
 def pack_per_batch(ds, capacity: int, batch_size: int, num_proc: int | None = None):

@@ -10,7 +10,7 @@ The data flow, one module per step::
 
 from .attention import BACKENDS, get_backend, resolve_backend
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, to_flash_kwargs
-from .generation import generate
+from .generation import generate, generate_iter
 from .hf import ATTN_IMPLEMENTATION
 from .hf import register as _register
 from .kvcache import FlashKVCache
@@ -35,6 +35,7 @@ __all__ = [
     "PrefillResult",
     "Varlen",
     "generate",
+    "generate_iter",
     "get_backend",
     "lower_bound_l1",
     "lower_bound_l2",

@@ -21,7 +21,9 @@ as in flash-attn's ``attention_ref(..., learnable_sink=...)``; the CPU backends 
 them, the ``flash`` kernel does not.
 
 Backends:
-    ``flash``        flash-attn's kernel (CUDA, fp16/bf16).
+    ``flash``        flash-attn's kernel (CUDA, fp16/bf16; in :mod:`prepack.kernels`).
+    ``torch_varlen`` PyTorch's FlashAttention varlen kernel, ``varlen_attn`` (CUDA, fp16/bf16, torch >= 2.10;
+                     in :mod:`prepack.kernels`).
     ``sdpa_varlen``  torch SDPA once per segment: O(sum l_i^2), no mask for the whole stream.
     ``sdpa_masked``  one SDPA call with a dense block-diagonal mask (the prepacking paper's method).
     ``flex``         FlexAttention with a document ``BlockMask``.
@@ -37,79 +39,49 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 Backend = Callable[..., torch.Tensor]
-BACKENDS: tuple[str, ...] = ("flash", "sdpa_varlen", "sdpa_masked", "flex", "reference")
-# Backends that take ``sinks=`` (attention sinks); flash-attn 2's kernel has no such argument.
+BACKENDS: tuple[str, ...] = ("flash", "torch_varlen", "sdpa_varlen", "sdpa_masked", "flex", "reference")
+# Backends that take ``sinks=`` (attention sinks); the CUDA kernels have no such argument.
 SINK_BACKENDS: tuple[str, ...] = ("sdpa_varlen", "sdpa_masked", "flex", "reference")
 
 
-def flash_available() -> bool:
-    """True when flash-attn imports and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    head_dim: int | None = None, softcap: float = 0.0,
+) -> str:
     """The concrete backend that ``name`` means on ``device`` for ``dtype``.
 
-    ``auto`` is ``flash`` when flash-attn and CUDA are there and the dtype is
-    fp16/bf16, otherwise ``sdpa_varlen``, the fastest exact path we measured on
-    CPU (docs/results.md).
+    ``auto`` on CUDA in fp16/bf16 is ``flash`` when flash-attn imports, else ``torch_varlen`` (PyTorch's
+    own FlashAttention varlen kernel, torch >= 2.10, sm80+), else ``sdpa_varlen``, the fastest exact path
+    we measured on CPU (docs/results.md); a kernel that cannot give the layer's ``softcap`` or take its
+    ``head_dim`` (the widest of the query/key and value head dims) is skipped. A CUDA kernel named
+    explicitly is checked against ``device`` / ``dtype`` / ``head_dim`` / ``softcap``: ``RuntimeError``
+    with the reason and the fix.
     """
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "flash" if on_cuda and dtype in (torch.float16, torch.bfloat16) and flash_available() else "sdpa_varlen"
+        chosen = kernels.auto_kernel(device, dtype, head_dim=head_dim, softcap=softcap) if on_cuda else None
+        return chosen or "sdpa_varlen"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name in kernels.KERNELS and (device is not None or dtype is not None):
+        problem = kernels.kernel_problem(name, device=device, dtype=dtype, head_dim=head_dim, softcap=softcap)
+        if problem:
+            raise RuntimeError(problem)
     return name
 
 
-def get_backend(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backend:
+def get_backend(
+    name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    head_dim: int | None = None, softcap: float = 0.0,
+) -> Backend:
     """The varlen attention function called ``name`` (``"auto"`` resolved for ``device`` and ``dtype``)."""
-    name = resolve_backend(name, device=device, dtype=dtype)
-    return _flash_varlen() if name == "flash" else _BACKENDS[name]
-
-
-def _flash_varlen() -> Backend:
-    """flash-attn 2.x's ``flash_attn_varlen_func``, or flash-attn 4's (``flash_attn.cute``) behind an adapter."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "backend='flash' needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen' on CPU"
-        )
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func
-    except ImportError:
-        pass
-    try:
-        from flash_attn.cute import flash_attn_varlen_func as fa4
-    except ImportError as e:
-        raise RuntimeError(
-            "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA), "
-            "or flash-attn-4 on Hopper/Blackwell; or use backend='sdpa_varlen'"
-        ) from e
-    return functools.partial(_flash_attn_4, fa4)
-
-
-def _flash_attn_4(
-    fa4, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
-) -> torch.Tensor:
-    """flash-attn 4 under flash-attn 2's signature: None instead of -1 for no window, no dropout, no lse."""
-    if dropout_p:
-        raise ValueError("flash-attn 4 has no dropout")
-    out = fa4(
-        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-        window_size=tuple(None if w < 0 else w for w in window_size), softcap=softcap,
-    )
-    return out[0] if isinstance(out, tuple) else out
+    name = resolve_backend(name, device=device, dtype=dtype, head_dim=head_dim, softcap=softcap)
+    if name in kernels.KERNELS:
+        return kernels.get_kernel(name, device=device, dtype=dtype)
+    return _BACKENDS[name]
 
 
 def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):

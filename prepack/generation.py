@@ -6,64 +6,186 @@ keys and values into a left-padded ``DynamicCache`` and hands that to
 ``generate`` must feed at least one uncached token to produce the first new
 token's logits, and feeding exactly the last prompt token makes that step
 identical to the last position of an ordinary padded prefill.
+
+Prompts run in waves of ``wave_size``: each wave is prefilled, decoded and
+released before the next, so memory is bounded by a wave, not by the number of
+prompts. Within a wave each distinct prompt is prefilled once, however many
+times it appears and however many samples (``num_return_sequences``) are drawn
+from it: the cache rows of its samples are gathered from the same packed keys
+and values.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .hf import cache_kwarg, model_device
 from .prefill import check_prompts, prefill_tokens
 
+DEFAULT_WAVE_SIZE = 256
+
+# generate() options whose output prepack cannot return faithfully: refused, never dropped.
+_REFUSED = {
+    "num_beams": "beam search reorders cache rows between steps; use model.generate for it",
+    "return_dict_in_generate": "prepack.generate returns the new tokens of each request; use model.generate for scores",
+    "output_scores": "prepack.generate returns the new tokens of each request; use model.generate for scores",
+    "output_logits": "prepack.generate returns the new tokens of each request; use model.generate for logits",
+    "streamer": "a streamer would see the waves' rows, not the requests, in order",
+}
+_BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds")
+
 
 def generate(
     model,
-    sequences: Sequence,
+    sequences,
     *,
     backend: str = "auto",
     capacity: int | None = None,
     token_budget: int | None = None,
+    tokenizer=None,
+    decode: bool = False,
+    wave_size: int = DEFAULT_WAVE_SIZE,
+    progress: bool | None = None,
     **generate_kwargs,
-) -> list[torch.Tensor]:
+) -> list:
     """Generate from many prompts with a packed prefill; decoding is ``model.generate``'s own.
 
     Args:
         model: a decoder-only transformers model (see :func:`prepack.prefill`).
-        sequences: N prompts, lists of token ids or 1-D integer tensors.
+        sequences: N prompts, in any form :func:`prepack.prefill` takes (token ids,
+            tokenizer output, strings or chats with ``tokenizer``).
         backend, capacity, token_budget: as in :func:`prepack.prefill`.
-        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``,
-            ``do_sample``, ``generation_config``, ...).
+        tokenizer: tokenizes string or chat prompts, and decodes with ``decode``.
+        decode: return strings (``tokenizer.decode`` of the new tokens, special tokens skipped).
+        wave_size: prompts prefilled and decoded together; memory is bounded by one wave.
+        progress: a tqdm bar over prompts (default: when there is more than one wave).
+        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``,
+            ``num_return_sequences``, ``generation_config``, ...). ``num_beams > 1`` and
+            ``return_dict_in_generate`` are refused.
 
     Returns:
-        N 1-D int64 tensors: the new tokens of each request, ending at its EOS
-        token if it produced one. Greedy output is token-for-token what
-        ``model.generate`` gives for the same prompts left-padded.
+        N * G results (G = ``num_return_sequences``, default 1), request-major as
+        ``model.generate`` orders them: 1-D int64 tensors of new tokens, each ending at its EOS
+        token if it produced one, or strings with ``decode``. Greedy output is token-for-token
+        what ``model.generate`` gives for the same prompts left-padded.
     """
-    for key in ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds"):
-        if key in generate_kwargs:
+    if isinstance(sequences, Iterator):
+        raise ValueError("generate takes a list of prompts; for an iterator of prompts use prepack.generate_iter")
+    prompts = check_prompts(model, sequences, tokenizer=tokenizer)
+    return list(generate_iter(
+        model, prompts.tokens, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
+        decode=decode, wave_size=wave_size, progress=progress, total=len(prompts.tokens), **generate_kwargs,
+    ))
+
+
+def generate_iter(
+    model,
+    prompts: Iterable,
+    *,
+    backend: str = "auto",
+    capacity: int | None = None,
+    token_budget: int | None = None,
+    tokenizer=None,
+    decode: bool = False,
+    wave_size: int = DEFAULT_WAVE_SIZE,
+    progress: bool | None = None,
+    total: int | None = None,
+    **generate_kwargs,
+) -> Iterator:
+    """:func:`generate` over an iterable of any length: yields each request's results in input order.
+
+    Prompts are read ``wave_size`` at a time, so a prompt set larger than memory streams
+    through (e.g. ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``).
+    Each element is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
+    ``total`` sizes the progress bar.
+    """
+    if not isinstance(wave_size, int) or isinstance(wave_size, bool) or wave_size < 1:
+        raise ValueError(f"wave_size must be an integer >= 1, got {wave_size!r}")
+    if decode and tokenizer is None:
+        raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
+    samples = _check_generate_kwargs(generate_kwargs)
+    gen_config = generate_kwargs.get("generation_config") or model.generation_config
+    eos = generate_kwargs.get("eos_token_id", gen_config.eos_token_id)
+    pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
+    if pad_id is None:
+        pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    generate_kwargs["pad_token_id"] = pad_id
+
+    it = iter(prompts)
+    bar = None
+    if progress or progress is None and (total or 0) > wave_size:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="prepack.generate", unit="prompt")
+    try:
+        start = 0
+        while wave := list(itertools.islice(it, wave_size)):
+            tokens = check_prompts(model, wave, tokenizer=tokenizer).tokens
+            try:
+                rows = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
+            except ValueError as e:  # errors name requests by their index in this wave: say which wave
+                raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
+            for row in rows:
+                yield tokenizer.decode(row, skip_special_tokens=True) if decode else row
+            start += len(wave)
+            if bar is not None:
+                bar.update(len(wave))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_generate_kwargs(kwargs: dict) -> int:
+    """Refuse what prepack cannot honour; return G, the samples per prompt."""
+    for key in _BUILT_HERE:
+        if key in kwargs:
             raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
-    tokens = check_prompts(model, sequences)
+    config = kwargs.get("generation_config")
+    for key, why in _REFUSED.items():
+        value = kwargs.get(key, getattr(config, key, None))
+        if value is not None and value is not False and not (key == "num_beams" and value == 1):
+            raise ValueError(f"prepack.generate does not support {key}={value!r}: {why}")
+    samples = kwargs.pop("num_return_sequences", getattr(config, "num_return_sequences", None) or 1)
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {samples!r}")
+    if config is not None and getattr(config, "num_return_sequences", 1) != 1:
+        kwargs["generation_config"] = config = _copy_config(config)
+        config.num_return_sequences = 1  # the rows are expanded here, with shared prompt caches
+    return int(samples)
+
+
+def _copy_config(config):
+    import copy
+
+    return copy.deepcopy(config)
+
+
+def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs) -> list:
+    """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together."""
     if not tokens:
         return []
     device = model_device(model)
+    # identical prompts share one prefill: `rows` maps each output row to its distinct prompt
+    distinct: dict[bytes, int] = {}
+    which = np.array([distinct.setdefault(t.tobytes(), len(distinct)) for t in tokens], np.int64)
+    unique = [None] * len(distinct)
+    for t, d in zip(tokens, which):
+        unique[d] = t
+    rows = np.repeat(which, samples)
     longest = max(len(t) for t in tokens)
-    gen_config = generate_kwargs.get("generation_config") or model.generation_config
-    pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
-    eos = generate_kwargs.get("eos_token_id", gen_config.eos_token_id)
-    if pad_id is None:
-        pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
-    generate_kwargs.setdefault("pad_token_id", pad_id)
-
-    input_ids, attention_mask = left_pad(tokens, pad_id, device)
+    input_ids, attention_mask = left_pad([unique[d] for d in rows], pad_id, device)
+    kwargs = dict(generate_kwargs)
     if longest > 1:
-        prefixes = [t[:-1] for t in tokens]
+        prefixes = [t[:-1] for t in unique]
         result = prefill_tokens(model, prefixes, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
-        cache, _ = result.left_padded_cache(pad_to=longest - 1)
-        generate_kwargs[cache_kwarg(model)] = cache
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    return _strip(out[:, longest:], eos, pad_id)
+        kwargs[cache_kwarg(model)], _ = result.left_padded_cache(pad_to=longest - 1, rows=rows)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return _strip(out[:, longest:], eos)
 
 
 def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +199,8 @@ def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-def _strip(new: torch.Tensor, eos, pad_id) -> list[torch.Tensor]:
-    """Cut each row after its first EOS (``generate`` pads finished rows with ``pad_id``)."""
+def _strip(new: torch.Tensor, eos) -> list[torch.Tensor]:
+    """Cut each row after its first EOS (``generate`` pads finished rows with the pad token)."""
     eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=new.device)
     rows = []
     for row in new:

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import layout
 from .attention import SINK_BACKENDS, dense_attention, get_backend, resolve_backend, segment_mask
+from .kvcache import own_storage
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
@@ -80,7 +81,7 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     dropout = dropout if module.training else 0.0
     captured = kwargs.get("prepack_kv")
     if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
-        captured.append((key, value))
+        captured.append((own_storage(key), own_storage(value)))
     row_mask = kwargs.get("prepack_row_mask")
     if row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
         out = dense_attention(
@@ -103,13 +104,17 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
     if sem.chunk is not None:
         cu_q, cu_k, max_q, max_k = _chunked_layout(module, cu_q, cu_k, sem.chunk)
-    name = resolve_backend(kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype)
+    requested = kwargs.get("prepack_backend", "auto")
+    if sem.sinks is not None and requested == "auto":
+        requested = "sdpa_varlen"  # the CUDA kernels take no sinks; SDPA per segment does, on any device
+    kernel_args = dict(device=query.device, dtype=query.dtype, head_dim=max(D, value.shape[3]), softcap=sem.softcap)
+    name = resolve_backend(requested, **kernel_args)
     if sem.sinks is not None and name not in SINK_BACKENDS:
         raise UnsupportedModelError(
             f"{type(module).__name__} has attention sinks, which backend {name!r} does not implement; "
             f"use one of {', '.join(SINK_BACKENDS)}"
         )
-    fn = get_backend(name, device=query.device, dtype=query.dtype)
+    fn = get_backend(name, **kernel_args)
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
     v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3])
@@ -265,6 +270,21 @@ def _restore(own: dict) -> None:
     for key, (config, impl) in own.items():
         config._attn_implementation_internal = impl
         _FALLBACK.pop(key, None)
+
+
+def attention_needs(model) -> dict:
+    """What ``model``'s attention layers ask of a kernel, for choosing one before the first forward.
+
+    Returns:
+        ``{"head_dim": int | None, "softcap": float}``: the widest head dim the config names (``head_dim``,
+        ``qk_head_dim``, ``v_head_dim``, ``global_head_dim``, ..., else hidden_size / num_attention_heads), and
+        the attention logit soft-capping (0.0 for none).
+    """
+    config = model.config.get_text_config(decoder=True)
+    dims = [d for key, d in vars(config).items() if key.endswith("head_dim") and isinstance(d, int) and d > 0]
+    if not dims and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
+        dims = [config.hidden_size // config.num_attention_heads]
+    return {"head_dim": max(dims) if dims else None, "softcap": float(getattr(config, "attn_logit_softcapping", None) or 0.0)}
 
 
 def model_device(model) -> torch.device:

@@ -45,24 +45,34 @@ def padded_targets(lengths: np.ndarray, pad_to: int, *, left: bool, row_len: int
     return layout.ranges(row_start, lengths)
 
 
-def gather_padded(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int, row_len: int) -> torch.Tensor:
-    """Scatter packed (B, H, L, D) states into a zero-padded (n, row_len, H, D) tensor, flash-attn's kvcache layout.
+def gather_padded(chunks: list, pieces: list, n: int, row_len: int) -> torch.Tensor:
+    """Scatter packed states into a zero-padded (n, row_len, H, D) tensor, flash-attn's kvcache layout.
 
     Tokens move as whole (D,) rows through ``index_select`` / ``index_copy_`` on
-    a token axis, which for a flat stream (B = 1) is a view of ``x``.
+    a token axis, which for a flat stream (B = 1) is a view of the chunk.
 
     Args:
-        src: (T,) int64 indices into the packed B * L token axis.
-        dst: (T,) int64 indices into the n * row_len token axis (:func:`padded_targets`).
+        chunks: one packed (B, H, L, D) tensor per forward.
+        pieces: (chunk, src, dst) per chunk that holds requests: ``src`` (T_c,) int64 into that
+            chunk's B * L token axis, ``dst`` (T_c,) int64 into the n * row_len token axis
+            (:func:`padded_targets`).
     """
-    H, D = x.shape[1], x.shape[3]
-    tokens = x.transpose(0, 1).reshape(H, -1, D).index_select(1, src)  # (H, T, D)
-    out = x.new_zeros(n * row_len, H, D).index_copy_(0, dst, tokens.transpose(0, 1))
+    x0 = chunks[0]
+    H, D = x0.shape[1], x0.shape[3]
+    out = x0.new_zeros(n * row_len, H, D)
+    for c, src, dst in pieces:
+        out.index_copy_(0, dst, _tokens(chunks[c], src))
     return out.view(n, row_len, H, D)
 
 
-def left_padded_cache(config, layers: list, src: torch.Tensor, dst: torch.Tensor, n: int, pad_to: int):
-    """A ``DynamicCache`` of (n, H_kv, pad_to, D) layers holding the packed tokens at ``dst``, zeros elsewhere.
+def _tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> the (T, H, D) tokens at ``src`` of its flattened B * L token axis."""
+    H, D = x.shape[1], x.shape[3]
+    return x.transpose(0, 1).reshape(H, -1, D).index_select(1, src).transpose(0, 1)
+
+
+def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int):
+    """A ``DynamicCache`` of (n, H_kv, pad_to, D) layers holding the packed tokens, zeros elsewhere.
 
     The padded layout is mostly padding, so writing it is what costs. Each layer
     is written once: ``DynamicCache.update`` materialises a broadcast zero into
@@ -71,20 +81,27 @@ def left_padded_cache(config, layers: list, src: torch.Tensor, dst: torch.Tensor
     view of it, so it sees them too).
 
     Args:
-        layers: per layer (keys, values), each packed (B, H_kv, L, D).
-        src: (T,) int64 indices into the packed B * L token axis.
-        dst: (T,) int64 indices into the n * pad_to token axis (:func:`padded_targets`).
+        chunks: per forward, per layer (keys, values), each packed (B, H_kv, L, D).
+        pieces: (chunk, src, dst) as in :func:`gather_padded`, ``dst`` into the n * pad_to token axis.
     """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
-    rows, cols = dst // pad_to, dst % pad_to
-    for i, kv in enumerate(layers):
+    where = [(c, src, dst // pad_to, dst % pad_to) for c, src, dst in pieces]
+    for i, kv in enumerate(chunks[0]):
         zeros = [x.new_zeros(()).expand(n, x.shape[1], pad_to, x.shape[3]) for x in kv]
-        for full, x in zip(cache.update(*zeros, i), kv):
-            H, D = x.shape[1], x.shape[3]
-            full[rows, :, cols] = x.transpose(0, 1).reshape(H, -1, D).index_select(1, src).transpose(0, 1)
+        for j, full in enumerate(cache.update(*zeros, i)):
+            for c, src, rows, cols in where:
+                full[rows, :, cols] = _tokens(chunks[c][i][j], src)
     return cache
+
+
+def own_storage(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a copy when it is a view into a larger tensor (a fused qkv projection, say),
+    so that keeping a layer's keys and values does not keep its queries alive too."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
 
 
 def recording_cache(config, records: dict):
@@ -117,7 +134,7 @@ def _recording_layer_class():
             self.layer_idx, self.records = layer_idx, records
 
         def update(self, key_states, value_states, *args, **kwargs):
-            self.records[self.layer_idx] = (key_states, value_states)
+            self.records[self.layer_idx] = (own_storage(key_states), own_storage(value_states))
             return key_states, value_states
 
     return RecordingLayer

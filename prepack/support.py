@@ -152,6 +152,11 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     return LayerAttention(int(window) if window else None, chunk, float(softcap), sinks)
 
 
+def has_attention_sinks(model) -> bool:
+    """Whether any attention module of ``model`` carries sinks (gpt-oss's ``sinks`` parameter)."""
+    return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
+
+
 def check_model(model) -> None:
     """Raise a clear error for models prepack cannot pack exactly, before anything runs."""
     config = getattr(model, "config", None)

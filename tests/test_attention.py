@@ -69,7 +69,7 @@ def test_auto_is_sdpa_varlen_on_cpu():
 
 
 def test_unknown_backend_lists_the_choices():
-    with pytest.raises(ValueError, match="choose one of auto, flash, sdpa_varlen"):
+    with pytest.raises(ValueError, match="choose one of auto, flash, torch_varlen, sdpa_varlen"):
         prepack.get_backend("fast")
 
 

@@ -1,4 +1,4 @@
-"""``prepack bench`` and the prompt loaders behind it, at tiny size."""
+"""``prepack bench`` (the ``prepack.bench`` package) and the prompt loaders behind it, at tiny size."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prepack import bench
-from prepack.prompts import (
+from prepack.bench.prompts import (
     fit_vocab,
     load_prompts,
     read_jsonl,
@@ -39,6 +39,21 @@ def test_read_jsonl_names_the_line_of_a_bad_record(tmp_path):
     f.write_text('[1, 2]\n{"tokens": [1]}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: expected 'input_ids' or 'text'"):
         read_jsonl(str(f))
+
+
+def test_read_jsonl_reads_lengths_and_token_lists_as_lengths_for_prepack_plan(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('5\n[1, 2, 3]\n{"input_ids": [4]}\n')
+    assert read_jsonl(str(f), lengths=True) == [5, 3, 1]
+
+
+def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path):
+    from prepack.cli import read_lengths
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('[1, 2]\n{"tokens": [1]}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl:2: expected 'input_ids' or 'text'"):
+        read_lengths(str(f))
 
 
 def test_read_jsonl_datasets_matches_the_plain_reader(tmp_path):
@@ -100,8 +115,25 @@ def test_computed_tokens_counts_padding_per_method():
     lengths = [1, 2, 3, 10]
     assert bench.computed_tokens("padded", lengths) == 40
     assert bench.computed_tokens("sorted", lengths, micro_batch=2) == 2 * 2 + 2 * 10
-    assert bench.computed_tokens("prepack-dense", lengths) == 20  # [10] and [3, 2, 1] in rows of 10
+    assert bench.computed_tokens("prepack:sdpa_masked", lengths) == 20  # [10] and [3, 2, 1] in rows of 10
     assert bench.computed_tokens("prepack", lengths) == 16
+    assert bench.computed_tokens("prepack:sdpa_varlen", lengths) == 16
+
+
+def test_unknown_method_lists_the_methods_and_the_prepack_backends(tiny):
+    with pytest.raises(ValueError, match=r"unknown method 'prepack-dense'; choose padded, .*prepack:<backend> .*sdpa_masked"):
+        bench.run_bench(tiny, [[1, 2]], methods=("padded", "prepack-dense"))
+
+
+def test_each_row_names_the_attention_backend_that_ran(tiny):
+    rows = bench.run_bench(tiny, [[1, 2, 3], [4]], methods=("padded", "prepack", "prepack:sdpa_masked", "prepack:reference"),
+                           repeat=1, warmup=0)
+    assert {r["method"]: r["backend"] for r in rows} == {
+        "padded": "sdpa",  # the model's own attn_implementation
+        "prepack": "sdpa_varlen",  # what backend="auto" resolves to on CPU
+        "prepack:sdpa_masked": "sdpa_masked",
+        "prepack:reference": "reference",
+    }
 
 
 def test_check_agreement_names_the_request_and_both_methods():
@@ -113,7 +145,7 @@ def test_every_method_agrees_on_the_next_token_and_gets_a_speedup_row(tiny):
     prompts = synthetic_lognormal(5, vocab_size=tiny.config.vocab_size, seed=1)
     rows = bench.run_bench(tiny, prompts, metrics=("prefill",), methods=bench.METHODS, repeat=1, warmup=0)
     # hf-cb has no prefill-only entry point, so it sits this metric out
-    assert [r["method"] for r in rows] == ["padded", "sorted", "prepack-dense", "prepack", "hf-packed-nocache"]
+    assert [r["method"] for r in rows] == ["padded", "sorted", "prepack:sdpa_masked", "prepack", "hf-packed-nocache"]
     assert rows[0]["speedup"] == 1.0
     assert all(r["median_s"] > 0 and r["speedup"] > 0 and r["pad_ratio"] >= 1 for r in rows)
 
@@ -132,17 +164,39 @@ def test_run_bench_refuses_an_empty_prompt(tiny):
 
 def test_run_bench_aborts_when_a_method_disagrees(tiny, monkeypatch):
     def wrong(model, call):
-        return torch.zeros(len(call.prompts), dtype=torch.long) + 7, None
+        return bench.Outcome(torch.zeros(len(call.prompts), dtype=torch.long) + 7, None, "none")
 
     monkeypatch.setitem(bench.METHOD_FNS, "sorted", wrong)
     with pytest.raises(bench.BenchMismatch, match=r"request \d+: sorted predicts next token 7"):
         bench.run_bench(tiny, [[1, 2, 3], [4, 5]], methods=("padded", "sorted"), repeat=1)
 
 
+# --- memory --------------------------------------------------------------------------------------
+
+def test_memory_meter_counts_a_200mb_tensor_on_cpu():
+    _, mem, _ = bench.time_call(lambda: float(torch.ones(50 * 2**20)[0]), torch.device("cpu"))  # 200 MiB, written
+    assert mem.growth >= 150 * 2**20 and mem.peak >= mem.growth
+
+
+def test_a_method_that_allocates_200mb_reports_at_least_150mb_on_repeated_calls(tiny, monkeypatch):
+    def padded_plus_200mb(model, call):
+        # 1 MiB pieces come from glibc's heap, which keeps them after the first call:
+        # unless the meter hands them back to the OS before each call, later calls read ~0.
+        pieces = [torch.ones(2**18) for _ in range(200)]
+        outcome = bench.METHOD_FNS["padded"](model, call)
+        del pieces
+        return outcome
+
+    monkeypatch.setitem(bench.METHOD_FNS, "sorted", padded_plus_200mb)
+    rows = bench.run_bench(tiny, [[1, 2, 3], [4, 5]], methods=("padded", "sorted"), repeat=2, warmup=1)
+    assert rows[1]["method"] == "sorted" and rows[1]["mem_meter"] == "rss"
+    assert rows[1]["mem_growth_mb"] >= 150
+
+
 def test_format_table_has_one_line_per_row(tiny):
     rows = bench.run_bench(tiny, [[1, 2, 3], [4]], methods=("padded", "prepack"), repeat=1, warmup=0)
     table = bench.format_table(rows).splitlines()
-    assert len(table) == 4 and table[3].startswith("| 2 | prefill | prepack |")
+    assert len(table) == 4 and table[3].startswith("| 2 | prefill | prepack | sdpa_varlen |")
 
 
 # --- the CLI --------------------------------------------------------------------------------------
@@ -174,6 +228,14 @@ def test_cli_bench_reads_a_jsonl_file_and_reports_what_it_dropped(tmp_path, caps
                  "--methods", "padded,prepack", "--repeat", "1", "--warmup", "0", "--no-progress"])
     assert code == 0
     assert "1 empty skipped; 1 over --max-len 50 skipped" in capsys.readouterr().err
+
+
+def test_cli_bench_refuses_the_old_dense_method_name(capsys):
+    from prepack.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "llama-tiny", "--methods", "padded,prepack-dense"])
+    assert "--methods must be a comma-separated list of" in capsys.readouterr().err
 
 
 def test_python_dash_m_prepack_bench_help_runs():

