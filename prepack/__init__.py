@@ -20,6 +20,7 @@ from .kvcache import FlashKVCache
 from .packing import PackedBatch, Varlen, pack
 from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
 from .prefill import PrefillResult, prefill
+from .support import UnsupportedModelError
 
 try:  # transformers is the [hf] extra: without it, planning and packing still work
     _register()
@@ -52,5 +53,6 @@ __all__ = [
     "prefill",
     "resolve_backend",
     "to_flash_kwargs",
+    "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

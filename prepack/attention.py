@@ -4,7 +4,7 @@ Every backend has the signature of flash-attn's ``flash_attn_varlen_func``::
 
     backend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1),
-            softcap=0.0) -> out
+            softcap=0.0, sinks=None) -> out
 
 with ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)`` (``H`` a multiple of
 ``H_kv``: grouped-query attention), ``cu_seqlens_*: (n + 1,) int32`` and
@@ -15,7 +15,10 @@ with ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)`` (``H`` a multiple of
 more is unbounded too, as in flash-attn's kernel). A query that sees no key
 (more queries than keys under ``causal``, or a window) gives 0, never NaN.
 Values may have a head dim of their own: ``v: (total_k, H_kv, D_v)`` gives
-``out: (total_q, H, D_v)``.
+``out: (total_q, H, D_v)``. ``sinks: (H,)`` are attention sinks (gpt-oss): one learned
+logit per head that joins every query's softmax denominator and attends to nothing,
+as in flash-attn's ``attention_ref(..., learnable_sink=...)``; the CPU backends take
+them, the ``flash`` kernel does not.
 
 Backends:
     ``flash``        flash-attn's kernel (CUDA, fp16/bf16; in :mod:`prepack.kernels`).
@@ -40,6 +43,8 @@ from . import kernels
 
 Backend = Callable[..., torch.Tensor]
 BACKENDS: tuple[str, ...] = ("flash", "torch_varlen", "sdpa_varlen", "sdpa_masked", "flex", "reference")
+# Backends that take ``sinks=`` (attention sinks); the CUDA kernels have no such argument.
+SINK_BACKENDS: tuple[str, ...] = ("sdpa_varlen", "sdpa_masked", "flex", "reference")
 
 
 def resolve_backend(
@@ -168,10 +173,11 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, c
     return scale, flash_window(window_size, causal, max_seqlen_k)
 
 
-def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: float = 0.0):
-    """Explicit attention for (B, H, Lq, D) x (B, H_kv, Lk, D); used where SDPA cannot apply softcap.
+def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: float = 0.0, sinks=None):
+    """Explicit attention for (B, H, Lq, D) x (B, H_kv, Lk, D); used where SDPA cannot apply softcap or sinks.
 
-    A query with no visible key gives 0, as in flash-attn.
+    ``sinks: (H,)`` adds ``exp(sink)`` to each row's softmax denominator (flash-attn's
+    ``learnable_sink``). A query with no visible key gives 0, as in flash-attn.
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -181,22 +187,27 @@ def _math_attention(q, k, v, mask, scale: float, softcap: float, dropout_p: floa
         scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if sinks is not None:
+        # the sink is one more logit per head, with no value: it only takes probability mass
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = torch.nan_to_num(probs)  # rows with no visible key: softmax of all -inf is NaN; flash-attn gives 0
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
 
 
-def _sdpa(q, k, v, mask, *, scale: float, softcap: float, dropout_p: float, causal: bool = False):
-    """(B, H, Lq, D) attention under a bool mask (or plain causal), grouped-query heads; math for softcap.
+def _sdpa(q, k, v, mask, *, scale: float, softcap: float, dropout_p: float, causal: bool = False, sinks=None):
+    """(B, H, Lq, D) attention under a bool mask (or plain causal), grouped-query heads; math for softcap and sinks.
 
     Queries whose mask row is empty give 0 (flash-attn's convention), never NaN.
     """
-    if softcap > 0:
+    if softcap > 0 or sinks is not None:
         if mask is None and causal:
             mask = segment_mask(q.shape[-2], k.shape[-2], (-1, 0), q.device)
-        return _math_attention(q, k, v, mask, scale, softcap, dropout_p)
+        return _math_attention(q, k, v, mask, scale, softcap, dropout_p, sinks)
     if k.shape[-2] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
     empty = None
@@ -215,7 +226,7 @@ def _sdpa(q, k, v, mask, *, scale: float, softcap: float, dropout_p: float, caus
 
 def sdpa_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
     """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype."""
     scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
@@ -230,7 +241,7 @@ def sdpa_varlen(
         mask = masks[(lq, lk)]
         o = _sdpa(
             q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], mask,
-            causal=mask is None and window[1] == 0, scale=scale, softcap=softcap, dropout_p=dropout_p,
+            causal=mask is None and window[1] == 0, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
         )
         out[qs:qe] = o[0].transpose(0, 1)
     return out
@@ -262,7 +273,7 @@ def segment_index(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, device=N
 
 def sdpa_masked(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
     """One SDPA call over the whole stream with a dense block-diagonal mask (the prepacking paper's method)."""
     scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
@@ -271,18 +282,24 @@ def sdpa_masked(
     out = dense_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         document_mask(doc_q, idx_q, doc_k, idx_k, window), scale=scale, softcap=softcap, dropout_p=dropout_p,
+        sinks=sinks,
     )
     return out[0].transpose(0, 1).contiguous()
 
 
-def dense_attention(q, k, v, mask, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
-    """(B, H, L, D) attention under an explicit bool mask (B or 1, 1, L, L): the masked-backend kernel."""
-    return _sdpa(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p)
+def dense_attention(
+    q, k, v, mask, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, sinks=None
+) -> torch.Tensor:
+    """(B, H, L, D) attention under an explicit bool mask (B or 1, 1, L, L): the masked-backend kernel.
+
+    ``sinks``: (H,) attention-sink logits, or None.
+    """
+    return _sdpa(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
 
 
 def flex(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
     """FlexAttention with a document ``BlockMask`` built from ``cu_seqlens``.
 
@@ -312,6 +329,8 @@ def flex(
     block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=dev)
     args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if sinks is not None:
+        kwargs["return_aux"] = _lse_request()
     out = None
     if dev.type == "cuda":
         try:
@@ -322,7 +341,18 @@ def flex(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out = flex_attention(*args, **kwargs)
+    if sinks is not None:
+        # a sink only enlarges the denominator: rescale by sum / (sum + exp(sink)) = sigmoid(lse - sink)
+        out, aux = out
+        lse = aux.lse if hasattr(aux, "lse") else aux
+        out = out * torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))[..., None].to(out.dtype)
     return out[0].transpose(0, 1).contiguous()
+
+
+def _lse_request():
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    return AuxRequest(lse=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -334,7 +364,7 @@ def _compiled_flex():
 
 def reference(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
     """Plain float64 math per segment, written for clarity. Slow; the oracle for the tests."""
     if dropout_p:
@@ -344,7 +374,8 @@ def reference(
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         qq, kk, vv = (x.double().transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
         mask = segment_mask(qe - qs, ke - ks, window, q.device)
-        out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap)[0].transpose(0, 1).to(q.dtype)
+        sink = None if sinks is None else sinks.double()
+        out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap, sinks=sink)[0].transpose(0, 1).to(q.dtype)
     return out
 
 

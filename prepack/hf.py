@@ -36,12 +36,14 @@ import threading
 
 import torch
 
-from .attention import dense_attention, get_backend, segment_mask
+import numpy as np
+
+from . import layout
+from .attention import SINK_BACKENDS, dense_attention, get_backend, resolve_backend, segment_mask
+from .kvcache import own_storage
+from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
-
-# Keyword arguments prepack's attention consumes; they never reach another implementation.
-PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask")
 
 _LOCK = threading.Lock()
 _SWITCHED: dict[int, list] = {}  # id(model) -> [callers inside, {id(config): (config, its own implementation)}]
@@ -67,69 +69,97 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
-def _own_storage(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself, or a copy when it is a view into a larger tensor (a fused qkv projection, say),
-    so that keeping a layer's keys and values does not keep its queries alive too."""
-    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
-        return x.contiguous() if not x.is_contiguous() else x.clone()
-    return x
-
-
 def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None)."""
+    """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None).
+
+    The layer's semantics (window, chunk, soft-cap, sinks) come from :func:`prepack.support.layer_attention`,
+    which raises for anything prepack does not implement.
+    """
+    B, H, Lq, D = query.shape
+    sem = layer_attention(module, kwargs, B * Lq)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     dropout = dropout if module.training else 0.0
-    window = kwargs.get("sliding_window")
-    softcap = kwargs.get("softcap") or 0.0
     captured = kwargs.get("prepack_kv")
     if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
-        captured.append((_own_storage(key), _own_storage(value)))
-    B, H, Lq, D = query.shape
+        captured.append((own_storage(key), own_storage(value)))
     row_mask = kwargs.get("prepack_row_mask")
     if row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
-        out = dense_attention(query, key, value, row_mask(window), scale=scale, softcap=softcap, dropout_p=dropout)
+        out = dense_attention(
+            query, key, value, row_mask(sem.window, sem.chunk), scale=scale, softcap=sem.softcap,
+            dropout_p=dropout, sinks=sem.sinks,
+        )
         return out.transpose(1, 2), None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None and attention_mask is None and Lq == key.shape[2]:
         # no mask and no cache: prepack_mask found attention plain (or windowed) causal within each sequence
         cu_q = cu_k = cu_seqlens_from_position_ids(kwargs.get("position_ids"), B, Lq).to(query.device)
     if cu_q is None:
-        return _model_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs)
+        return _model_attention(module, query, key, value, attention_mask, scale, dropout, sem, **kwargs)
     if attention_mask is not None:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(module).__name__} got an attention mask together with a packed layout (cu_seq_lens); "
             "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
         )
     cu_k = cu_q if cu_k is None else cu_k
-    fn = get_backend(
-        kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype,
-        head_dim=max(D, value.shape[3]), softcap=softcap,
-    )
+    max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
+    if sem.chunk is not None:
+        cu_q, cu_k, max_q, max_k = _chunked_layout(module, cu_q, cu_k, sem.chunk)
+    requested = kwargs.get("prepack_backend", "auto")
+    if sem.sinks is not None and requested == "auto":
+        requested = "sdpa_varlen"  # the CUDA kernels take no sinks; SDPA per segment does, on any device
+    kernel_args = dict(device=query.device, dtype=query.dtype, head_dim=max(D, value.shape[3]), softcap=sem.softcap)
+    name = resolve_backend(requested, **kernel_args)
+    if sem.sinks is not None and name not in SINK_BACKENDS:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has attention sinks, which backend {name!r} does not implement; "
+            f"use one of {', '.join(SINK_BACKENDS)}"
+        )
+    fn = get_backend(name, **kernel_args)
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
     v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3])
+    extra = {} if sem.sinks is None else {"sinks": sem.sinks}
     out = fn(
-        q, k, v, cu_q.to(query.device), cu_k.to(query.device),
-        kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2],
+        q, k, v, cu_q.to(query.device), cu_k.to(query.device), max_q, max_k,
         dropout_p=dropout, softmax_scale=scale, causal=True,
-        window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap,
+        window_size=(sem.window - 1, 0) if sem.window else (-1, -1), softcap=sem.softcap, **extra,
     )
     return out.view(B, Lq, H, value.shape[3]), None
 
 
-def _model_attention(module, query, key, value, attention_mask, scale, dropout, softcap, **kwargs):
+def _chunked_layout(module, cu_q: torch.Tensor, cu_k: torch.Tensor, chunk: int):
+    """A packed layout with each sequence cut at multiples of ``chunk`` tokens: chunked local attention.
+
+    Positions restart per sequence, so the cuts fall where transformers' chunked mask puts chunk
+    boundaries for each sequence alone. Only a layout whose queries are its keys (no cache) can be cut.
+    """
+    if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} uses chunked attention, which prepack implements only when queries are "
+            "the keys (a prefill with no cache)"
+        )
+    cu = cu_q.cpu().numpy()
+    pieces = layout.chunked(np.diff(cu), chunk)
+    cu = torch.from_numpy(layout.cu_seqlens(pieces)).to(cu_q.device)
+    longest = int(pieces.max()) if len(pieces) else 0
+    return cu, cu, longest, longest
+
+
+def _model_attention(module, query, key, value, attention_mask, scale, dropout, sem, **kwargs):
     """No packed layout in this call (decoding, a padded batch): the model's own attention under its own mask."""
     for name in PREPACK_KWARGS:
         kwargs.pop(name, None)
     fallback = _fallback_implementation(module.config)
-    if softcap or fallback is None:
-        # SDPA cannot soft-cap logits, and an eager model's function is private to its modeling file:
-        # the same attention, written out (bool mask, or an additive one with 0 where allowed)
+    if sem.softcap or sem.sinks is not None or fallback is None:
+        # SDPA cannot soft-cap logits or take sinks, and an eager model's function is private to its
+        # modeling file: the same attention, written out (bool mask, or an additive one with 0 where allowed)
         if attention_mask is None:  # transformers skipped a plain causal mask
             mask = segment_mask(query.shape[2], key.shape[2], (-1, 0), query.device)
         else:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        out = dense_attention(query, key, value, mask, scale=scale, softcap=softcap, dropout_p=dropout)
+        out = dense_attention(
+            query, key, value, mask, scale=scale, softcap=sem.softcap, dropout_p=dropout, sinks=sem.sinks
+        )
         return out.transpose(1, 2), None
     from transformers import AttentionInterface
 
@@ -271,18 +301,3 @@ def cache_kwarg(model) -> str:
     """The name ``model.forward`` / ``generate`` take a cache under: transformers 5.x renamed
     ``past_key_values`` to ``cache``; use whichever this model takes."""
     return _cache_kwarg_for(type(model))
-
-
-def check_model(model) -> None:
-    """Raise a clear error for models prepack cannot pack exactly."""
-    config = getattr(model, "config", None)
-    name = type(model).__name__
-    if config is None:
-        raise TypeError(f"{name} is not a transformers PreTrainedModel (it has no .config)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise TypeError(f"{name} is an encoder-decoder model; prepack packs decoder-only prompts")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise TypeError(
-            f"{name} does not route attention through transformers' AttentionInterface, so prepack "
-            "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
-        )

@@ -9,6 +9,7 @@ them, with one indexing op per layer and tensor, into the layout a decoder wants
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -93,6 +94,50 @@ def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int):
             for c, src, rows, cols in where:
                 full[rows, :, cols] = _tokens(chunks[c][i][j], src)
     return cache
+
+
+def own_storage(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a copy when it is a view into a larger tensor (a fused qkv projection, say),
+    so that keeping a layer's keys and values does not keep its queries alive too."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
+
+
+def recording_cache(config, records: dict):
+    """A ``DynamicCache`` for one packed prefill that stores nothing and records what the model caches.
+
+    Each layer's ``update(keys, values)`` puts them in ``records[layer_idx]`` and hands them back
+    unchanged, so attention sees the whole packed stream (no window drops tokens another request
+    needs) and nothing is copied. What is recorded is exactly what the model would keep in its own
+    cache: RoPE-applied keys for most models, the compressed latents for MLA (DeepSeek), whose
+    attention sees keys and values of other shapes. Every layer reports 0 cached tokens, as a fresh
+    cache does before a prefill.
+
+    Args:
+        records: filled with layer_idx -> (keys, values), each (B, H_kv, L, D).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_recording_layer_class()(i, records) for i in range(len(cache.layers))]
+    return cache
+
+
+@functools.lru_cache(maxsize=1)
+def _recording_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class RecordingLayer(DynamicLayer):
+        def __init__(self, layer_idx: int, records: dict):
+            super().__init__()
+            self.layer_idx, self.records = layer_idx, records
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.records[self.layer_idx] = (own_storage(key_states), own_storage(value_states))
+            return key_states, value_states
+
+    return RecordingLayer
 
 
 def build_dynamic_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]]):

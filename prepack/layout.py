@@ -50,6 +50,24 @@ def positions(lengths, dtype=np.int64) -> np.ndarray:
     return np.cumsum(steps, dtype=dtype, out=steps)
 
 
+def chunked(lengths, chunk: int) -> np.ndarray:
+    """Each segment cut into pieces of ``chunk`` tokens (the last piece may be shorter), back to back.
+
+    Chunked local attention (Llama 4's ``attention_chunk_size``) in a stream whose positions
+    restart per segment: a chunk of a segment is a segment of its own::
+
+        chunked([5, 2], 2) -> [2, 2, 1, 2]
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk}")
+    pieces = -(-lengths // chunk)  # ceil
+    out = np.full(int(pieces.sum()), chunk, np.int64)
+    last = np.cumsum(pieces)[pieces > 0] - 1
+    out[last] = lengths[pieces > 0] - (pieces[pieces > 0] - 1) * chunk
+    return out
+
+
 def ranges(first, lengths) -> np.ndarray:
     """(sum(lengths),) int64: ``arange(s, s + n)`` for each (s, n), concatenated, without a Python loop.
 

@@ -126,6 +126,7 @@ class PackedBatch:
         dtype: torch.dtype = torch.float32,
         *,
         window: int | None = None,
+        chunk: int | None = None,
         rows: slice | None = None,
     ) -> torch.Tensor:
         """The dense block-diagonal causal mask, (R, 1, C, C). Built on demand; O(R * C^2) memory.
@@ -140,11 +141,18 @@ class PackedBatch:
             kind: ``"bool"`` (True = attend) or ``"additive"`` (0 or the dtype's minimum).
             dtype: dtype of the additive mask.
             window: sliding window size, as in transformers' ``sliding_window``.
+            chunk: chunked local attention (Llama 4's ``attention_chunk_size``): a query sees only
+                keys of its own request whose position is in the same multiple of ``chunk``.
             rows: only these rows.
         """
         if kind not in ("bool", "additive"):
             raise ValueError(f"kind must be 'bool' or 'additive', got {kind!r}")
         seg = self.segment_ids[rows or slice(None)]
+        if chunk is not None:
+            # a chunk of a request is a segment of its own; positions restart per request, so chunks
+            # start where transformers' chunked mask starts them for the request alone
+            pos = self.position_ids[rows or slice(None)]
+            seg = torch.where(seg >= 0, seg * (self.capacity // chunk + 1) + pos // chunk, seg)
         idx = torch.arange(seg.shape[-1]).expand_as(seg)
         window_size = flash_window((-1 if window is None else window - 1, 0), True, None)
         allowed = document_mask(seg, idx, seg, idx, window_size)

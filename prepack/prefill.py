@@ -3,11 +3,13 @@
 ``prefill`` plans and packs the prompts, runs the model once per micro-batch
 with prepack's attention registered through ``AttentionInterface``, and keeps
 what each request needs: its last-token logits and its own keys and values.
-The attention function records each layer's (RoPE-applied) keys and values as
-it sees them, so the packed forward runs with ``use_cache=False``: a
-transformers cache would copy the whole stream once more, and a sliding-window
-cache would drop tokens of the stream that other requests still need. They are
-gathered into per-request layouts only on demand.
+The packed forward gets a recording cache (:func:`prepack.kvcache.recording_cache`)
+that keeps what the model writes to its cache, layer by layer, and stores nothing:
+a transformers cache would copy the whole stream once more, and a sliding-window
+cache would drop tokens of the stream that other requests still need. Recording
+at the cache, not in attention, keeps exactly what the model caches, also where
+that is not what attention sees (MLA caches compressed latents). They are gathered
+into per-request layouts only on demand.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .attention import resolve_backend
-from .hf import attention_needs, check_model, model_device, packed_forward
+from .attention import SINK_BACKENDS, resolve_backend
+from .hf import attention_needs, cache_kwarg, check_model, model_device, packed_forward
 from .inputs import Prompts, as_prompts
 from .packing import PackedBatch, pack_plan
+from .support import UnsupportedModelError, has_attention_sinks
 from .planner import check_capacity, plan
 
 # Backends that prefill lays out as rows of ``capacity`` tokens, each row under a dense (C, C)
@@ -44,7 +47,8 @@ class PrefillResult:
         lengths: (N,) int64 tokens per request, on the model's device.
         batch: the :class:`~prepack.packing.PackedBatch` that was run.
         backend: the attention backend that ran (``"auto"`` resolved).
-        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D), RoPE applied.
+        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D): what the model caches
+            (RoPE applied; compressed latents for MLA).
         chunk: (N,) int64 numpy, the forward (index into ``chunks``) that holds each request.
         starts: (N,) int64 numpy, where each request's first token sits in its chunk's
             flattened (B * L) token axis.
@@ -244,6 +248,8 @@ def prefill_tokens(
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     device, dtype = model_device(model), next(model.parameters()).dtype
     name = resolve_backend(backend, device=device, dtype=dtype, **attention_needs(model))
+    if backend == "auto" and name not in SINK_BACKENDS and has_attention_sinks(model):
+        name = "sdpa_varlen"  # the CUDA kernels take no attention sinks
     rows_layout = name in ROW_BACKENDS
     if token_budget is not None:
         token_budget = check_capacity(token_budget, "token_budget")
@@ -304,18 +310,19 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
     """One forward pass over ``rows`` of ``batch``.
 
     Returns:
-        per layer (keys, values) as the attention function saw them, and the (n, V) last-token
+        per layer (keys, values) as the model caches them, and the (n, V) last-token
         logits of the call's n requests in packed order (None without ``want_logits``).
     """
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by prepack_attention, one entry per layer
-    kwargs = {"use_cache": False, "prepack_kv": captured, "prepack_backend": backend}
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> what the model caches
+    cache = kvcache.recording_cache(model.config, records)
+    kwargs = {"use_cache": True, cache_kwarg(model): cache, "prepack_backend": backend}
     p = batch.plan
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
     if backend in ROW_BACKENDS:
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
         first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
         kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
-            lambda window: batch.attention_mask("bool", window=window, rows=rows).to(device)
+            lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
     else:
         v = batch.to_varlen(rows)
@@ -329,6 +336,13 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_
     keep, where = np.unique(last % seq_len, return_inverse=True)
     kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device) if want_logits else 1
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), **kwargs)
+    if sorted(records) != list(range(len(cache.layers))):
+        missing = sorted(set(range(len(cache.layers))) - set(records))
+        raise UnsupportedModelError(
+            f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "
+            f"{len(cache.layers)}; prepack builds each request's cache from what the model caches"
+        )
+    captured = [records[i] for i in range(len(cache.layers))]
     if not want_logits:
         return captured, None
     flat = out.logits.reshape(-1, out.logits.shape[-1])  # (B * len(keep), V)

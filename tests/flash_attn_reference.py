@@ -2,7 +2,8 @@
 
 ``construct_local_mask`` and ``attention_ref`` follow ``tests/test_flash_attn.py`` of
 Dao-AILab/flash-attention (BSD-3-Clause), restricted to the arguments the varlen tests use
-(padding masks, causal, local windows, softcap). ``generate_random_padding_mask`` and
+(padding masks, causal, local windows, softcap, and ``learnable_sink``, the attention sinks of
+flash-attn 3/4's ``attention_ref`` in ``tests/cute/test_flash_attn.py``). ``generate_random_padding_mask`` and
 ``unpad`` give the varlen inputs the same way that file's ``generate_qkv`` does.
 """
 
@@ -51,8 +52,9 @@ def construct_local_mask(seqlen_q, seqlen_k, window_size=(-1, -1), query_padding
 
 def attention_ref(
     q, k, v, query_padding_mask=None, key_padding_mask=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    learnable_sink=None,
 ):
-    """q: (B, Sq, H, D), k/v: (B, Sk, H_kv, D) -> output (B, Sq, H, D), in float64."""
+    """q: (B, Sq, H, D), k/v: (B, Sk, H_kv, D), learnable_sink: (H,) -> output (B, Sq, H, D), in float64."""
     if causal:
         window_size = (window_size[0], 0)
     dtype_og = q.dtype
@@ -70,7 +72,15 @@ def attention_ref(
     if window_size[0] >= 0 or window_size[1] >= 0:
         local_mask = construct_local_mask(seqlen_q, seqlen_k, window_size, query_padding_mask, key_padding_mask)
         scores.masked_fill_(local_mask, float("-inf"))
-    attention = torch.softmax(scores, dim=-1)
+    if learnable_sink is None:
+        attention = torch.softmax(scores, dim=-1)
+    else:
+        logits_max = torch.amax(scores, dim=-1, keepdim=True)
+        learnable_sink = learnable_sink.double().view(-1, 1, 1)
+        logits_or_sinks_max = torch.maximum(learnable_sink, logits_max)
+        unnormalized_scores = torch.exp(scores - logits_or_sinks_max)
+        normalizer = unnormalized_scores.sum(dim=-1, keepdim=True) + torch.exp(learnable_sink - logits_or_sinks_max)
+        attention = unnormalized_scores / normalizer
     if query_padding_mask is not None:
         attention = attention.masked_fill(~query_padding_mask[:, None, :, None], 0.0)
     if key_padding_mask is not None:

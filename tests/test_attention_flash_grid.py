@@ -96,3 +96,19 @@ def test_value_head_dim_may_differ_from_query_head_dim(backend):
     mask = torch.tensor([[1] * 4 + [0], [1] * 5], dtype=torch.bool)
     want = attention_ref(pad(q, mask), pad(k, mask), pad(v, mask), mask, mask, causal=True)
     torch.testing.assert_close(pad(out, mask), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal, local", [(True, False), (True, True), (False, False)])
+def test_attention_sinks_match_flash_attn_reference(backend, causal, local):
+    for seed, (seqlen_q, seqlen_k) in enumerate(SEQLENS):
+        q, k, v, q_mask, k_mask, window = _case(seqlen_q, seqlen_k, "gqa", local, seed)
+        sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(seed)) * 2
+        q_unpad, cu_q, max_q = unpad(q, q_mask)
+        k_unpad, cu_k, max_k = unpad(k, k_mask)
+        v_unpad, _, _ = unpad(v, k_mask)
+        out_unpad = prepack.get_backend(backend)(
+            q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, sinks=sinks,
+        )
+        want = attention_ref(q, k, v, q_mask, k_mask, causal=causal, window_size=window, learnable_sink=sinks)
+        torch.testing.assert_close(pad(out_unpad, q_mask), want, atol=1e-5, rtol=1e-5, msg=f"seqlens {seqlen_q}, {seqlen_k}")

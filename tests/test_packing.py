@@ -160,3 +160,20 @@ def test_unpack_rejects_a_tensor_of_the_wrong_shape():
 def test_bad_arguments_are_rejected_even_when_nothing_overflows(kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepack.pack([[1, 2], [3]], **{"capacity": 8, **kwargs})
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests(max_len=12), st.integers(1, 6))
+def test_chunked_mask_is_transformers_chunked_causal_mask_within_each_request(data, chunk):
+    from transformers.masking_utils import chunked_overlay
+
+    seqs, capacity = data
+    b = prepack.pack(seqs, capacity)
+    got = b.attention_mask(chunk=chunk)
+    same_chunk = chunked_overlay(chunk, torch.zeros(1, dtype=torch.long))  # transformers' own definition
+    pos = b.position_ids
+    want = naive_mask(b.segment_ids)
+    for r in range(b.num_rows):
+        chunks = same_chunk(0, 0, pos[r][:, None], pos[r][None, :])
+        want[r, 0] &= chunks | torch.eye(b.capacity, dtype=torch.bool)
+    assert torch.equal(got, want)

@@ -159,3 +159,15 @@ def test_non_integer_length_is_rejected():
 def test_two_dimensional_lengths_are_rejected():
     with pytest.raises(ValueError, match="lengths must be 1-D"):
         prepack.plan([[1, 2]], 4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 9))
+def test_chunked_cuts_each_segment_at_multiples_of_the_chunk(lengths, chunk):
+    from prepack import layout
+
+    pieces = layout.chunked(lengths, chunk)
+    assert pieces.sum() == sum(lengths) and (pieces >= 1).all() and (pieces <= chunk).all()
+    # piece boundaries are the segment boundaries plus every multiple of chunk inside a segment
+    want = sorted({s + m for s, n in zip(layout.starts(lengths), lengths) for m in range(0, n, chunk)})
+    assert layout.starts(pieces).tolist() == want

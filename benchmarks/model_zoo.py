@@ -1,0 +1,474 @@
+"""Conformance sweep: every causal-LM model type in transformers, tiny, packed vs. run alone.
+
+For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny random-weight
+model (a generic shrink of the default config, plus a small table of per-family
+overrides), then, in fp32 on CPU, checks prepack against transformers itself:
+
+* last-token logits of ``prepack.prefill`` against each prompt run alone (max abs <= 1e-4),
+  on every CPU backend, with prompts longer than any window or chunk and more tokens than
+  one token budget holds;
+* each request's cache (``PrefillResult.dynamic_caches``) against a solo prefill's cache;
+* 8 greedy tokens of ``prepack.generate`` against left-padded ``model.generate``.
+
+Each type runs in its own subprocess with a timeout, and is classified as ``exact``,
+``refused`` (prepack raised its ``UnsupportedModelError``, naming the model and the reason),
+``not buildable tiny``, ``transformers fails`` (the solo run or padded ``generate`` fails),
+or, the outcomes that must never appear, ``silently wrong`` and ``prepack crash``.
+
+    python benchmarks/model_zoo.py                      # the whole sweep -> docs/models.md
+    python benchmarks/model_zoo.py --only gpt_oss llama4_text --out -   # a few types, to stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TOL = 1e-4
+LENGTHS = [1, 2, 3, 5, 8, 9, 13, 17, 24, 31, 40, 7, 11]  # several longer than WINDOW and CHUNK
+TOKEN_BUDGET = 64  # far below the 171 tokens above: several forwards
+NEW_TOKENS = 8
+WINDOW = CHUNK = 8
+# flex (eager on CPU) and reference (float64 math) compute what these do; the grid tests check them against flash-attn
+BACKENDS = ("sdpa_varlen", "sdpa_masked")
+OUTCOMES = ("exact", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
+
+# A generic shrink: set where the default config has the attribute.
+SHRINK = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=512, max_position_embeddings=256, sliding_window=WINDOW, attention_chunk_size=CHUNK,
+    # GPT-2 / OPT / Falcon style names
+    n_embd=64, n_layer=4, n_head=4, n_positions=256, n_inner=128, d_model=64, ffn_dim=128, num_layers=4,
+    n_ctx=256, ffn_hidden_size=128, word_embed_proj_dim=64, multi_query_group_num=2, num_heads=4,
+    # mixture of experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+    moe_num_experts=4, moe_topk=2, expert_interval=1,
+    # multi-head latent attention: a value head dim unlike the query/key head dim
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+    # state-space / recurrent layers
+    mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16,  # n_heads * d_head = 2 * hidden_size
+    mamba_n_groups=1, state_size=8, ssm_state_size=8,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    conv_L_cache=3, block_dim=64, block_ff_dim=128, rnn_hidden_size=64, lru_width=64,
+    # misc
+    embedding_size=64, rotary_dim=8, partial_rotary_factor=0.5,
+    # decoders of encoder-decoder families (BartForCausalLM, ...)
+    decoder_layers=4, encoder_layers=4, decoder_attention_heads=4, encoder_attention_heads=4,
+    decoder_ffn_dim=128, encoder_ffn_dim=128,
+)
+# Where the generic shrink fails, per family: the smallest change that builds and runs.
+OVERRIDES: dict[str, dict] = {
+    # MLA expands keys to every query head
+    "deepseek_v2": dict(num_key_value_heads=4),
+    "deepseek_v3": dict(num_key_value_heads=4),
+    "longcat_flash": dict(num_key_value_heads=4),
+    "glm4_moe_lite": dict(num_key_value_heads=4),
+    "minicpm3": dict(num_key_value_heads=4),
+    # the default configs are all attention; the released models put short convolutions in between
+    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    # the default puts the first attention layer at index 4
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+}
+# Variants tried in order when a build or solo run fails, before giving up.
+FALLBACKS = (
+    dict(),
+    dict(num_key_value_heads=4),
+    dict(head_dim=None),
+    dict(head_dim=None, num_key_value_heads=4),
+)
+
+
+def model_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _covering_layer_types(types: list, n: int) -> list:
+    """At most max(n, #kinds) layer types that keep every kind of the default pattern (a hybrid stays hybrid)."""
+    if len(set(types)) <= 1 or set(types[:n]) == set(types):
+        return list(types[:n])
+    firsts = sorted({types.index(t) for t in set(types)})
+    keep = sorted(set(firsts) | set(range(max(0, n - len(firsts)))))
+    return [types[i] for i in keep]
+
+
+def _shrunk_kwargs(config, extra: dict) -> dict:
+    kwargs = {}
+    for key, value in {**SHRINK, **extra}.items():
+        if isinstance(getattr(type(config), key, None), property):
+            continue  # derived from other fields (layers_block_type, head_dim, ...): set those instead
+        if hasattr(config, key) and not isinstance(getattr(config, key), dict):
+            current = getattr(config, key)
+            if value is None and key == "head_dim":
+                kwargs[key] = None
+            elif current is not None or key in extra:
+                kwargs[key] = value
+    vocab = kwargs.get("vocab_size", SHRINK["vocab_size"])
+    for key, small in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        ids = getattr(config, key, None)  # special tokens must stay inside the shrunk vocabulary
+        if isinstance(ids, int) and ids >= vocab or isinstance(ids, list) and any(i >= vocab for i in ids):
+            kwargs[key] = small
+    if getattr(config, "qk_rope_head_dim", None) and "head_dim" in kwargs:
+        kwargs["head_dim"] = SHRINK["qk_rope_head_dim"]  # MLA configs call the RoPE part head_dim
+    types = extra.get("layer_types", getattr(config, "layer_types", None))
+    derived = isinstance(getattr(type(config), "layer_types", None), property) or "layer_types" in getattr(
+        config, "attribute_map", {}
+    )
+    if isinstance(types, (list, tuple)) and types and not derived:
+        kept = _covering_layer_types(list(types), kwargs.get("num_hidden_layers", 4))
+        kwargs["layer_types"] = kept
+        kwargs["num_hidden_layers"] = len(kept)
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            kwargs[key] = {**sub.to_dict(), **_shrunk_kwargs(sub, extra)}
+    return kwargs
+
+
+def build(model_type: str, extra: dict):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    default = AutoConfig.for_model(model_type)
+    kwargs = _shrunk_kwargs(default, {**OVERRIDES.get(model_type, {}), **extra})
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model
+
+
+def vocab_size(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def prompts(model, lengths=LENGTHS):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    high = min(vocab_size(model), 512)
+    return [torch.randint(3, high, (n,), generator=g) for n in lengths]
+
+
+# ---------------------------------------------------------------- checking
+
+
+def solo(model, seqs):
+    """Each prompt alone: (N, V) last-token logits and its cache."""
+    import torch
+
+    from prepack.hf import cache_kwarg
+
+    logits, caches = [], []
+    with torch.no_grad():
+        for s in seqs:
+            out = model(s[None], use_cache=True)
+            logits.append(out.logits[0, -1].float())
+            caches.append(getattr(out, cache_kwarg(model), None) or getattr(out, "past_key_values", None))
+    return torch.stack(logits), caches
+
+
+def padded_generate(model, seqs, pad_id: int):
+    import torch
+
+    from prepack.generation import left_pad
+
+    ids, mask = left_pad(seqs, pad_id, "cpu")
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, pad_token_id=pad_id,
+        )
+    return out[:, ids.shape[1]:].tolist()
+
+
+def cached_generate(model, seq, pad_id: int) -> list:
+    """transformers alone: prefill all but the last token into its own cache, then ``generate`` (what prepack does)."""
+    import torch
+    from transformers import DynamicCache
+
+    from prepack.hf import cache_kwarg
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        if len(seq) > 1:
+            model(seq[None, :-1], **{cache_kwarg(model): cache}, use_cache=True)
+        out = model.generate(
+            seq[None], **{cache_kwarg(model): cache}, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, pad_token_id=pad_id,
+        )
+    return out[0, len(seq):].tolist()
+
+
+def cache_gap(mine, theirs) -> float:
+    """Max abs difference between two caches' keys and values, layer by layer (inf if they are laid out differently)."""
+    gap = 0.0
+    if theirs is None or not hasattr(theirs, "layers"):
+        return gap
+    if len(mine.layers) != len(theirs.layers):
+        return float("inf")
+    for a, b in zip(mine.layers, theirs.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            if x is None and y is None:
+                continue
+            if x is None or y is None or x.shape != y.shape:
+                return float("inf")
+            if x.numel():
+                gap = max(gap, float((x - y).abs().max()))
+    return gap
+
+
+def check(model_type: str) -> dict:
+    """Classify one model type; never raises."""
+    import torch
+
+    torch.set_num_threads(1)
+    import prepack
+    from prepack.support import UnsupportedModelError
+
+    row = {"type": model_type}
+    model = seqs = None
+    errors = []
+    for extra in FALLBACKS:  # the first variant that builds and runs alone
+        try:
+            model = build(model_type, extra)
+        except Exception as e:  # noqa: BLE001 - any failure to build is a finding
+            errors.append(("build", e))
+            model = None
+            continue
+        seqs = prompts(model)
+        try:
+            want, solo_caches = solo(model, seqs)
+            break
+        except Exception as e:  # noqa: BLE001
+            errors.append(("solo", e))
+            model = None
+    if model is None:
+        stage, e = next((x for x in errors if x[0] == "solo"), errors[0])  # the generic shrink's own failure
+        outcome = "not buildable tiny" if stage == "build" else "transformers fails"
+        return {**row, "outcome": outcome, "detail": f"{type(e).__name__}: {_short(e)}"}
+    row["class"] = type(model).__name__
+    row["features"] = features(model)
+    details = []
+    try:
+        gaps = {}
+        for backend in BACKENDS:
+            result = prepack.prefill(model, seqs, backend=backend, token_budget=TOKEN_BUDGET)
+            gaps[backend] = float((result.logits.float() - want).abs().max())
+            if backend == BACKENDS[0]:
+                cgap = max(cache_gap(mine, theirs) for mine, theirs in zip(result.dynamic_caches, solo_caches))
+        row["logits_gap"] = max(gaps.values())
+        row["cache_gap"] = cgap
+        bad = {b: g for b, g in gaps.items() if not g <= TOL}
+        if bad:
+            details.append("logits off: " + ", ".join(f"{b} {g:.2g}" for b, g in bad.items()))
+        if not cgap <= TOL:
+            details.append(f"cache off by {cgap:.2g}")
+    except UnsupportedModelError as e:
+        return {**row, "outcome": "refused", "detail": _short(e)}
+    except Exception as e:  # noqa: BLE001
+        return {**row, "outcome": "prepack crash", "detail": f"prefill: {type(e).__name__}: {_short(e)}",
+                "trace": traceback.format_exc(limit=-6)}
+    pad_id = 0
+    try:
+        want_tokens = padded_generate(model, seqs, pad_id)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "outcome": "transformers fails",
+                "detail": f"left-padded generate: {type(e).__name__}: {_short(e)}"}
+    try:
+        got = prepack.generate(
+            model, seqs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=pad_id, token_budget=TOKEN_BUDGET,
+        )
+        got = [g.tolist() for g in got]
+        differ = [i for i, (a, b) in enumerate(zip(got, want_tokens)) if a != b[: len(a)] or len(a) == 0]
+        row["tokens_differ"] = len(differ)
+        if differ and not details and all(cached_generate(model, seqs[i], pad_id) == got[i] for i in differ):
+            # prepack's prefill is exact (logits and caches), and transformers decoding from its own cache of
+            # the same prefix gives prepack's tokens: transformers disagrees with itself, not with prepack
+            return {**row, "outcome": "transformers fails", "detail": (
+                f"greedy tokens of {len(differ)}/{len(seqs)} prompts: transformers' own generate from a cache of "
+                "the prompt prefix differs from its one-shot generate; prepack matches the former")}
+        if differ:
+            details.append(f"greedy tokens differ on {len(differ)}/{len(seqs)} prompts")
+    except UnsupportedModelError as e:
+        return {**row, "outcome": "refused", "detail": f"generate: {_short(e)}"}
+    except Exception as e:  # noqa: BLE001
+        return {**row, "outcome": "prepack crash", "detail": f"generate: {type(e).__name__}: {_short(e)}",
+                "trace": traceback.format_exc(limit=-6)}
+    if details:
+        return {**row, "outcome": "silently wrong", "detail": "; ".join(details)}
+    return {**row, "outcome": "exact", "detail": ""}
+
+
+def features(model) -> str:
+    """The attention variants this tiny model exercises, for the matrix."""
+    config = model.config.get_text_config(decoder=True)
+    out = []
+    types = set(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" in types or (not types and getattr(config, "sliding_window", None)):
+        out.append("sliding")
+    if "chunked_attention" in types or getattr(config, "attention_chunk_size", None):
+        out.append("chunked")
+    if getattr(config, "attn_logit_softcapping", None):
+        out.append("softcap")
+    if any(n.endswith("sinks") for n, _ in model.named_parameters()):
+        out.append("sinks")
+    v, qk = getattr(config, "v_head_dim", None), getattr(config, "qk_nope_head_dim", None)
+    if v and qk and v != qk + (getattr(config, "qk_rope_head_dim", 0) or 0):
+        out.append("v dim != qk dim")
+    nope = getattr(config, "no_rope_layers", None)
+    if nope and not all(nope):
+        out.append("NoPE layers")
+    return ", ".join(out)
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+class _Timeout(Exception):
+    pass
+
+
+def check_with_timeout(model_type: str, timeout: float) -> dict:
+    """:func:`check` under a SIGALRM timeout, so one hang does not stall a worker's batch."""
+    import signal
+
+    def alarm(signum, frame):
+        raise _Timeout
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(int(timeout))
+    try:
+        return check(model_type)
+    except _Timeout:
+        return {"type": model_type, "outcome": "not buildable tiny", "detail": f"timed out after {timeout:.0f} s"}
+    finally:
+        signal.alarm(0)
+
+
+def run_batch(model_types: list[str], timeout: float) -> dict[str, dict]:
+    """Check ``model_types`` in one worker process (one import of torch and transformers for the batch).
+
+    Types the worker did not report (it crashed or hung past the batch's time) come back missing.
+    """
+    cmd = [sys.executable, __file__, "--timeout", str(timeout), "--one", *model_types]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * len(model_types) + 60)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, rc = (e.stdout or b"").decode(), (e.stderr or b"").decode(), "timeout"
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rows[row["type"]] = row
+    if len(model_types) == 1 and not rows:
+        tail = err.strip().splitlines()[-1:] or ["no output"]
+        mt = model_types[0]
+        rows[mt] = {"type": mt, "outcome": "transformers fails", "detail": f"worker died ({rc}): {tail[0][:200]}"}
+    return rows
+
+
+def write_markdown(rows: list[dict], path: str, command: str, seconds: float) -> None:
+    import torch
+    import transformers
+
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
+    summary = (
+        f"{counts['exact']} exact / {counts['refused']} refused / {counts['not buildable tiny']} not buildable tiny / "
+        f"{counts['transformers fails']} transformers fails / {counts['silently wrong']} silently wrong / "
+        f"{counts['prepack crash']} prepack crash (of {len(rows)} causal-LM model types)"
+    )
+    took = f" ({seconds / 60:.0f} min)" if seconds else ""
+    lines = [
+        "# Model conformance matrix",
+        "",
+        "Generated by `benchmarks/model_zoo.py`; do not edit by hand.",
+        "",
+        f"- transformers {transformers.__version__}, torch {torch.__version__}, fp32 on CPU",
+        f"- command: `{command}`{took}",
+        f"- prompts of lengths {LENGTHS} (window / chunk size {WINDOW}), token_budget={TOKEN_BUDGET}, "
+        f"backends {', '.join(BACKENDS)}; logits and caches within {TOL:g} of each prompt run alone, "
+        f"{NEW_TOKENS} greedy tokens equal to left-padded `model.generate`",
+        "",
+        f"**Summary: {summary}.**",
+        "",
+        "Outcomes: **exact** (all checks pass); **refused** (prepack raised `UnsupportedModelError` naming the model "
+        "and the reason); **not buildable tiny** (the tiny config does not build); **transformers fails** (the solo "
+        "run or left-padded `generate` fails in transformers itself); **silently wrong** / **prepack crash** must "
+        "never appear.",
+        "",
+        "| model type | class | features | outcome | logits gap | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = f"{r['logits_gap']:.1e}" if "logits_gap" in r else ""
+        detail = r.get("detail", "").replace("|", "\\|")
+        lines.append(f"| {r['type']} | {r.get('class', '')} | {r.get('features', '')} | {r['outcome']} | {gap} | {detail} |")
+    text = "\n".join(lines) + "\n"
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+    print(summary, file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="these model types only")
+    parser.add_argument("--out", default="docs/models.md", help="markdown output ('-' for stdout)")
+    parser.add_argument("--jsonl", default=None, help="also append each row, as it finishes, to this file")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
+    parser.add_argument("--batch", type=int, default=12, help="model types per worker process")
+    parser.add_argument("--from-jsonl", help="only render --out from rows a previous run wrote with --jsonl")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.from_jsonl:
+        with open(args.from_jsonl) as f:
+            rows = {r["type"]: r for r in map(json.loads, f)}  # a later row for a type replaces an earlier one
+        write_markdown(sorted(rows.values(), key=lambda r: r["type"]), args.out,
+                       "python benchmarks/model_zoo.py --jsonl rows.jsonl", 0.0)
+        return 0
+    if args.one:
+        for mt in args.one:
+            print(json.dumps(check_with_timeout(mt, args.timeout)), flush=True)
+        return 0
+    types = args.only or model_types()
+    rows, t0 = [], time.time()
+    for start in range(0, len(types), args.batch):
+        batch = types[start : start + args.batch]
+        got = run_batch(batch, args.timeout)
+        for mt in batch:
+            row = got.get(mt) or run_batch([mt], args.timeout)[mt]  # a crashed batch: retry alone
+            rows.append(row)
+            print(f"[{len(rows)}/{len(types)}] {mt}: {row['outcome']} {row.get('detail', '')[:160]}", file=sys.stderr, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    command = "python benchmarks/model_zoo.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+    write_markdown(rows, args.out, command, time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
