@@ -37,6 +37,8 @@ PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask")
 INERT_KWARGS = (
     "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position",
     "logits_to_keep", "layer_idx", "past_key_value", "past_key_values", "cache", "position_embeddings", "dropout", "scaling",
+    # Trainer's loss normalisation, forwarded through **kwargs to every layer
+    "num_items_in_batch",
 )
 ALLOWED_KWARGS = frozenset(SEMANTIC_KWARGS + LAYOUT_KWARGS + PREPACK_KWARGS + INERT_KWARGS)
 
