@@ -41,7 +41,7 @@ from .attention import dense_attention, get_backend, segment_mask
 ATTN_IMPLEMENTATION = "prepack"
 
 # Keyword arguments prepack's attention consumes; they never reach another implementation.
-PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask")
+PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask", "prepack_prefix")
 
 _LOCK = threading.Lock()
 _SWITCHED: dict[int, list] = {}  # id(model) -> [callers inside, {id(config): (config, its own implementation)}]
@@ -93,6 +93,12 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
         )
     cu_k = cu_q if cu_k is None else cu_k
+    prefix = kwargs.get("prepack_prefix")
+    if prefix is not None:  # the queries continue earlier tokens (a shared context): their keys go in front
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise ValueError(f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's shared-context keys")
+        key, value = prefix.extend(layer_idx, key, value)
     fn = get_backend(kwargs.get("prepack_backend", "auto"), device=query.device, dtype=query.dtype)
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)

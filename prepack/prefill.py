@@ -20,15 +20,9 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .attention import resolve_backend
-from .hf import check_model, model_device, packed_forward
-from .packing import PackedBatch, pack_plan, token_array
-from .planner import check_capacity, plan
-
-# Backends that prefill lays out as rows of ``capacity`` tokens, each row under a dense (C, C)
-# block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
-# stream of at most ``token_budget`` tokens per forward.
-ROW_BACKENDS = ("sdpa_masked",)
+from .forward import ROW_BACKENDS, run_packed  # noqa: F401  (ROW_BACKENDS: where it used to live)
+from .hf import check_model, model_device
+from .packing import PackedBatch, token_array
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,93 +178,16 @@ def prefill_tokens(
     model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
-    device, dtype = model_device(model), next(model.parameters()).dtype
-    name = resolve_backend(backend, device=device, dtype=dtype)
-    rows_layout = name in ROW_BACKENDS
-    if token_budget is not None:
-        token_budget = check_capacity(token_budget, "token_budget")
-    if capacity is not None:
-        capacity = check_capacity(capacity)
-        if not rows_layout:
-            raise ValueError(
-                f"capacity applies to backend='sdpa_masked', which packs rows of capacity tokens; backend {name!r} "
-                "runs one varlen stream per forward: bound it with token_budget instead"
-            )
     lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-    real = np.flatnonzero(lengths)
-    real_lengths = lengths[real]
-    longest = int(real_lengths.max()) if len(real) else 1
-    if rows_layout:
-        row_len = capacity or longest
-        layout.check_fits(real_lengths, row_len, ids=real, hint="raise capacity")
-        if token_budget is not None and row_len > token_budget:
-            raise ValueError(f"capacity {row_len} exceeds token_budget {token_budget}: one row must fit in one forward")
-    else:
-        row_len = token_budget or max(1, int(real_lengths.sum()))
-        layout.check_fits(real_lengths, row_len, ids=real, limit_name="token_budget", hint="raise token_budget")
-    batch = pack_plan(plan(real_lengths, row_len), [tokens[i] for i in real])
-    p = batch.plan
-    # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
-    per_call = max(1, (token_budget or p.num_rows * p.capacity) // p.capacity) if rows_layout else 1
-    calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
-
-    chunks, last_logits = [], []
-    with torch.no_grad(), packed_forward(model):
-        for rows in calls:
-            kv, out = _forward(model, batch, rows, name, device, logits)
-            chunks.append(kv)
-            last_logits.append(out)
-    # calls add rows (row layout) or extend the one flat stream (varlen)
-    cat_dim = 0 if rows_layout else 2
-    layers = [tuple(_cat(xs, cat_dim) for xs in zip(*per_call)) for per_call in zip(*chunks)]
-
-    starts = np.zeros(len(tokens), np.int64)
-    starts[real] = p.row * p.capacity + p.offset if rows_layout else batch.stream_starts
+    # last-token logits: a one-token span per prompt (none for an empty prompt)
+    spans = np.stack([np.maximum(lengths - 1, 0), lengths], 1) if logits else None
+    run = run_packed(model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans)
+    device = model_device(model)
     out_logits = None
-    if logits and len(real):
-        packed = torch.cat(last_logits)  # in packed order
-        out_logits = packed.new_zeros(len(tokens), packed.shape[-1])
-        out_logits[torch.from_numpy(real[p.order]).to(device)] = packed
+    if logits and len(run.values):
+        out_logits = run.values.new_zeros(len(tokens), run.values.shape[-1])
+        out_logits[torch.from_numpy(np.flatnonzero(lengths)).to(device)] = run.values
     return PrefillResult(
-        logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=batch, backend=name,
-        layers=layers, starts=starts, config=model.config,
+        logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=run.batch, backend=run.backend,
+        layers=run.layers, starts=run.starts, config=model.config,
     )
-
-
-def _cat(xs: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
-    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
-
-
-def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, want_logits: bool):
-    """One forward pass over ``rows`` of ``batch``.
-
-    Returns:
-        per layer (keys, values) as the attention function saw them, and the (n, V) last-token
-        logits of the call's n requests in packed order (None without ``want_logits``).
-    """
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by prepack_attention, one entry per layer
-    kwargs = {"use_cache": False, "prepack_kv": captured, "prepack_backend": backend}
-    p = batch.plan
-    order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
-    if backend in ROW_BACKENDS:
-        ids, pos = batch.input_ids[rows], batch.position_ids[rows]
-        first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
-        kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
-            lambda window: batch.attention_mask("bool", window=window, rows=rows).to(device)
-        )
-    else:
-        v = batch.to_varlen(rows)
-        ids, pos = v.input_ids[None], v.position_ids[None]
-        cu = v.cu_seqlens.to(device)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=v.max_seqlen, max_length_k=v.max_seqlen)
-        first = v.cu_seqlens[:-1].numpy().astype(np.int64)
-    # Only the last token of each prompt needs logits: skip the LM head everywhere else.
-    seq_len = ids.shape[1]
-    last = first + p.lengths[order] - 1  # in the call's flattened (B * L) token axis
-    keep, where = np.unique(last % seq_len, return_inverse=True)
-    kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device) if want_logits else 1
-    out = model(input_ids=ids.to(device), position_ids=pos.to(device), **kwargs)
-    if not want_logits:
-        return captured, None
-    flat = out.logits.reshape(-1, out.logits.shape[-1])  # (B * len(keep), V)
-    return captured, flat[torch.from_numpy(last // seq_len * len(keep) + where).to(device)]
