@@ -4,6 +4,8 @@ The data flow, one module per step::
 
     lengths --planner--> Plan --packing--> PackedBatch --attention, hf--> prefill --kvcache--> per-request caches
                                                                                   --generation--> model.generate
+    prefill-only jobs: forward.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
+                                                                        --heads--> classify, embed
 
 ``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training,
 ``prepack.collate`` turns packed rows into ``Trainer`` batches, and ``prepack.ray_data`` runs both
@@ -13,13 +15,16 @@ packing and batch inference on Ray Data.
 from .attention import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, pack_table
+from .forward import forward_at
 from .generation import generate, generate_iter
+from .heads import classify, embed
 from .hf import ATTN_IMPLEMENTATION
 from .hf import register as _register
 from .kvcache import FlashKVCache
 from .packing import PackedBatch, Varlen, pack
 from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
 from .prefill import PrefillResult, prefill
+from .scoring import Score, rolling_windows, score, score_rolling
 from .support import UnsupportedModelError
 
 try:  # transformers is the [hf] extra: without it, planning and packing still work
@@ -37,7 +42,11 @@ __all__ = [
     "PackedBatch",
     "Plan",
     "PrefillResult",
+    "Score",
     "Varlen",
+    "classify",
+    "embed",
+    "forward_at",
     "generate",
     "generate_iter",
     "get_backend",
@@ -52,6 +61,9 @@ __all__ = [
     "plan",
     "prefill",
     "resolve_backend",
+    "rolling_windows",
+    "score",
+    "score_rolling",
     "to_flash_kwargs",
     "UnsupportedModelError",
 ]

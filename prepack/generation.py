@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .hf import cache_kwarg, model_device
-from .prefill import check_prompts, prefill_tokens
+from .inputs import check_prompts
+from .prefill import prefill_tokens
 
 DEFAULT_WAVE_SIZE = 256
 

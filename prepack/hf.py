@@ -101,6 +101,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
         )
     cu_k = cu_q if cu_k is None else cu_k
+    prefix = kwargs.get("prepack_prefix")
+    if prefix is not None:  # the queries continue earlier tokens (a shared context): their keys go in front
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's shared-context keys"
+            )
+        key, value = prefix.extend(layer_idx, key, value)
     max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
     if sem.chunk is not None:
         cu_q, cu_k, max_q, max_k = _chunked_layout(module, cu_q, cu_k, sem.chunk)

@@ -23,7 +23,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .hf import model_device
 from .packing import token_array
+from .support import check_model
 
 
 class Prompts(NamedTuple):
@@ -138,3 +140,32 @@ def _as_2d(x, name: str) -> np.ndarray:
     if arr.dtype == object or arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N, L) batch (tokenizer(..., padding=True)); got shape {arr.shape}")
     return arr
+
+
+def check_prompts(model, inputs, *, tokenizer=None) -> Prompts:
+    """Normalise prompts (:func:`prepack.inputs.as_prompts`) and validate them against ``model``.
+
+    Errors name the request and the limit: an empty prompt, one longer than the model's
+    ``max_position_embeddings``, a token id outside its vocabulary, a tensor on another device.
+    """
+    check_model(model)
+    device = model_device(model)
+    if hasattr(inputs, "keys") and "input_ids" in inputs.keys():
+        tensors = [("input_ids", inputs["input_ids"])]
+    elif isinstance(inputs, (list, tuple)):
+        tensors = [(f"request {i}", s) for i, s in enumerate(inputs)]
+    else:
+        tensors = [("input_ids", inputs)]
+    for what, s in tensors:
+        if isinstance(s, torch.Tensor) and s.device != device:
+            raise ValueError(f"{what} is on {s.device} but the model is on {device}; move it with .to({str(device)!r})")
+    prompts = as_prompts(inputs, tokenizer)
+    config = model.config.get_text_config(decoder=True)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    vocab = getattr(config, "vocab_size", None)
+    for i, t in enumerate(prompts.tokens):
+        if max_pos is not None and len(t) > max_pos:
+            raise ValueError(f"request {i} has {len(t)} tokens but the model's max_position_embeddings is {max_pos}")
+        if vocab is not None and t.max() >= vocab:
+            raise ValueError(f"request {i} has token id {t.max()} but the model's vocab_size is {vocab}")
+    return prompts

@@ -1,0 +1,433 @@
+"""Step 4 of the data flow, the engine under every prefill-only job: one packed forward, outputs where asked.
+
+:func:`run_packed` plans and packs token sequences, runs the model once per
+micro-batch with prepack's attention (:func:`~prepack.hf.packed_forward`), and
+returns what the caller asked for: each layer's keys and values (for
+:func:`~prepack.prefill`'s caches) and/or outputs at chosen token positions of
+each request. :func:`forward_at` is its public face; scoring, classification
+and embeddings (:mod:`prepack.scoring`, :mod:`prepack.heads`) are thin layers
+on top of it.
+
+Outputs are computed only where asked: logits go through the model's own LM
+head with ``logits_to_keep`` set to the chosen positions (so a (T, V) logits
+tensor never exists for a T-token stream), and hidden states are the base
+model's last hidden state at those positions. A ``reduce`` callback may shrink
+each forward's outputs (log-probabilities of target tokens, say) before the
+next forward runs.
+
+A :class:`Prefix` lets requests continue keys and values that an earlier
+packed prefill computed: a context shared by several continuations is
+prefilled once, and each continuation attends to it through varlen attention
+with ``cu_seqlens_k`` longer than ``cu_seqlens_q`` (flash-attn's bottom-right
+causal alignment).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from . import kvcache, layout
+from .attention import SINK_BACKENDS, resolve_backend
+from .hf import attention_needs, cache_kwarg, model_device, packed_forward
+from .inputs import check_prompts
+from .packing import PackedBatch, pack_plan
+from .planner import check_capacity, plan
+from .support import UnsupportedModelError, has_attention_sinks
+
+# Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
+# block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
+# stream of at most ``token_budget`` tokens per forward.
+ROW_BACKENDS = ("sdpa_masked",)
+
+Output = Literal["logits", "hidden_states"]
+OUTPUTS: tuple[str, ...] = ("logits", "hidden_states")
+Positions = Literal["last", "all"] | Sequence[tuple[int, int]]
+Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What a run keeps of each layer's keys and values: nothing, what the model caches (for per-request
+# caches; MLA caches compressed latents), or what attention sees (for continuing a shared prefix).
+KeepKV = Literal[None, "cache", "attention"]
+
+
+@dataclass(frozen=True, eq=False)
+class Prefix:
+    """Keys and values that precede each request, taken from an earlier varlen prefill.
+
+    Request i continues a sequence whose first ``lengths[i]`` tokens were already run: its
+    queries attend to those keys too, and its position ids start at ``lengths[i]``.
+
+    Attributes:
+        chunks: per forward, per layer (keys, values) as attention saw them, each (1, H_kv, S, D):
+            the flat streams of a varlen :func:`run_packed` with ``kv="attention"``.
+        chunk: (N,) int64, the chunk that holds request i's prefix.
+        starts: (N,) int64, where request i's prefix begins in that chunk's stream.
+        lengths: (N,) int64, how many prefix tokens request i continues (>= 1).
+    """
+
+    chunks: list
+    chunk: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+class PackedRun(NamedTuple):
+    """What :func:`run_packed` returns.
+
+    Attributes:
+        batch: the :class:`~prepack.packing.PackedBatch` of the non-empty requests.
+        backend: the attention backend that ran (``"auto"`` resolved).
+        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D), as ``kv`` asked
+            ([] per forward without ``kv``). Kept where the forward left them: no concatenation copy.
+        chunk: (N,) int64, the forward that holds each request.
+        starts: (N,) int64, where each request's first token sits in its chunk's (B * L) token axis.
+        values: (K, ...) the outputs at the chosen positions (after ``reduce``), request after
+            request in request order, K = the total span length; None without ``spans``.
+    """
+
+    batch: PackedBatch
+    backend: str
+    chunks: list
+    chunk: np.ndarray
+    starts: np.ndarray
+    values: torch.Tensor | None
+
+
+def forward_at(
+    model,
+    sequences: Sequence,
+    positions: Positions = "last",
+    *,
+    output: Output = "logits",
+    reduce: Reduce | None = None,
+    backend: str = "auto",
+    token_budget: int | None = None,
+    capacity: int | None = None,
+    tokenizer=None,
+):
+    """Run many sequences through ``model`` in one packed forward; return outputs at chosen positions.
+
+    Exact against running each sequence alone: attention never crosses requests and position
+    ids restart at 0 for each.
+
+    Args:
+        model: a decoder-only transformers model whose attention goes through ``AttentionInterface``.
+        sequences: N requests, in any form :func:`prepack.prefill` takes (token ids, tokenizer
+            output, strings or chats with ``tokenizer``).
+        positions: ``"last"`` (each request's last token), ``"all"`` (every token), or N
+            ``(start, end)`` spans, ``0 <= start <= end <= len(request)``, in each request's own
+            token coordinates.
+        output: ``"logits"`` (the model's LM head, computed only at those positions) or
+            ``"hidden_states"`` (the base model's last hidden state, final norm applied).
+        reduce: ``reduce(values, rows) -> (K, ...)``, applied to each forward's (K, V or D)
+            outputs before the next forward runs, so that long outputs never pile up; ``rows``
+            (K,) int64 says where each row lands in the request-order result.
+        backend, token_budget, capacity, tokenizer: as in :func:`prepack.prefill`.
+
+    Returns:
+        ``"last"``: an (N, X) tensor. Otherwise a list of N tensors, the i-th (end_i - start_i, X).
+        X is V for logits, D for hidden states, or what ``reduce`` returns.
+    """
+    tokens = check_prompts(model, sequences, tokenizer=tokenizer).tokens
+    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    spans = request_spans(positions, lengths)
+    run = run_packed(
+        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
+        spans=spans, output=output, reduce=reduce,
+    )
+    if isinstance(positions, str) and positions == "last":
+        return run.values
+    return list(run.values.split((spans[:, 1] - spans[:, 0]).tolist()))
+
+
+def request_spans(positions: Positions, lengths: np.ndarray) -> np.ndarray:
+    """``positions`` as (N, 2) int64 ``[start, end)`` per request; errors name the request and the limit."""
+    n = len(lengths)
+    if isinstance(positions, str):
+        if positions == "last":
+            return np.stack([lengths - 1, lengths], 1)
+        if positions == "all":
+            return np.stack([np.zeros(n, np.int64), lengths], 1)
+        raise ValueError(f"positions must be 'last', 'all' or one (start, end) span per request, got {positions!r}")
+    spans = np.asarray(positions, dtype=np.int64) if len(positions) else np.zeros((0, 2), np.int64)
+    if spans.shape != (n, 2):
+        raise ValueError(f"positions must hold one (start, end) span per request: got shape {spans.shape} for {n} requests")
+    for i, (s, e) in enumerate(spans.tolist()):
+        if not 0 <= s <= e <= lengths[i]:
+            raise ValueError(f"request {i} has {lengths[i]} tokens but its span is ({s}, {e}); need 0 <= start <= end <= {lengths[i]}")
+    return spans
+
+
+def run_packed(
+    model,
+    tokens: Sequence[np.ndarray],
+    *,
+    backend: str = "auto",
+    token_budget: int | None = None,
+    capacity: int | None = None,
+    spans: np.ndarray | None = None,
+    output: Output = "logits",
+    reduce: Reduce | None = None,
+    kv: KeepKV = None,
+    prefix: Prefix | None = None,
+) -> PackedRun:
+    """The packed forward over checked token arrays (zero-length ones allowed: they take no slot).
+
+    Args:
+        tokens: N int64 arrays, already checked (:func:`prepack.inputs.check_prompts`).
+        spans: (N, 2) int64 ``[start, end)`` per request: where to return outputs (None: nowhere).
+        output: ``"logits"`` or ``"hidden_states"``.
+        reduce: see :func:`forward_at`.
+        kv: keep each layer's keys and values: ``"cache"`` what the model caches (per-request
+            caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests).
+        prefix: keys and values each request continues (varlen backends only).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    if kv not in (None, "cache", "attention"):
+        raise ValueError(f"kv must be None, 'cache' or 'attention', got {kv!r}")
+    device, dtype = model_device(model), next(model.parameters()).dtype
+    name = resolve_backend(backend, device=device, dtype=dtype, **attention_needs(model))
+    if backend == "auto" and name not in SINK_BACKENDS and has_attention_sinks(model):
+        name = "sdpa_varlen"  # the CUDA kernels take no attention sinks
+    rows_layout = name in ROW_BACKENDS
+    if prefix is not None and rows_layout:
+        raise ValueError(f"backend {name!r} lays requests out in rows and cannot continue a shared prefix; use a varlen backend")
+    if spans is not None and output == "logits":
+        check_lm_head(model)
+    if token_budget is not None:
+        token_budget = check_capacity(token_budget, "token_budget")
+    if capacity is not None:
+        capacity = check_capacity(capacity)
+        if not rows_layout:
+            raise ValueError(
+                f"capacity applies to backend='sdpa_masked', which packs rows of capacity tokens; backend {name!r} "
+                "runs one varlen stream per forward: bound it with token_budget instead"
+            )
+    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    real = np.flatnonzero(lengths)
+    real_lengths = lengths[real]
+    longest = int(real_lengths.max()) if len(real) else 1
+    if token_budget is None:  # ours, not the caller's: never a reason to refuse a prompt
+        token_budget = max(default_token_budget(model), longest if not rows_layout else capacity or longest)
+    # The planner's rows: `capacity` tokens under one dense mask each (several rows per forward),
+    # or one varlen stream of at most `token_budget` tokens (one row per forward).
+    if rows_layout:
+        capacity = capacity or longest
+        layout.check_fits(real_lengths, capacity, ids=real, hint="raise capacity")
+        if capacity > token_budget:
+            raise ValueError(f"capacity {capacity} exceeds token_budget {token_budget}: one row must fit in one forward")
+    else:
+        layout.check_fits(real_lengths, token_budget, ids=real, limit_name="token_budget", hint="raise token_budget")
+    batch = pack_plan(plan(real_lengths, capacity if rows_layout else token_budget), [tokens[i] for i in real])
+    p = batch.plan
+    # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
+    per_call = max(1, token_budget // p.capacity) if rows_layout else 1
+    calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
+
+    select = None
+    if spans is not None:
+        span_len = spans[:, 1] - spans[:, 0]
+        out_start = layout.starts(span_len)  # where request i's outputs begin in the result
+        select = (spans[real, 0], span_len[real], out_start[real])
+    sub_prefix = None
+    if prefix is not None:
+        sub_prefix = Prefix(prefix.chunks, prefix.chunk[real], prefix.starts[real], prefix.lengths[real])
+
+    chunks, values, rows_of = [], [], []
+    with torch.no_grad(), packed_forward(model):
+        for rows in calls:
+            layers, out, where = _forward(model, batch, rows, name, device, select, output, reduce, kv, sub_prefix)
+            chunks.append(layers)
+            if out is not None:
+                values.append(out)
+                rows_of.append(where)
+
+    # which forward holds each request, and where it starts in that forward's flattened (B * L) tokens
+    chunk, starts = np.zeros(len(tokens), np.int64), np.zeros(len(tokens), np.int64)
+    first_row = np.array([rows.start for rows in calls], np.int64)
+    chunk[real] = np.searchsorted(first_row, p.row, side="right") - 1
+    if rows_layout:
+        starts[real] = (p.row - first_row[chunk[real]]) * p.capacity + p.offset
+    else:  # one row per forward: the request's start in that row's varlen stream
+        starts[real] = batch.stream_starts - layout.starts(p.row_lengths)[p.row]
+    result = None
+    if spans is not None:
+        if values:
+            packed, where = torch.cat(values), torch.cat(rows_of)
+            result = packed.new_empty(packed.shape).index_copy_(0, where, packed)
+        else:
+            result = torch.zeros(0, device=device)
+    return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result)
+
+
+def default_token_budget(model) -> int:
+    """Tokens per forward when the caller sets no ``token_budget``.
+
+    * CPU: 8192. Longer streams are slower, not faster: the activations of a longer forward fall
+      out of the caches, and its memory grows with the stream (``benchmarks/bench_token_budget.py``,
+      ``docs/prefill.md``).
+    * CUDA: what a quarter of the free device memory holds, counting per token the keys and values
+      kept for every layer plus eight hidden-size-or-MLP-width activations of the layer being run,
+      clamped to [4096, 131072].
+    """
+    device = model_device(model)
+    if device.type != "cuda":
+        return 8192
+    config = model.config.get_text_config(decoder=True)
+    hidden = getattr(config, "hidden_size", 4096)
+    width = max(hidden, getattr(config, "intermediate_size", hidden) or hidden)
+    heads = getattr(config, "num_attention_heads", 32)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    layers = getattr(config, "num_hidden_layers", 32)
+    per_token = (2 * layers * kv_dim + 8 * width) * next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(max(free // 4 // per_token, 4096), 131072))
+
+
+def check_lm_head(model) -> None:
+    """Refuse logits from a model whose forward cannot compute them at chosen positions only."""
+    if "logits_to_keep" not in _forward_params(type(model)):
+        raise TypeError(
+            f"{type(model).__name__} has no language-model head that takes logits_to_keep, so prepack cannot "
+            "return its logits; ask for output='hidden_states', or use prepack.classify for a sequence-classification model"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def base_model(model):
+    """The decoder stack under a task head (``model.model`` for ``LlamaForCausalLM``); its output is the last hidden state."""
+    base = getattr(model, "base_model", model)
+    return model if base is None else base
+
+
+class _PrefixKV:
+    """Puts each request's prefix keys/values in front of its new ones, per layer (consumed by ``prepack_attention``).
+
+    Args:
+        chunks: the prefix run's chunks (per forward, per layer (keys, values), each (1, H_kv, S, D)).
+        pieces: per chunk (chunk, src, dst): ``src`` token indices into that chunk's stream,
+            ``dst`` where they go in the merged (prefix + new) key axis.
+        dst_new: where the call's new keys go in the merged key axis.
+        total: the merged key axis' length.
+    """
+
+    def __init__(self, chunks: list, pieces: list, dst_new: torch.Tensor, total: int):
+        self.chunks, self.pieces, self.dst_new, self.total = chunks, pieces, dst_new, total
+
+    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, H_kv, n, D) keys and values of the new tokens -> (1, H_kv, total, D) with the prefixes in place."""
+        return self._merge(layer_idx, 0, key), self._merge(layer_idx, 1, value)
+
+    def _merge(self, layer_idx: int, which: int, new: torch.Tensor) -> torch.Tensor:
+        out = new.new_empty(1, new.shape[1], self.total, new.shape[3])
+        for c, src, dst in self.pieces:
+            past = self.chunks[c][layer_idx][which]
+            if past.shape[1] != new.shape[1] or past.shape[3] != new.shape[3]:
+                raise UnsupportedModelError(
+                    f"layer {layer_idx}'s shared-context keys have shape {tuple(past.shape)} but the new ones "
+                    f"{tuple(new.shape)}; this model cannot continue a shared context (pass share_contexts=False)"
+                )
+            out.index_copy_(2, dst, past.index_select(2, src))
+        return out.index_copy_(2, self.dst_new, new)
+
+
+def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, select, output: str, reduce, kv, prefix):
+    """One forward pass over ``rows`` of ``batch``.
+
+    Args:
+        select: None, or (starts, lengths, out_starts) per request (plan order): the span of each
+            request's own tokens to return outputs at, and where they land in the result.
+        kv: what to keep of each layer's keys and values (see :func:`run_packed`).
+
+    Returns:
+        per layer (keys, values) (empty without ``kv``), the (K, ...) outputs of the call's spans
+        (None without ``select``), and (K,) their rows in the request-order result.
+    """
+    kwargs: dict = {"use_cache": False, "prepack_backend": backend}
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kv="attention": filled by prepack_attention
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache": layer_idx -> what the model caches
+    cache = None
+    if kv == "attention":
+        kwargs["prepack_kv"] = captured
+    elif kv == "cache":
+        cache = kvcache.recording_cache(model.config, records)
+        kwargs.update({"use_cache": True, cache_kwarg(model): cache})
+    p = batch.plan
+    order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
+    lengths = p.lengths[order]
+    if backend in ROW_BACKENDS:
+        ids, pos = batch.input_ids[rows], batch.position_ids[rows]
+        first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
+        kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
+            lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
+        )
+    else:
+        v = batch.to_varlen(rows)
+        ids, pos = v.input_ids[None], v.position_ids[None]
+        cu = v.cu_seqlens.to(device)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=v.max_seqlen, max_length_k=v.max_seqlen)
+        first = v.cu_seqlens[:-1].numpy().astype(np.int64)
+        if prefix is not None:
+            kwargs.update(_prefix_kwargs(prefix, order, lengths, device))
+            pos = pos + torch.from_numpy(np.repeat(prefix.lengths[order], lengths))[None]
+    ids, pos = ids.to(device), pos.to(device)
+    values = where = None
+    if select is None:
+        # only the keys and values are wanted: the decoder stack, no head at all
+        base_model(model)(input_ids=ids, position_ids=pos, **kwargs)
+    else:
+        span_start, span_len, out_start = (a[order] for a in select)
+        seq_len = ids.shape[1]
+        at = layout.ranges(first + span_start, span_len)  # in the call's flattened (B * L) token axis
+        where = torch.from_numpy(layout.ranges(out_start, span_len)).to(device)
+        if output == "logits":
+            # the LM head (and any final soft-capping) runs at the kept columns only
+            keep, col = np.unique(at % seq_len, return_inverse=True)
+            out = model(input_ids=ids, position_ids=pos, logits_to_keep=torch.from_numpy(keep).to(device), **kwargs).logits
+            values = out.reshape(-1, out.shape[-1])[torch.from_numpy(at // seq_len * len(keep) + col).to(device)]
+        else:
+            hidden = base_model(model)(input_ids=ids, position_ids=pos, **kwargs).last_hidden_state
+            values = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(at).to(device)]
+        if reduce is not None:
+            values = reduce(values, where)
+    if kv == "cache":
+        if sorted(records) != list(range(len(cache.layers))):
+            missing = sorted(set(range(len(cache.layers))) - set(records))
+            raise UnsupportedModelError(
+                f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "
+                f"{len(cache.layers)}; prepack builds each request's cache from what the model caches"
+            )
+        captured = [records[i] for i in range(len(cache.layers))]
+    return captured, values, where
+
+
+def _prefix_kwargs(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, device) -> dict:
+    """Attention kwargs for a call whose requests continue ``prefix``: keys are [prefix, new tokens] per request."""
+    plen = prefix.lengths[order]
+    kv_len = plen + lengths
+    cu_k = layout.cu_seqlens(kv_len)
+    k_first = cu_k[:-1].astype(np.int64)
+
+    def idx(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    src = layout.ranges(prefix.starts[order], plen)
+    dst = layout.ranges(k_first, plen)
+    owner = np.repeat(prefix.chunk[order], plen)
+    gather = _PrefixKV(
+        prefix.chunks,
+        pieces=[(int(c), idx(src[owner == c]), idx(dst[owner == c])) for c in np.unique(owner)],
+        dst_new=idx(layout.ranges(k_first + plen, lengths)),
+        total=int(kv_len.sum()),
+    )
+    return {"prepack_prefix": gather, "cu_seq_lens_k": torch.from_numpy(cu_k).to(device), "max_length_k": int(kv_len.max())}

@@ -1,0 +1,104 @@
+"""Packed sequence classification, reward scoring and embeddings: a head on :func:`prepack.forward_at`'s hidden states.
+
+A ``*ForSequenceClassification`` model (a reward model in TRL's sense is one
+with ``num_labels=1``) scores the hidden state of each sequence's last real
+token. transformers finds that token by looking for ``pad_token_id`` in a
+padded batch, and refuses a batch larger than one when no pad token is
+configured. A packed batch has no padding: prepack knows where each request
+ends and applies the head there, so no ``pad_token_id`` is needed.
+
+Embeddings pool the base model's last hidden state over each request's own
+tokens: its last token, or the mean of all of them (what sentence-transformers
+calls ``lasttoken`` and ``mean`` pooling, without a padding mask to get wrong).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .forward import forward_at
+
+Pooling = Literal["last", "mean"]
+
+
+def classify(model, sequences: Sequence, *, backend: str = "auto", token_budget: int | None = None, capacity: int | None = None) -> torch.Tensor:
+    """Sequence-classification (or reward) logits of each request, packed.
+
+    Equal to the model's own forward on each sequence alone, and to its padded batched
+    forward at each sequence's last real token.
+
+    Args:
+        model: a transformers ``*ForSequenceClassification`` model (Llama, Qwen2, Mistral,
+            Gemma2, ...: the generic head ``model.score`` over ``model.model``); ``pad_token_id``
+            may be unset.
+        sequences: N requests, lists of token ids or 1-D integer tensors.
+        backend, token_budget, capacity: as in :func:`prepack.prefill`.
+
+    Returns:
+        (N, num_labels) float logits, in request order (a reward model's rewards are ``[:, 0]``).
+    """
+    head = classification_head(model)
+    return forward_at(
+        model, sequences, "last", output="hidden_states", reduce=lambda h, rows: head(h),
+        backend=backend, token_budget=token_budget, capacity=capacity,
+    )
+
+
+def classification_head(model) -> torch.nn.Module:
+    """The score head of a transformers sequence-classification model; refuses any other model."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    name = type(model).__name__
+    if not isinstance(model, GenericForSequenceClassification):
+        hint = " (this is a causal LM: score continuations with prepack.score, or embed with prepack.embed)" if name.endswith("ForCausalLM") else ""
+        raise TypeError(
+            f"{name} has no sequence-classification head that prepack knows; prepack.classify takes a "
+            f"transformers *ForSequenceClassification model with the generic score head{hint}"
+        )
+    return model.score
+
+
+def embed(
+    model,
+    sequences: Sequence,
+    *,
+    pooling: Pooling = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+    token_budget: int | None = None,
+    capacity: int | None = None,
+) -> torch.Tensor:
+    """One vector per request from the base model's last hidden state, packed.
+
+    Args:
+        model: a decoder-only transformers model (a causal LM, a classifier or a bare
+            ``*Model``); its base model's last hidden state is pooled.
+        sequences: N requests, lists of token ids or 1-D integer tensors.
+        pooling: ``"last"`` (the last token: decoder embedding models such as e5-mistral and
+            gte-Qwen) or ``"mean"`` (every token of the request, equally weighted).
+        normalize: scale each vector to unit L2 norm.
+
+    Returns:
+        (N, D) float, in request order.
+    """
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    if pooling == "last":
+        out = forward_at(model, sequences, "last", output="hidden_states", backend=backend, token_budget=token_budget, capacity=capacity)
+    else:
+        parts = forward_at(
+            model, sequences, "all", output="hidden_states", backend=backend, token_budget=token_budget,
+            capacity=capacity,
+        )
+        lengths = np.array([len(p) for p in parts], np.int64)
+        if len(parts):
+            flat = torch.cat(parts)
+            owner = torch.from_numpy(np.repeat(np.arange(len(parts)), lengths)).to(flat.device)
+            sums = flat.new_zeros(len(parts), flat.shape[-1]).index_add_(0, owner, flat)
+            out = sums / torch.from_numpy(lengths).to(flat)[:, None]
+        else:
+            out = torch.zeros(0, 0)
+    return torch.nn.functional.normalize(out, dim=-1) if normalize else out

@@ -1,0 +1,148 @@
+"""An lm-evaluation-harness backend, ``"prepack"``: lm-eval's ``hf`` model with packed scoring and generation.
+
+:class:`PrepackLM` is lm-eval's own ``HFLM`` (same model loading, tokenization,
+prefix token, context window and request handling), with the three request
+types routed through prepack:
+
+* ``loglikelihood`` -> :func:`prepack.score` (no padding; a context shared by
+  the choices of a question is prefilled once), with ``hf``'s left truncation;
+* ``loglikelihood_rolling`` -> :func:`prepack.score_rolling`, lm-eval's windows;
+* ``generate_until`` -> :func:`prepack.generate` (packed prefill, then
+  ``model.generate`` with lm-eval's stop sequences).
+
+Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, same
+greedy flags and generations), so the metrics are too.
+
+lm-eval 0.4 finds models in a registry filled when lm-eval imports its own
+modules; it has no plugin entry point, so the plain ``lm_eval`` command does not
+know ``prepack``. Importing this module registers it, and running it is the
+``lm_eval`` command with it registered::
+
+    python -m prepack.lm_eval run --model prepack --model_args pretrained=LOCAL_DIR,token_budget=8192 --tasks hellaswag
+    # in Python: import prepack.lm_eval; lm_eval.simple_evaluate(model="prepack", ...)
+
+Model args beyond ``hf``'s: ``token_budget`` (tokens per packed forward, default
+8192 or the context window if larger), ``attn_backend`` (prepack's attention
+backend, default ``auto``) and ``share_contexts`` (default true). ``batch_size``
+is accepted and ignored: packing sizes the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+try:
+    from lm_eval.api.registry import model_registry
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("prepack.lm_eval needs lm-evaluation-harness: pip install 'prepack[lm_eval]'") from e
+
+from .generation import generate
+from .hf import check_model
+from .scoring import score, score_rolling
+
+logger = logging.getLogger(__name__)
+
+NAME = "prepack"
+DEFAULT_TOKEN_BUDGET = 8192
+
+
+def register() -> None:
+    """Register :class:`PrepackLM` as lm-eval model ``"prepack"`` (lazily, by path; idempotent)."""
+    if NAME not in model_registry:
+        model_registry.register(NAME, target="prepack.lm_eval:PrepackLM")
+
+
+class PrepackLM(HFLM):
+    """lm-eval's ``hf`` model whose requests run through prepack's packed forward."""
+
+    def __init__(
+        self,
+        pretrained,
+        *,
+        token_budget: int | None = None,
+        attn_backend: str = "auto",
+        share_contexts: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+        if self.backend != "causal":
+            raise ValueError(f"lm-eval model 'prepack' packs decoder-only models; {type(self.model).__name__} is {self.backend}")
+        check_model(self.model)
+        for name in ("softmax_dtype", "mixed_precision_dtype"):
+            if getattr(self, name, None) is not None:
+                raise ValueError(f"lm-eval model 'prepack' does not implement {name}; load the model in the dtype to score in")
+        self.token_budget = int(token_budget) if token_budget is not None else max(DEFAULT_TOKEN_BUDGET, self.max_length)
+        self.attn_backend = attn_backend
+        self.share_contexts = share_contexts if isinstance(share_contexts, bool) else str(share_contexts).lower() == "true"
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """``[(cache_key, context_ids, continuation_ids), ...]`` -> ``[(logprob, is_greedy), ...]``, as ``hf``."""
+        for _, context, continuation in requests:
+            if len(context) + len(continuation) > self.max_length + 1:
+                logger.warning(
+                    f"Combined length of context ({len(context)}) and continuation ({len(continuation)}) exceeds "
+                    f"the model's maximum length ({self.max_length}); truncating from the left, as lm-eval's hf model does."
+                )
+        scores = score(
+            self.model, [(c, t) for _, c, t in requests], max_length=self.max_length, truncate="left",
+            share_contexts=self.share_contexts, backend=self.attn_backend, token_budget=self.token_budget,
+        )
+        out = []
+        for (key, _, _), s in zip(requests, scores):
+            answer = (s.logprob, s.is_greedy)
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+            out.append(answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihoods in lm-eval's rolling windows, all windows packed together."""
+        documents = [self.tok_encode(req.args[0]) for req in requests]
+        out = score_rolling(
+            self.model, documents, prefix_token_id=self.prefix_token_id, max_length=self.max_length,
+            backend=self.attn_backend, token_budget=self.token_budget,
+        )
+        for req, ll in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, ll)
+        return out
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """``hf``'s generation call, with a packed prefill: (N, L) left-padded contexts -> (N, L + new) tokens."""
+        # hf's defaults: temperature 0 means greedy
+        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+        do_sample = generation_kwargs.get("do_sample")
+        if (temp := generation_kwargs.get("temperature")) == 0.0 and do_sample is None:
+            generation_kwargs["do_sample"] = do_sample = False
+        if do_sample is False and temp == 0.0:
+            generation_kwargs.pop("temperature", None)
+        mask = generation_kwargs.pop("attention_mask", None)
+        prompts = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]
+        criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        new = generate(
+            self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget, max_length=max_length,
+            stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
+        )
+        width = max((len(x) for x in new), default=0)
+        out = context.new_full((len(new), context.shape[1] + width), self.tokenizer.pad_token_id)
+        out[:, : context.shape[1]] = context
+        for i, tokens in enumerate(new):
+            out[i, context.shape[1] : context.shape[1] + len(tokens)] = tokens
+        return out
+
+
+register()
+
+
+def main() -> None:
+    """The ``lm_eval`` command line, with model ``"prepack"`` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
