@@ -24,7 +24,10 @@ from .forward import forward_at
 Pooling = Literal["last", "mean"]
 
 
-def classify(model, sequences: Sequence, *, backend: str = "auto", token_budget: int | None = None, capacity: int | None = None) -> torch.Tensor:
+def classify(
+    model, sequences: Sequence, *, backend: str = "auto", token_budget: int | None = None, capacity: int | None = None,
+    tokenizer=None,
+) -> torch.Tensor:
     """Sequence-classification (or reward) logits of each request, packed.
 
     Equal to the model's own forward on each sequence alone, and to its padded batched
@@ -34,8 +37,9 @@ def classify(model, sequences: Sequence, *, backend: str = "auto", token_budget:
         model: a transformers ``*ForSequenceClassification`` model (Llama, Qwen2, Mistral,
             Gemma2, ...: the generic head ``model.score`` over ``model.model``); ``pad_token_id``
             may be unset.
-        sequences: N requests, lists of token ids or 1-D integer tensors.
-        backend, token_budget, capacity: as in :func:`prepack.prefill`.
+        sequences: N requests, in any form :func:`prepack.prefill` takes (token ids, tokenizer
+            output, strings or chats with ``tokenizer``).
+        backend, token_budget, capacity, tokenizer: as in :func:`prepack.prefill`.
 
     Returns:
         (N, num_labels) float logits, in request order (a reward model's rewards are ``[:, 0]``).
@@ -43,7 +47,7 @@ def classify(model, sequences: Sequence, *, backend: str = "auto", token_budget:
     head = classification_head(model)
     return forward_at(
         model, sequences, "last", output="hidden_states", reduce=lambda h, rows: head(h),
-        backend=backend, token_budget=token_budget, capacity=capacity,
+        backend=backend, token_budget=token_budget, capacity=capacity, tokenizer=tokenizer,
     )
 
 
@@ -70,13 +74,14 @@ def embed(
     backend: str = "auto",
     token_budget: int | None = None,
     capacity: int | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """One vector per request from the base model's last hidden state, packed.
 
     Args:
         model: a decoder-only transformers model (a causal LM, a classifier or a bare
             ``*Model``); its base model's last hidden state is pooled.
-        sequences: N requests, lists of token ids or 1-D integer tensors.
+        sequences: N requests, in any form :func:`prepack.prefill` takes (with ``tokenizer`` for text).
         pooling: ``"last"`` (the last token: decoder embedding models such as e5-mistral and
             gte-Qwen) or ``"mean"`` (every token of the request, equally weighted).
         normalize: scale each vector to unit L2 norm.
@@ -87,11 +92,14 @@ def embed(
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
     if pooling == "last":
-        out = forward_at(model, sequences, "last", output="hidden_states", backend=backend, token_budget=token_budget, capacity=capacity)
+        out = forward_at(
+            model, sequences, "last", output="hidden_states", backend=backend, token_budget=token_budget,
+            capacity=capacity, tokenizer=tokenizer,
+        )
     else:
         parts = forward_at(
             model, sequences, "all", output="hidden_states", backend=backend, token_budget=token_budget,
-            capacity=capacity,
+            capacity=capacity, tokenizer=tokenizer,
         )
         lengths = np.array([len(p) for p in parts], np.int64)
         if len(parts):

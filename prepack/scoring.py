@@ -51,13 +51,17 @@ def score(
     share_contexts: bool = True,
     backend: str = "auto",
     token_budget: int | None = None,
+    tokenizer=None,
 ) -> list[Score]:
     """Log-likelihood of each continuation given its context, packed; lm-eval ``loglikelihood`` semantics.
 
     Args:
         model: a decoder-only causal LM (see :func:`prepack.prefill`).
         requests: N ``(context, continuation)`` pairs, each a list of token ids or a 1-D integer
-            tensor. The context must not be empty (lm-eval puts its prefix token, BOS or EOS, there).
+            tensor, or two strings with ``tokenizer`` (split into tokens as lm-eval's ``hf`` model does:
+            trailing context spaces move to the continuation, the continuation is what encoding the
+            whole pair adds to the context's tokens, an empty context becomes the BOS or EOS token).
+            The context must not be empty (lm-eval puts its prefix token, BOS or EOS, there).
         max_length: the model's context window: at most this many input tokens per request,
             ``len(context) + len(continuation) - 1`` (default: ``max_position_embeddings``).
         truncate: what to do with a longer request: ``"error"`` (default) raises, ``"left"`` drops
@@ -73,6 +77,9 @@ def score(
     if truncate not in ("error", "left"):
         raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
     limit = _context_window(model, max_length)
+    requests = list(requests)
+    if any(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) for pair in requests):
+        requests = encode_pairs(tokenizer, requests)
     contexts, continuations = _check_pairs(requests, limit, truncate)
     n = len(contexts)
     logprob, greedy = np.zeros(n), np.ones(n, bool)
@@ -173,6 +180,29 @@ def _context_window(model, max_length: int | None) -> int | None:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         return int(max_length)
     return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) strings -> token-id pairs, the way lm-eval's ``hf`` model encodes them
+    (``_encode_pair`` and the empty-context rule of ``loglikelihood``, with ``add_bos_token=False``)."""
+    if tokenizer is None:
+        raise ValueError("got (context, continuation) strings but no tokenizer; pass tokenizer=")
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i, pair in enumerate(pairs):
+        if not all(isinstance(x, str) for x in pair):
+            raise ValueError(f"request {i} mixes strings and token ids; pass one kind of request")
+        context, continuation = pair
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+        cont = whole[len(ctx):]
+        if not ctx and prefix is not None:  # lm-eval: the prefix token, unless the continuation starts with it
+            ctx, cont = (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+        out.append((ctx, cont))
+    return out
 
 
 def _check_pairs(requests, limit: int | None, truncate: str) -> tuple[list[np.ndarray], list[np.ndarray]]:

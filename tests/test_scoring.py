@@ -134,3 +134,24 @@ def test_a_request_longer_than_the_context_window_is_refused_without_truncate():
 def test_a_request_over_the_token_budget_is_refused_with_its_index():
     with pytest.raises(ValueError, match="request 2 has 21 tokens but token_budget is 16"):
         prepack.score(build("llama"), [([1, 2], [3]), ([4], [5]), ([5] * 20, [6, 7])], token_budget=16)
+
+
+def test_string_pairs_are_encoded_as_lm_eval_encodes_them():
+    from .models import tokenizer
+
+    tok = tokenizer()
+    model = build("llama")
+    pairs = [("the quick brown", " fox jumps"), ("hello ", "world"), ("a user asks", " a question")]
+    ids = []
+    for ctx, cont in pairs:
+        spaces = len(ctx) - len(ctx.rstrip())
+        ctx, cont = (ctx[:-spaces], ctx[-spaces:] + cont) if spaces else (ctx, cont)
+        whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        ids.append((c, whole[len(c):]))
+    assert prepack.score(model, pairs, tokenizer=tok) == prepack.score(model, ids)
+
+
+def test_string_pairs_without_a_tokenizer_are_refused():
+    with pytest.raises(ValueError, match="no tokenizer; pass tokenizer="):
+        prepack.score(build("llama"), [("a", "b")])
