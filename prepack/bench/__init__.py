@@ -25,6 +25,7 @@ from .measure import (
     BenchMismatch,
     check_agreement,
     count_calls,
+    measure_memory,
     run_bench,
     run_sweep,
     time_call,
@@ -80,6 +81,7 @@ __all__ = [
     "run_sweep",
     "sample_lengths",
     "supports",
+    "measure_memory",
     "time_call",
     "time_interleaved",
 ]

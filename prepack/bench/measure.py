@@ -36,20 +36,28 @@ class BenchMismatch(RuntimeError):
     """Two methods disagree on a request's next token: timing them against each other would be meaningless."""
 
 
-def time_call(fn: Callable, device: torch.device) -> tuple[float, MemoryMeter, object]:
-    """Run ``fn()`` once under ``torch.inference_mode``: (seconds, its memory meter, its result).
+def time_call(fn: Callable, device: torch.device) -> tuple[float, object]:
+    """Run ``fn()`` once under ``torch.inference_mode``: (seconds, its result).
 
-    The time covers ``fn()`` alone (and the CUDA sync after it), not the
-    garbage collection and trimming the meter does before it.
+    No memory meter runs here: its sampling thread and the pages it hands back to
+    the OS before a call would be timed too (on a VM, re-faulting them costs more
+    than a small prefill). :func:`measure_memory` makes a separate call for that.
     """
     device = torch.device(device)
-    with torch.inference_mode(), MemoryMeter(device) as mem:
+    with torch.inference_mode():
         t = time.perf_counter()
         result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t
-    return dt, mem, result
+    return dt, result
+
+
+def measure_memory(fn: Callable, device: torch.device) -> MemoryMeter:
+    """Run ``fn()`` once, untimed, under a :class:`~prepack.bench.memory.MemoryMeter`."""
+    with torch.inference_mode(), MemoryMeter(torch.device(device)) as mem:
+        fn()
+    return mem
 
 
 def time_interleaved(
@@ -65,7 +73,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + repeat):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            dt, _, result = time_call(fns[name], device)
+            dt, result = time_call(fns[name], device)
             del result
             if r >= warmup:
                 times[name].append(dt)
@@ -121,7 +129,8 @@ def run_bench(
         pad_ratio, times_s, median_s, min_s, max_s, speedup, speedup_vs_sdpa_masked,
         tokens_per_s, mem_peak_mb, mem_growth_mb, mem_meter, same_tokens`` (fraction of
         requests whose whole output matches the first method's; 1.0 for prefill).
-        Memory is the largest over the timed calls. A method other than ``padded``
+        Memory comes from one more call of each method after the timed rounds, under
+        the memory meter (never during a timed call). A method other than ``padded``
         that raises gets a row with ``error`` instead.
 
     Raises:
@@ -151,7 +160,7 @@ def run_bench(
         names = [m for m in methods if supports(m, metric)]
         call = Call(prompts, metric, new_tokens, pad_id, micro_batch)
         times = {m: [] for m in names}
-        mems: dict[str, list[MemoryMeter]] = {m: [] for m in names}
+        mems: dict[str, MemoryMeter] = {}
         outputs: dict[str, object] = {}
         firsts: dict[str, torch.Tensor] = {}
         backends: dict[str, str] = {}
@@ -162,7 +171,7 @@ def run_bench(
                 if m in failed:
                     continue
                 try:
-                    dt, mem, outcome = time_call(lambda: method_fn(m)(model, call), device)
+                    dt, outcome = time_call(lambda: method_fn(m)(model, call), device)
                 except Exception as e:  # a peer that cannot run here is reported, not fatal
                     if m == "padded":
                         raise
@@ -176,12 +185,13 @@ def run_bench(
                     backends[m] = outcome.backend
                 if r >= warmup:
                     times[m].append(dt)
-                    mems[m].append(mem)
                 del outcome
                 if progress:
                     progress(f"{metric} {m}")
             if r == 0:
                 check_agreement({m: firsts[m] for m in names if m not in failed}, metric)
+        for m in [m for m in names if m not in failed]:
+            mems[m] = measure_memory(lambda: method_fn(m)(model, call), device)
         ref = names[0]
         for m, why in failed.items():
             rows.append(dict(metric=metric, method=m, batch_size=len(prompts), error=why))
@@ -195,7 +205,7 @@ def run_bench(
                 computed_tokens=computed, pad_ratio=computed / sum(lengths),
                 times_s=ts, median_s=median, min_s=min(ts), max_s=max(ts),
                 tokens_per_s=(sum(lengths) + (generated if metric == "generate" else 0)) / median,
-                mem_peak_mb=max(x.peak for x in mems[m]) / MB, mem_growth_mb=max(x.growth for x in mems[m]) / MB,
+                mem_peak_mb=mems[m].peak / MB, mem_growth_mb=mems[m].growth / MB,
                 mem_meter=meter,
                 same_tokens=_same_fraction(outputs.get(ref), outputs.get(m)) if metric == "generate" else 1.0,
                 repeat=repeat, warmup=warmup, device=str(device), new_tokens=call.max_new_tokens if metric != "prefill" else 0,
@@ -248,6 +258,6 @@ def run_sweep(
 
 
 def count_calls(batch_sizes, metrics, methods, repeat: int, warmup: int) -> int:
-    """How many method calls :func:`run_sweep` makes, for a progress bar."""
+    """How many method calls :func:`run_sweep` makes, for a progress bar (the timed ones and the warm-up)."""
     per = sum(len([m for m in methods if supports(m, metric)]) for metric in metrics)
     return len(batch_sizes) * per * (repeat + warmup)
