@@ -31,10 +31,7 @@ import prepack
 
 
 def sharegpt_requests(n: int, max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    try:
-        from prepack.bench import sharegpt_token_ids  # the prepack.bench package
-    except ImportError:
-        from prepack.prompts import sharegpt_token_ids
+    from prepack.bench.prompts import sharegpt_token_ids
     ids = [t[:max_len] for t in sharegpt_token_ids() if len(t) >= 2]
     rng = np.random.default_rng(seed)
     out = []

@@ -2,8 +2,10 @@
 
 The data flow, one module per step::
 
-    lengths --planner--> Plan --packing--> PackedBatch --attention, hf--> prefill --kvcache--> per-request caches
-                                                                                  --generation--> model.generate
+    prompts --inputs--> token arrays
+    lengths --planner--> Plan --packing--> PackedBatch (offsets, positions, cu_seqlens: layout)
+            --attention (kernels), hf (support)--> forward --prefill--> per-request keys/values
+            --kvcache--> DynamicCache / flash_attn_with_kvcache layouts --generation--> model.generate
     prefill-only jobs: forward.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
                                                                         --heads--> classify, embed
 

@@ -18,7 +18,7 @@ Values may have a head dim of their own: ``v: (total_k, H_kv, D_v)`` gives
 ``out: (total_q, H, D_v)``. ``sinks: (H,)`` are attention sinks (gpt-oss): one learned
 logit per head that joins every query's softmax denominator and attends to nothing,
 as in flash-attn's ``attention_ref(..., learnable_sink=...)``; the CPU backends take
-them, the ``flash`` kernel does not.
+them, the CUDA kernels (``flash``, ``torch_varlen``) do not.
 
 Backends:
     ``flash``        flash-attn's kernel (CUDA, fp16/bf16; in :mod:`prepack.kernels`).

@@ -268,9 +268,8 @@ def run_packed(
 def default_token_budget(model) -> int:
     """Tokens per forward when the caller sets no ``token_budget``.
 
-    * CPU: 8192. Longer streams are slower, not faster: the activations of a longer forward fall
-      out of the caches, and its memory grows with the stream (``benchmarks/bench_token_budget.py``,
-      ``docs/prefill.md``).
+    * CPU: 8192. Longer streams are not faster, and their memory grows with the stream
+      (``benchmarks/bench_token_budget.py``, recorded in ``docs/prefill.md``).
     * CUDA: what a quarter of the free device memory holds, counting per token the keys and values
       kept for every layer plus eight hidden-size-or-MLP-width activations of the layer being run,
       clamped to [4096, 131072].

@@ -1,4 +1,4 @@
-"""Step 6 of the data flow: decoding continues from the packed prefill.
+"""Step 7 of the data flow: decoding continues from the packed prefill.
 
 ``generate`` prefills every prompt but its last token, packed, scatters the
 keys and values into a left-padded ``DynamicCache`` and hands that to
@@ -66,8 +66,8 @@ def generate(
         wave_size: prompts prefilled and decoded together; memory is bounded by one wave.
         progress: a tqdm bar over prompts (default: when there is more than one wave).
         **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``,
-            ``num_return_sequences``, ``generation_config``, ...). ``num_beams > 1`` and
-            ``return_dict_in_generate`` are refused.
+            ``num_return_sequences``, ``generation_config``, ...). ``num_beams > 1``,
+            ``return_dict_in_generate``, ``output_scores``, ``output_logits`` and ``streamer`` are refused.
 
     Returns:
         N * G results (G = ``num_return_sequences``, default 1), request-major as

@@ -1,4 +1,4 @@
-"""Step 5 of the data flow: packed keys/values -> per-request KV caches.
+"""Step 6 of the data flow: packed keys/values -> per-request KV caches.
 
 After a packed prefill every layer's keys and values sit in the packed layout,
 (B, H_kv, L, D): one flat stream (B = 1) for varlen backends, or R rows of
