@@ -9,9 +9,6 @@ methods interleaved, medians over --repeat, every method's next token checked
 first. prepack's time includes the scatter into the left-padded cache that
 ``model.generate`` continues from. On top, this script reports:
 
-* the matmul rate prepack achieves on the useful FLOPs (2 x non-embedding
-  parameters x real tokens, plus each prompt's causal attention and the LM head
-  on the last tokens) against the rate measured on the model's MLP shape;
 * the share of prepack's time spent planning, packing and scattering KV;
 * peak RSS growth against padded's (see ``prepack.bench.measure`` for what it counts).
 """
@@ -63,20 +60,6 @@ def main() -> None:
     print(format_table(rows))
     by = {r["method"]: r for r in rows}
     ours, pad, dense = (by[m]["median_s"] for m in ("prepack", "padded", "prepack:sdpa_masked"))
-
-    # the machine's fp32 matmul rate on the MLP shape: all real tokens x hidden @ hidden x intermediate
-    x = torch.randn(real, config.hidden_size)
-    w = torch.randn(config.hidden_size, config.intermediate_size)
-    rate = 2 * real * config.hidden_size * config.intermediate_size / median_time(lambda: x @ w, 5)
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
-    head_dim = config.hidden_size // config.num_attention_heads
-    # causal attention: QK^T and PV over half of each prompt's l x l square, per head and layer
-    attention = sum(4 * (l * (l + 1) / 2) * head_dim for l in lengths) * config.num_attention_heads * config.num_hidden_layers
-    lm_head = 2 * len(seqs) * config.hidden_size * config.vocab_size
-    useful = 2 * non_embedding * real + attention + lm_head
-    print(f"\nuseful FLOPs {useful / 1e9:.1f} G; prepack runs them at {useful / ours / 1e9:.1f} GFLOP/s = "
-          f"{useful / ours / rate:.0%} of the {rate / 1e9:.1f} GFLOP/s fp32 matmul rate on the MLP shape "
-          f"({real}x{config.hidden_size} @ {config.hidden_size}x{config.intermediate_size})")
 
     tokens = [np.asarray(s) for s in seqs]
     t_pack = median_time(lambda: pack_plan(prepack.plan(lengths, real), tokens), 10)
