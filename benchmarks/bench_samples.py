@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--model", default="llama-small")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds of every method first")
     args = ap.parse_args()
 
     import prepack
@@ -75,8 +76,9 @@ def main() -> None:
                "padded prefill (x G)": hf_prefill, "prepack.prefill + G-row cache": pp_prefill}
     times: dict[str, list[float]] = {m: [] for m in methods}
     with torch.no_grad():
-        for fn in methods.values():  # warm-up
-            fn()
+        for _ in range(args.warmup):
+            for fn in methods.values():
+                fn()
         for _ in range(args.repeat):
             for name, fn in methods.items():
                 t = time.perf_counter()
