@@ -3,7 +3,7 @@
     python benchmarks/bench_token_budget.py [--n 2000] [--model llama-small] [--budgets 4096,8192,16384,32768] [--repeat 2]
 
 N ShareGPT first turns (cl100k tokens, cut at 4096) go through ``prepack.prefill`` once per
-budget: the default (``prepack.prefill.default_token_budget``) and each fixed one. Every
+budget: the default (``prepack.forward.default_token_budget``) and each fixed one. Every
 measurement runs in a fresh subprocess, round-robin over the budgets, so that its peak RSS
 (``ru_maxrss``) is its own; the time is the prefill alone, after a small warm-up prefill in the
 same process. Memory is reported against what the prefill returns (the packed keys and values
@@ -32,7 +32,7 @@ def child(args) -> None:
 
     import prepack
     from prepack.bench import build_model, load_prompts
-    from prepack.prefill import default_token_budget
+    from prepack.forward import default_token_budget
 
     torch.manual_seed(0)
     model = build_model(args.model)

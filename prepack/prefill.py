@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .forward import ROW_BACKENDS, default_token_budget, run_packed  # noqa: F401  (re-exported)
+from .forward import run_packed
 from .hf import model_device
 from .inputs import check_prompts
 from .packing import PackedBatch

@@ -27,7 +27,7 @@ import torch
 
 from ..attention import BACKENDS, resolve_backend
 from ..generation import left_pad
-from ..prefill import ROW_BACKENDS
+from ..forward import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
 PREPACK_PREFIX = "prepack:"
