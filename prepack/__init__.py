@@ -14,13 +14,13 @@ The data flow, one module per step::
 packing and batch inference on Ray Data.
 """
 
-from .attention import BACKENDS, get_backend, resolve_backend
+from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, pack_table
 from .forward import forward_at
 from .generation import generate, generate_iter
 from .heads import classify, embed
-from .hf import ATTN_IMPLEMENTATION
+from .hf import ATTN_IMPLEMENTATION, disable, enable
 from .hf import register as _register
 from .kvcache import FlashKVCache
 from .packing import PackedBatch, Varlen, pack
@@ -47,7 +47,9 @@ __all__ = [
     "Score",
     "Varlen",
     "classify",
+    "disable",
     "embed",
+    "enable",
     "forward_at",
     "generate",
     "generate_iter",

@@ -39,49 +39,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from .masks import causal_segment_mask, document_mask, flash_window, segment_mask, window_allows
 
 Backend = Callable[..., torch.Tensor]
-BACKENDS: tuple[str, ...] = ("flash", "torch_varlen", "sdpa_varlen", "sdpa_masked", "flex", "reference")
-# Backends that take ``sinks=`` (attention sinks); the CUDA kernels have no such argument.
-SINK_BACKENDS: tuple[str, ...] = ("sdpa_varlen", "sdpa_masked", "flex", "reference")
-
-
-def resolve_backend(
-    name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    head_dim: int | None = None, softcap: float = 0.0,
-) -> str:
-    """The concrete backend that ``name`` means on ``device`` for ``dtype``.
-
-    ``auto`` on CUDA in fp16/bf16 is ``flash`` when flash-attn imports, else ``torch_varlen`` (PyTorch's
-    own FlashAttention varlen kernel, torch >= 2.10, sm80+), else ``sdpa_varlen``, the fastest exact path
-    we measured on CPU (docs/results.md); a kernel that cannot give the layer's ``softcap`` or take its
-    ``head_dim`` (the widest of the query/key and value head dims) is skipped. A CUDA kernel named
-    explicitly is checked against ``device`` / ``dtype`` / ``head_dim`` / ``softcap``: ``RuntimeError``
-    with the reason and the fix.
-    """
-    if name == "auto":
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        chosen = kernels.auto_kernel(device, dtype, head_dim=head_dim, softcap=softcap) if on_cuda else None
-        return chosen or "sdpa_varlen"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    if name in kernels.KERNELS and (device is not None or dtype is not None):
-        problem = kernels.kernel_problem(name, device=device, dtype=dtype, head_dim=head_dim, softcap=softcap)
-        if problem:
-            raise RuntimeError(problem)
-    return name
-
-
-def get_backend(
-    name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    head_dim: int | None = None, softcap: float = 0.0,
-) -> Backend:
-    """The varlen attention function called ``name`` (``"auto"`` resolved for ``device`` and ``dtype``)."""
-    name = resolve_backend(name, device=device, dtype=dtype, head_dim=head_dim, softcap=softcap)
-    if name in kernels.KERNELS:
-        return kernels.get_kernel(name, device=device, dtype=dtype)
-    return _BACKENDS[name]
 
 
 def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
@@ -90,67 +50,6 @@ def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens_q has {len(cq) - 1} segments but cu_seqlens_k has {len(ck) - 1}")
     return zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
-
-
-def flash_window(window_size, causal: bool, max_seqlen_k: int | None) -> tuple[int, int]:
-    """``window_size`` as flash-attn's kernel applies it.
-
-    flash-attn drops a window side that reaches ``max_seqlen_k`` or beyond
-    (``flash_api.cpp``: ``if (window_size_left >= seqlen_k) window_size_left = -1``) and forces
-    the right side to 0 under ``causal``. Every backend normalises the same way, so that they
-    all mean the same thing for the same arguments.
-    """
-    left, right = (int(w) for w in window_size)
-    if max_seqlen_k is not None:
-        left = -1 if left >= max_seqlen_k else left
-        right = -1 if right >= max_seqlen_k else right
-    return (max(left, -1), 0 if causal else max(right, -1))
-
-
-def window_allows(delta, window_size):
-    """Whether a key at ``delta`` = key index - query index (bottom-right aligned) is visible.
-
-    ``window_size`` must already be normalised by :func:`flash_window` (``causal`` is then a
-    right window of 0). Works on tensors and inside FlexAttention's ``mask_mod``.
-    """
-    left, right = window_size
-    ok = delta == delta  # all True, same type as delta
-    if right >= 0:
-        ok = ok & (delta <= right)
-    if left >= 0:
-        ok = ok & (delta >= -left)
-    return ok
-
-
-def document_mask(doc_q, idx_q, doc_k, idx_k, window_size) -> torch.Tensor:
-    """The one dense-mask builder: (..., Lq, Lk) bool, True where a query may see a key.
-
-    Args:
-        doc_q, doc_k: (..., Lq), (..., Lk) int, the segment of each query / key; -1 (padding) sees nothing.
-        idx_q, idx_k: (..., Lq), (..., Lk) int, positions within the segment, with queries counted so that
-            the segment's last query and last key line up (flash-attn's bottom-right alignment).
-        window_size: normalised by :func:`flash_window`.
-    """
-    same = (doc_q[..., :, None] == doc_k[..., None, :]) & (doc_q[..., :, None] >= 0)
-    return same & window_allows(idx_k[..., None, :] - idx_q[..., :, None], window_size)
-
-
-def _allowed(lq: int, lk: int, window_size, device) -> torch.Tensor | None:
-    """(lq, lk) bool mask for one segment, or None when SDPA needs none (no window, or plain causal with lq == lk)."""
-    left, right = window_size
-    if left < 0 and right < 0:
-        return None
-    if left < 0 and right == 0 and lq == lk:
-        return None  # SDPA's is_causal is exactly this
-    return segment_mask(lq, lk, window_size, device)
-
-
-def segment_mask(lq: int, lk: int, window_size, device) -> torch.Tensor:
-    """(lq, lk) bool mask of one segment (bottom-right aligned; ``window_size`` normalised)."""
-    doc_q = torch.zeros(lq, dtype=torch.long, device=device)
-    doc_k = torch.zeros(lk, dtype=torch.long, device=device)
-    idx_q = torch.arange(lq, device=device) + (lk - lq)
-    return document_mask(doc_q, idx_q, doc_k, torch.arange(lk, device=device), window_size)
 
 
 def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -237,7 +136,7 @@ def sdpa_varlen(
         if lq == 0:
             continue
         if (lq, lk) not in masks:
-            masks[(lq, lk)] = _allowed(lq, lk, window, q.device)
+            masks[(lq, lk)] = causal_segment_mask(lq, lk, window, q.device)
         mask = masks[(lq, lk)]
         o = _sdpa(
             q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], mask,
@@ -377,11 +276,3 @@ def reference(
         sink = None if sinks is None else sinks.double()
         out[qs:qe] = _math_attention(qq, kk, vv, mask, scale, softcap, sinks=sink)[0].transpose(0, 1).to(q.dtype)
     return out
-
-
-_BACKENDS: dict[str, Backend] = {
-    "sdpa_varlen": sdpa_varlen,
-    "sdpa_masked": sdpa_masked,
-    "flex": flex,
-    "reference": reference,
-}

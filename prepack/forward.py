@@ -1,7 +1,7 @@
 """Step 4 of the data flow, the engine under every prefill-only job: one packed forward, outputs where asked.
 
 :func:`run_packed` plans and packs token sequences, runs the model once per
-micro-batch with prepack's attention (:func:`~prepack.hf.packed_forward`), and
+micro-batch with prepack's attention (each forward carries a :class:`~prepack.step.PackedCall`), and
 returns what the caller asked for: each layer's keys and values (for
 :func:`~prepack.prefill`'s caches) and/or outputs at chosen token positions of
 each request. :func:`forward_at` is its public face; scoring, classification
@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .attention import SINK_BACKENDS, resolve_backend
-from .hf import attention_needs, cache_kwarg, model_device, packed_forward
+from .backends import Kernel, choose
+from .hf import attention_needs, cache_kwarg, enable, model_device
 from .inputs import check_prompts
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
-from .support import UnsupportedModelError, has_attention_sinks
+from .step import PackedCall, PrefixKV, StepLayout
+from .support import UnsupportedModelError
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
 # block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
@@ -191,12 +192,8 @@ def run_packed(
     if kv not in (None, "cache", "attention"):
         raise ValueError(f"kv must be None, 'cache' or 'attention', got {kv!r}")
     device, dtype = model_device(model), next(model.parameters()).dtype
-    name = resolve_backend(backend, device=device, dtype=dtype, **attention_needs(model))
-    if backend == "auto" and name not in SINK_BACKENDS and has_attention_sinks(model):
-        name = "sdpa_varlen"  # the CUDA kernels take no attention sinks
-    rows_layout = name in ROW_BACKENDS
-    if prefix is not None and rows_layout:
-        raise ValueError(f"backend {name!r} lays requests out in rows and cannot continue a shared prefix; use a varlen backend")
+    kernel = choose(backend, device=device, dtype=dtype, needs=attention_needs(model, continues_keys=prefix is not None))
+    name, rows_layout = kernel.name, kernel.rows
     if spans is not None and output == "logits":
         check_lm_head(model)
     if token_budget is not None:
@@ -239,9 +236,10 @@ def run_packed(
         sub_prefix = Prefix(prefix.chunks, prefix.chunk[real], prefix.starts[real], prefix.lengths[real])
 
     chunks, values, rows_of = [], [], []
-    with torch.no_grad(), packed_forward(model):
+    enable(model)
+    with torch.no_grad():
         for rows in calls:
-            layers, out, where = _forward(model, batch, rows, name, device, select, output, reduce, kv, sub_prefix)
+            layers, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix)
             chunks.append(layers)
             if out is not None:
                 values.append(out)
@@ -309,38 +307,7 @@ def base_model(model):
     return model if base is None else base
 
 
-class _PrefixKV:
-    """Puts each request's prefix keys/values in front of its new ones, per layer (consumed by ``prepack_attention``).
-
-    Args:
-        chunks: the prefix run's chunks (per forward, per layer (keys, values), each (1, H_kv, S, D)).
-        pieces: per chunk (chunk, src, dst): ``src`` token indices into that chunk's stream,
-            ``dst`` where they go in the merged (prefix + new) key axis.
-        dst_new: where the call's new keys go in the merged key axis.
-        total: the merged key axis' length.
-    """
-
-    def __init__(self, chunks: list, pieces: list, dst_new: torch.Tensor, total: int):
-        self.chunks, self.pieces, self.dst_new, self.total = chunks, pieces, dst_new, total
-
-    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, H_kv, n, D) keys and values of the new tokens -> (1, H_kv, total, D) with the prefixes in place."""
-        return self._merge(layer_idx, 0, key), self._merge(layer_idx, 1, value)
-
-    def _merge(self, layer_idx: int, which: int, new: torch.Tensor) -> torch.Tensor:
-        out = new.new_empty(1, new.shape[1], self.total, new.shape[3])
-        for c, src, dst in self.pieces:
-            past = self.chunks[c][layer_idx][which]
-            if past.shape[1] != new.shape[1] or past.shape[3] != new.shape[3]:
-                raise UnsupportedModelError(
-                    f"layer {layer_idx}'s shared-context keys have shape {tuple(past.shape)} but the new ones "
-                    f"{tuple(new.shape)}; this model cannot continue a shared context (pass share_contexts=False)"
-                )
-            out.index_copy_(2, dst, past.index_select(2, src))
-        return out.index_copy_(2, self.dst_new, new)
-
-
-def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, select, output: str, reduce, kv, prefix):
+def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, select, output: str, reduce, kv, prefix):
     """One forward pass over ``rows`` of ``batch``.
 
     Args:
@@ -352,33 +319,34 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, selec
         per layer (keys, values) (empty without ``kv``), the (K, ...) outputs of the call's spans
         (None without ``select``), and (K,) their rows in the request-order result.
     """
-    kwargs: dict = {"use_cache": False, "prepack_backend": backend}
+    kwargs: dict = {"use_cache": False}
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kv="attention": filled by prepack_attention
     records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache": layer_idx -> what the model caches
     cache = None
-    if kv == "attention":
-        kwargs["prepack_kv"] = captured
-    elif kv == "cache":
+    if kv == "cache":
         cache = kvcache.recording_cache(model.config, records)
         kwargs.update({"use_cache": True, cache_kwarg(model): cache})
     p = batch.plan
     order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
     lengths = p.lengths[order]
-    if backend in ROW_BACKENDS:
+    sink = captured if kv == "attention" else None
+    if kernel.rows:
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
         first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
-        kwargs["prepack_row_mask"] = functools.lru_cache(maxsize=None)(
+        row_mask = functools.lru_cache(maxsize=None)(
             lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
+        call = PackedCall(StepLayout(lengths, lengths, device), kernel, kv=sink, row_mask=row_mask)
     else:
         v = batch.to_varlen(rows)
         ids, pos = v.input_ids[None], v.position_ids[None]
-        cu = v.cu_seqlens.to(device)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=v.max_seqlen, max_length_k=v.max_seqlen)
-        first = v.cu_seqlens[:-1].numpy().astype(np.int64)
+        first = layout.starts(lengths)
+        k_lengths, earlier = lengths, None
         if prefix is not None:
-            kwargs.update(_prefix_kwargs(prefix, order, lengths, device))
+            earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
             pos = pos + torch.from_numpy(np.repeat(prefix.lengths[order], lengths))[None]
+        call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=sink, prefix=earlier)
+    kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
     values = where = None
     if select is None:
@@ -410,12 +378,12 @@ def _forward(model, batch: PackedBatch, rows: slice, backend: str, device, selec
     return captured, values, where
 
 
-def _prefix_kwargs(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, device) -> dict:
-    """Attention kwargs for a call whose requests continue ``prefix``: keys are [prefix, new tokens] per request."""
+def _earlier_keys(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, device) -> tuple[PrefixKV, np.ndarray]:
+    """For a call whose requests continue ``prefix``: the gather that puts [prefix, new tokens] per request
+    in one key stream, and (n,) the key length of each segment."""
     plen = prefix.lengths[order]
     kv_len = plen + lengths
-    cu_k = layout.cu_seqlens(kv_len)
-    k_first = cu_k[:-1].astype(np.int64)
+    k_first = layout.starts(kv_len)
 
     def idx(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -423,10 +391,10 @@ def _prefix_kwargs(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, devic
     src = layout.ranges(prefix.starts[order], plen)
     dst = layout.ranges(k_first, plen)
     owner = np.repeat(prefix.chunk[order], plen)
-    gather = _PrefixKV(
+    gather = PrefixKV(
         prefix.chunks,
         pieces=[(int(c), idx(src[owner == c]), idx(dst[owner == c])) for c in np.unique(owner)],
         dst_new=idx(layout.ranges(k_first + plen, lengths)),
         total=int(kv_len.sum()),
     )
-    return {"prepack_prefix": gather, "cu_seq_lens_k": torch.from_numpy(cu_k).to(device), "max_length_k": int(kv_len.max())}
+    return gather, kv_len

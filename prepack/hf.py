@@ -1,53 +1,154 @@
 """How packed attention reaches a Hugging Face model: by registration, never by patching.
 
-Importing prepack registers an attention function and a mask function named
-``"prepack"`` with transformers' ``AttentionInterface`` /
-``AttentionMaskInterface``. A model switched to it computes, in each layer:
+prepack registers, with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``,
+one implementation per implementation a model may already have: ``"prepack|sdpa"`` wraps
+``"sdpa"``, ``"prepack|eager"`` wraps the model's own eager attention, and so on (like
+transformers' ``paged|`` prefix). The plain name ``"prepack"`` wraps ``"sdpa"``.
 
-* **varlen attention** when the call carries a packed layout: the
-  ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``
-  kwargs (the names of transformers' flash-attention path and
-  ``DataCollatorWithFlattening``), or restarting ``position_ids`` with no cache
-  and no mask. The backend comes from the ``prepack_backend`` kwarg (default ``"auto"``).
-* **the model's own attention** otherwise (decoding, padded batches), with the
-  model's own mask: the implementation the model had before prepack switched
-  it (``sdpa``, a flash kernel, ...), or explicit math where that would drop a
-  feature (soft-capping, or an ``eager`` model).
+**The one-time switch.** :func:`enable` sets each config of a model to ``"prepack|<its own>"``
+through ``model.set_attn_implementation`` (visible in ``model.config._attn_implementation``);
+:func:`disable` sets it back. Every prepack entry point calls :func:`enable`, which writes
+nothing when the model is already enabled. Enable a model before sharing it between threads
+(the first packed call does it otherwise): from then on no call writes to the model or its config.
 
-Masks: the ``"prepack"`` mask function returns None, and builds nothing, for a
-call with no padding mask, no cache and no custom mask overlay: attention then
-knows everything from ``position_ids`` and the layout kwargs, so a packed
-forward never materialises a (T, T) mask. Otherwise it is the model's own mask.
+**A wrapper changes no one else's call.** A call that carries no packed layout (a plain
+forward, ``model.generate``, a padded batch, a second model sharing the config) computes what
+the wrapped implementation computes, with the wrapped implementation's own mask. A packed call
+carries its layout, its kernel and its KV sink in one keyword, ``prepack=``
+(:class:`prepack.step.PackedCall`); a padding-free training batch carries transformers'
+``cu_seq_lens_q/k`` (``DataCollatorWithFlattening``) or restarting ``position_ids``.
 
-Thread safety: :func:`packed_forward` switches a model to ``"prepack"`` under a
-lock and counts the callers inside; the last one to leave restores the model's
-own implementation. While switched, every call that carries no packed layout
-takes the path above, so a concurrent caller of the same model (packed or not)
-gets the same result as without prepack. Nothing else is stored on the model:
-each packed call carries its layout and its KV sink through its own kwargs.
+**Masks.** The ``"prepack|<own>"`` mask function builds nothing for a call with no padding mask,
+no cache offset and a causal mask (plain, sliding or chunked, or packed ``position_ids``): a packed
+stream of T tokens never costs a (T, T) mask. Attention then knows everything from the layout; a
+plain call of that kind gets the wrapped implementation's mask, built in the layer. Any other
+mask (padding, decoding, bidirectional or custom overlays) is the wrapped implementation's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
+import sys
 import threading
 
 import torch
 
-import numpy as np
-
-from . import layout
-from .attention import SINK_BACKENDS, dense_attention, get_backend, resolve_backend, segment_mask
+from .attention import dense_attention, segment_mask
+from .backends import Needs, training_kernel
 from .kvcache import own_storage
-from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, layer_attention
+from .step import PackedCall, StepLayout
+from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
+PREFIX = "prepack|"
+_PLAIN_OWN = "sdpa"  # what the plain name "prepack" wraps
+# the mask functions transformers composes for a causal call (plain, sliding, chunked, packed position ids)
+_CAUSAL_MASKS = ("causal_mask_function", "and_masks.")
 
 _LOCK = threading.Lock()
-_SWITCHED: dict[int, list] = {}  # id(model) -> [callers inside, {id(config): (config, its own implementation)}]
-_FALLBACK: dict[int, str] = {}  # id(config) -> the implementation it had before the switch, while switched
+
+
+def wrapped_implementation(name: str | None) -> str | None:
+    """The implementation a prepack implementation name wraps (``"prepack|eager"`` -> ``"eager"``), else None."""
+    if name == ATTN_IMPLEMENTATION:
+        return _PLAIN_OWN
+    if name and name.startswith(PREFIX):
+        return name[len(PREFIX):]
+    return None
+
+
+def implementation_for(own: str) -> str:
+    """The prepack implementation that wraps ``own``, registered with transformers on first use."""
+    name = PREFIX + own
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, functools.partial(prepack_attention, own=own))
+        AttentionMaskInterface.register(name, functools.partial(prepack_mask, own=own))
+    return name
+
+
+def register() -> None:
+    """Register ``"prepack"`` and the wrappers of transformers' built-in implementations. Idempotent; runs on import."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, functools.partial(prepack_attention, own=_PLAIN_OWN))
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, functools.partial(prepack_mask, own=_PLAIN_OWN))
+    for own in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
+        implementation_for(own)
+
+
+def enable(model):
+    """Switch ``model`` to prepack's attention once: each config to ``"prepack|<its own implementation>"``.
+
+    Idempotent (an enabled model is not written to), visible in ``model.config._attn_implementation``,
+    undone by :func:`disable`. Calls without a packed layout keep computing exactly what the model's own
+    implementation computes, so this is safe for every other user of the model or of a shared config.
+
+    Returns:
+        ``model``.
+    """
+    check_model(model)
+    with _LOCK:
+        plan = _switch_plan(model, lambda impl: None if wrapped_implementation(impl) else implementation_for(impl))
+        if plan is not None:
+            model.set_attn_implementation(plan)
+        not_switched = [c for c in _configs(model) if wrapped_implementation(c._attn_implementation) is None]
+        if not_switched:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not take prepack's attention implementation (its config still says "
+                f"{not_switched[0]._attn_implementation!r}); it cannot set its attention implementation dynamically"
+            )
+    return model
+
+
+def disable(model):
+    """Undo :func:`enable`: each config back to the implementation prepack wrapped. Returns ``model``.
+
+    Do not call it while packed calls on this model (or a model sharing its config) are running.
+    """
+    with _LOCK:
+        plan = _switch_plan(model, wrapped_implementation)
+        if plan is not None:
+            model.set_attn_implementation(plan)
+    return model
+
+
+def is_enabled(model) -> bool:
+    """Whether every config of ``model`` runs a prepack implementation."""
+    return all(wrapped_implementation(c._attn_implementation) for c in _configs(model))
+
+
+def _switch_plan(model, change) -> str | dict | None:
+    """What to pass ``set_attn_implementation`` so each config gets ``change(its implementation)`` (None: keep)."""
+    top = model.config
+    wanted = change(top._attn_implementation)
+    subs = {}
+    for key in getattr(top, "sub_configs", {}) or {}:
+        sub = getattr(top, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            new = change(sub._attn_implementation)
+            if new is not None:
+                subs[key] = new
+    if wanted is None and not subs:
+        return None
+    if not subs or (wanted is not None and all(v == wanted for v in subs.values()) and len(subs) == len(top.sub_configs)):
+        return wanted if wanted is not None else {"": top._attn_implementation, **subs}
+    return {"": wanted if wanted is not None else top._attn_implementation, **subs}
+
+
+def _configs(model) -> list:
+    """Every config object of ``model`` (the top one and its sub-configs, at any depth)."""
+    seen, out, stack = set(), [], [model.config]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen or not hasattr(c, "_attn_implementation"):
+            continue
+        seen.add(id(c))
+        out.append(c)
+        stack.extend(s for key in getattr(c, "sub_configs", {}) or {} if (s := getattr(c, key, None)) is not None)
+    return out
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
@@ -69,230 +170,186 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
-def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, own=_PLAIN_OWN, **kwargs):
     """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None).
 
-    The layer's semantics (window, chunk, soft-cap, sinks) come from :func:`prepack.support.layer_attention`,
-    which raises for anything prepack does not implement.
+    Packed calls (a ``prepack=`` :class:`~prepack.step.PackedCall`, transformers' ``cu_seq_lens_q``, or
+    restarting ``position_ids`` with no mask and no cache) get varlen attention with the layer's semantics
+    (window, chunk, soft-cap, sinks) from :func:`prepack.support.layer_attention`, which raises for anything
+    prepack does not implement. Every other call is the wrapped implementation ``own``'s.
     """
     B, H, Lq, D = query.shape
-    sem = layer_attention(module, kwargs, B * Lq)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    dropout = dropout if module.training else 0.0
-    captured = kwargs.get("prepack_kv")
-    if captured is not None:  # prefill keeps each layer's keys and values for the per-request caches
-        captured.append((own_storage(key), own_storage(value)))
-    row_mask = kwargs.get("prepack_row_mask")
-    if row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
-        out = dense_attention(
-            query, key, value, row_mask(sem.window, sem.chunk), scale=scale, softcap=sem.softcap,
-            dropout_p=dropout, sinks=sem.sinks,
-        )
-        return out.transpose(1, 2), None
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and attention_mask is None and Lq == key.shape[2]:
-        # no mask and no cache: prepack_mask found attention plain (or windowed) causal within each sequence
-        cu_q = cu_k = cu_seqlens_from_position_ids(kwargs.get("position_ids"), B, Lq).to(query.device)
-    if cu_q is None:
-        return _model_attention(module, query, key, value, attention_mask, scale, dropout, sem, **kwargs)
+    call: PackedCall | None = kwargs.get("prepack")
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if call is None and cu_q is None:
+        if attention_mask is None and Lq == key.shape[2] and kwargs.get("position_ids") is not None:
+            cu = cu_seqlens_from_position_ids(kwargs["position_ids"], B, Lq)
+            if len(cu) - 1 > B:  # restarting position ids: a padding-free batch
+                cu_q = cu.to(query.device)
+        if cu_q is None:
+            return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:
         raise UnsupportedModelError(
-            f"{type(module).__name__} got an attention mask together with a packed layout (cu_seq_lens); "
+            f"{type(module).__name__} got an attention mask together with a packed layout; "
             "prepack cannot honour both: pass packed position_ids / cu_seq_lens without an attention_mask"
         )
-    cu_k = cu_q if cu_k is None else cu_k
-    prefix = kwargs.get("prepack_prefix")
-    if prefix is not None:  # the queries continue earlier tokens (a shared context): their keys go in front
-        layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx is None:
-            raise UnsupportedModelError(
-                f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's shared-context keys"
+    sem = layer_attention(module, kwargs, B * Lq)
+    scale = D ** -0.5 if scaling is None else scaling
+    dropout = dropout if module.training else 0.0
+    if call is None:  # a training batch: transformers' layout kwargs, the kernel picked here
+        kernel = training_kernel(query.device, query.dtype, max(D, value.shape[3]), sem.softcap, sem.sinks is not None)
+        cu_k = kwargs.get("cu_seq_lens_k")
+        cu_k = cu_q if cu_k is None else cu_k
+        max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
+        if sem.chunk is not None:
+            lengths = torch.diff(cu_q).cpu().numpy()
+            cu_q, cu_k, max_q, max_k = StepLayout(lengths, lengths, query.device).varlen_args(sem.chunk)
+    else:
+        kernel = call.kernel
+        if call.kv is not None:  # keys and values as attention sees them, for later requests to continue
+            call.kv.append((own_storage(key), own_storage(value)))
+        if call.row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
+            out = dense_attention(
+                query, key, value, call.row_mask(sem.window, sem.chunk), scale=scale, softcap=sem.softcap,
+                dropout_p=dropout, sinks=sem.sinks,
             )
-        key, value = prefix.extend(layer_idx, key, value)
-    max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
-    if sem.chunk is not None:
-        cu_q, cu_k, max_q, max_k = _chunked_layout(module, cu_q, cu_k, sem.chunk)
-    requested = kwargs.get("prepack_backend", "auto")
-    if sem.sinks is not None and requested == "auto":
-        requested = "sdpa_varlen"  # the CUDA kernels take no sinks; SDPA per segment does, on any device
-    kernel_args = dict(device=query.device, dtype=query.dtype, head_dim=max(D, value.shape[3]), softcap=sem.softcap)
-    name = resolve_backend(requested, **kernel_args)
-    if sem.sinks is not None and name not in SINK_BACKENDS:
-        raise UnsupportedModelError(
-            f"{type(module).__name__} has attention sinks, which backend {name!r} does not implement; "
-            f"use one of {', '.join(SINK_BACKENDS)}"
-        )
-    fn = get_backend(name, **kernel_args)
+            return out.transpose(1, 2), None
+        if call.prefix is not None:  # the queries continue earlier keys: those go in front
+            layer_idx = getattr(module, "layer_idx", None)
+            if layer_idx is None:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's earlier keys"
+                )
+            key, value = call.prefix.extend(layer_idx, key, value)
+        cu_q, cu_k, max_q, max_k = call.layout.varlen_args(sem.chunk)
+    refusal = kernel.refusal(Needs(softcap=sem.softcap, sinks=sem.sinks is not None, window=bool(sem.window or sem.chunk)))
+    if refusal:
+        raise UnsupportedModelError(f"{type(module).__name__}: {refusal}")
     q = query.transpose(1, 2).reshape(B * Lq, H, D)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], D)
     v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3])
     extra = {} if sem.sinks is None else {"sinks": sem.sinks}
-    out = fn(
-        q, k, v, cu_q.to(query.device), cu_k.to(query.device), max_q, max_k,
-        dropout_p=dropout, softmax_scale=scale, causal=True,
+    out = kernel.fn(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale, causal=True,
         window_size=(sem.window - 1, 0) if sem.window else (-1, -1), softcap=sem.softcap, **extra,
     )
     return out.view(B, Lq, H, value.shape[3]), None
 
 
-def _chunked_layout(module, cu_q: torch.Tensor, cu_k: torch.Tensor, chunk: int):
-    """A packed layout with each sequence cut at multiples of ``chunk`` tokens: chunked local attention.
-
-    Positions restart per sequence, so the cuts fall where transformers' chunked mask puts chunk
-    boundaries for each sequence alone. Only a layout whose queries are its keys (no cache) can be cut.
-    """
-    if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
-        raise UnsupportedModelError(
-            f"{type(module).__name__} uses chunked attention, which prepack implements only when queries are "
-            "the keys (a prefill with no cache)"
-        )
-    cu = cu_q.cpu().numpy()
-    pieces = layout.chunked(np.diff(cu), chunk)
-    cu = torch.from_numpy(layout.cu_seqlens(pieces)).to(cu_q.device)
-    longest = int(pieces.max()) if len(pieces) else 0
-    return cu, cu, longest, longest
-
-
-def _model_attention(module, query, key, value, attention_mask, scale, dropout, sem, **kwargs):
-    """No packed layout in this call (decoding, a padded batch): the model's own attention under its own mask."""
+def _own_attention(own: str, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """A call with no packed layout: exactly the wrapped implementation ``own``, under its own mask."""
     for name in PREPACK_KWARGS:
         kwargs.pop(name, None)
-    fallback = _fallback_implementation(module.config)
-    if sem.softcap or sem.sinks is not None or fallback is None:
-        # SDPA cannot soft-cap logits or take sinks, and an eager model's function is private to its
-        # modeling file: the same attention, written out (bool mask, or an additive one with 0 where allowed)
-        if attention_mask is None:  # transformers skipped a plain causal mask
-            mask = segment_mask(query.shape[2], key.shape[2], (-1, 0), query.device)
-        else:
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        out = dense_attention(
-            query, key, value, mask, scale=scale, softcap=sem.softcap, dropout_p=dropout, sinks=sem.sinks
-        )
-        return out.transpose(1, 2), None
-    from transformers import AttentionInterface
-
-    return AttentionInterface._global_mapping[fallback](
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+    if attention_mask is None and causal and query.shape[2] == key.shape[2]:
+        # prepack_mask built nothing for this maskless causal call: build the mask ``own`` would have
+        attention_mask = _own_mask(own, module, query, kwargs)
+    return _own_function(own, module)(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
 
 
-def _fallback_implementation(config) -> str | None:
-    """The implementation ``config`` had before prepack switched it, if transformers registers it globally.
-
-    None for ``eager`` (each model has its own eager function). A model switched to ``"prepack"`` by the
-    user, not by prepack, falls back to ``sdpa``.
-    """
+def _own_function(own: str, module):
+    """``own``'s attention function; for ``eager``, the one in the module's own modeling file."""
     from transformers import AttentionInterface
 
-    name = _FALLBACK.get(id(config), "sdpa")
-    return name if name in AttentionInterface._global_mapping and name != ATTN_IMPLEMENTATION else None
+    if own == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        return fn if fn is not None else _explicit_eager
+    return AttentionInterface()[own]
 
 
-def prepack_mask(*args, config=None, **kwargs):
-    """The mask for ``"prepack"`` attention: None where attention needs none, else the model's own mask.
+def _explicit_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, s_aux=None, sinks=None, **_):
+    """Eager attention written out, for a modeling file without ``eager_attention_forward``."""
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    else:
+        mask = segment_mask(query.shape[2], key.shape[2], (-1, 0), query.device)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = dense_attention(
+        query, key, value, mask, scale=scale, softcap=softcap or 0.0, dropout_p=dropout if module.training else 0.0,
+        sinks=s_aux if s_aux is not None else sinks,
+    )
+    return out.transpose(1, 2), None
 
-    With no padding mask, no cache and no custom overlay, a layer's attention is plain causal (or
-    sliding-window, from the ``sliding_window`` kwarg) within each sequence that ``position_ids`` or
-    the packed layout kwargs delimit, and :func:`prepack_attention` computes it from those: no mask
-    is built, so a packed stream of T tokens never costs a (T, T) mask.
+
+def _own_mask(own: str, module, query, kwargs: dict):
+    """The mask ``own``'s mask function gives a maskless, cacheless causal call of this layer (None where it needs none)."""
+    from transformers import masking_utils
+
+    sem = _layer_window(module, kwargs)
+    B, _, L, _ = query.shape
+    if sem[0]:
+        fn, local = masking_utils.sliding_window_causal_mask_function(sem[0]), sem[0]
+    elif sem[1]:
+        fn, local = masking_utils.chunked_causal_mask_function(sem[1], torch.zeros(B, dtype=torch.long, device=query.device)), sem[1]
+    else:
+        fn, local = masking_utils.causal_mask_function, None
+    extra = {} if local is None else {"local_size": local}
+    return masking_utils.ALL_MASK_ATTENTION_FUNCTIONS[own](
+        batch_size=B, q_length=L, kv_length=L, q_offset=0, kv_offset=0, mask_function=fn, attention_mask=None,
+        allow_is_causal_skip=True, dtype=query.dtype, config=module.config, use_vmap=False, device=query.device, **extra,
+    )
+
+
+def _layer_window(module, kwargs: dict) -> tuple[int | None, int | None]:
+    """(sliding window, chunk) of this layer's own mask, read as transformers' mask builders read them."""
+    config = getattr(module, "config", None)
+    types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    layer_type = types[idx] if types is not None and idx is not None and 0 <= idx < len(types) else None
+    window = kwargs.get("sliding_window")
+    if layer_type == "sliding_attention" and not window:
+        window = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None) if layer_type == "chunked_attention" else None
+    return (int(window) if window else None), (int(chunk) if chunk else None)
+
+
+def prepack_mask(*args, own=_PLAIN_OWN, **kwargs):
+    """The mask for ``"prepack|<own>"``: None for a maskless, cacheless causal call, else ``own``'s mask.
+
+    With no padding mask, no cache offset and a causal mask function (plain, sliding, chunked, or
+    packed ``position_ids``), attention computes everything from ``position_ids`` or the call's
+    packed layout, so no (T, T) mask is built. Overlays (custom ``or``/``and`` mask functions,
+    image-token blocks), bidirectional masks, padding and caches get ``own``'s mask.
     """
+    mask_function = kwargs.get("mask_function")
     if (
         kwargs.get("attention_mask") is None
         and not kwargs.get("use_vmap")
         and kwargs.get("q_length") == kwargs.get("kv_length")
         and not kwargs.get("q_offset")
         and not kwargs.get("kv_offset")
+        and getattr(mask_function, "__qualname__", "").startswith(_CAUSAL_MASKS)
     ):
         return None
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    fallback = _fallback_implementation(config) or "sdpa"
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[fallback](*args, config=config, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[own](*args, **kwargs)
 
 
-def register() -> None:
-    """Register prepack's attention and mask functions with transformers. Idempotent; runs on import."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, prepack_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prepack_mask)
-
-
-@contextlib.contextmanager
-def packed_forward(model):
-    """Run ``model`` with prepack's attention for the duration of the block; safe across threads.
-
-    The first caller switches the model to ``"prepack"``, the last one out restores each of its
-    configs' own implementation, also when the body or the switch itself raises.
-    """
-    check_model(model)
-    _enter(model)
-    try:
-        yield
-    finally:
-        _leave(model)
-
-
-def _configs(model) -> list:
-    """Every config object of ``model`` whose ``_attn_implementation`` a switch may change."""
-    seen, out = set(), []
-    stack = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "sub_configs")]
-    while stack:
-        c = stack.pop()
-        if id(c) in seen:
-            continue
-        seen.add(id(c))
-        out.append(c)
-        stack.extend(s for key in getattr(c, "sub_configs", {}) if (s := getattr(c, key, None)) is not None)
-    return out
-
-
-def _enter(model) -> None:
-    with _LOCK:
-        state = _SWITCHED.get(id(model))
-        if state is None:
-            own = {id(c): (c, c._attn_implementation_internal) for c in _configs(model)}
-            if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-                _FALLBACK.update({key: impl for key, (c, impl) in own.items()})
-                try:
-                    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-                except BaseException:
-                    _restore(own)
-                    raise
-            else:
-                own = {}  # the user chose "prepack": nothing of ours to undo
-            state = _SWITCHED[id(model)] = [0, own]
-        state[0] += 1
-
-
-def _leave(model) -> None:
-    with _LOCK:
-        state = _SWITCHED[id(model)]
-        state[0] -= 1
-        if state[0] == 0:
-            del _SWITCHED[id(model)]
-            _restore(state[1])
-
-
-def _restore(own: dict) -> None:
-    for key, (config, impl) in own.items():
-        config._attn_implementation_internal = impl
-        _FALLBACK.pop(key, None)
-
-
-def attention_needs(model) -> dict:
+def attention_needs(model, *, continues_keys: bool = False) -> Needs:
     """What ``model``'s attention layers ask of a kernel, for choosing one before the first forward.
 
-    Returns:
-        ``{"head_dim": int | None, "softcap": float}``: the widest head dim the config names (``head_dim``,
-        ``qk_head_dim``, ``v_head_dim``, ``global_head_dim``, ..., else hidden_size / num_attention_heads), and
-        the attention logit soft-capping (0.0 for none).
+    Read from the config and the modules: the widest head dim the config names (``head_dim``, ``qk_head_dim``,
+    ``v_head_dim``, ``global_head_dim``, ..., else hidden_size / num_attention_heads), the attention logit
+    soft-capping, attention sinks, and sliding-window or chunked layers.
+
+    Args:
+        continues_keys: the call's queries continue keys computed earlier (a shared prefix).
     """
     config = model.config.get_text_config(decoder=True)
     dims = [d for key, d in vars(config).items() if key.endswith("head_dim") and isinstance(d, int) and d > 0]
     if not dims and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
         dims = [config.hidden_size // config.num_attention_heads]
-    return {"head_dim": max(dims) if dims else None, "softcap": float(getattr(config, "attn_logit_softcapping", None) or 0.0)}
+    window = bool(getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None))
+    return Needs(
+        head_dim=max(dims) if dims else None,
+        softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        sinks=has_attention_sinks(model),
+        window=window,
+        continues_keys=continues_keys,
+    )
 
 
 def model_device(model) -> torch.device:

@@ -13,7 +13,7 @@ Two kernels, both fp16/bf16 on CUDA only (the CPU backends live in :mod:`prepack
     on 2.10) goes to ``aten._flash_attention_forward`` with ``cum_seq_q/k`` directly. Without ``enable_gqa``
     the key/value heads are expanded.
 
-Both mean what flash-attn means (windows normalised by :func:`prepack.attention.flash_window`, bottom-right
+Both mean what flash-attn means (windows normalised by :func:`prepack.masks.flash_window`, bottom-right
 causal alignment, 0 for a query that sees no key). What a kernel cannot compute exactly is refused with the
 reason and the fix, never approximated: soft-capping and dropout for ``torch_varlen``, fp32, CPU tensors,
 head dims above 256. Head dims that are not a multiple of 8, and a value head dim that differs from the
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention
+from . import masks
 
 Backend = Callable[..., torch.Tensor]
 KERNELS: tuple[str, ...] = ("flash", "torch_varlen")
@@ -113,7 +113,7 @@ def flash_attn_4(
     """flash-attn 4 under flash-attn 2's signature: None for an unbounded window side, no dropout, no lse."""
     if dropout_p:
         raise ValueError("flash-attn 4 has no attention dropout; use backend='sdpa_varlen' to train with dropout_p > 0")
-    left, right = attention.flash_window(window_size, causal, _max_len(cu_seqlens_k, max_seqlen_k))
+    left, right = masks.flash_window(window_size, causal, _max_len(cu_seqlens_k, max_seqlen_k))
     plain_causal = (left, right) == (-1, 0)
     out = fa4(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -257,6 +257,18 @@ def torch_varlen(
     problem = kernel_problem("torch_varlen", device=q.device, dtype=q.dtype, head_dim=max(q.shape[-1], v.shape[-1]))
     if problem:
         raise RuntimeError(problem)
+    return torch_varlen_checked_once(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+    )
+
+
+def torch_varlen_checked_once(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+) -> torch.Tensor:
+    """:func:`torch_varlen` for a caller that checked the device once for the whole call
+    (:func:`prepack.backends.choose`): no device query per layer."""
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_call(
@@ -300,7 +312,7 @@ def varlen_call(
         return q.new_zeros(*q.shape[:-1], d_v)  # the kernel refuses an empty batch
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     max_q, max_k = _max_len(cu_seqlens_q, max_seqlen_q), _max_len(cu_seqlens_k, max_seqlen_k)
-    window = attention.flash_window(window_size, causal, max_k)
+    window = masks.flash_window(window_size, causal, max_k)
     # one head dim for q, k and v, a multiple of 8: zero columns change neither q @ k^T nor the kept outputs
     q, k, v = (_pad_last(x, width) for x in (q, k, v))
     cu_q, cu_k = (c.to(device=q.device, dtype=torch.int32).contiguous() for c in (cu_seqlens_q, cu_seqlens_k))

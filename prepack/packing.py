@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import layout
-from .attention import document_mask, flash_window
+from .masks import document_mask, flash_window
 from .planner import ALGORITHMS, Algorithm, Plan, check_capacity, plan
 
 Overflow = Literal["error", "truncate_left", "truncate_right"]

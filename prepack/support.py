@@ -31,8 +31,8 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 SEMANTIC_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "is_causal")
 # The packed layout, in the names of transformers' flash path and DataCollatorWithFlattening.
 LAYOUT_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
-# prepack's own, set by prefill.
-PREPACK_KWARGS = ("prepack_backend", "prepack_kv", "prepack_row_mask", "prepack_prefix")
+# prepack's own: a packed call's layout, kernel and KV sink (:class:`prepack.step.PackedCall`).
+PREPACK_KWARGS = ("prepack",)
 # Passed down through model forwards to every layer; they do not change what attention computes.
 INERT_KWARGS = (
     "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position",

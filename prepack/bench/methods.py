@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..attention import BACKENDS, resolve_backend
+from ..backends import BACKENDS, resolve_backend
 from ..generation import left_pad
 from ..forward import ROW_BACKENDS
 

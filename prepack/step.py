@@ -1,0 +1,145 @@
+"""What one packed forward carries to every attention layer: its layout, its kernel, its KV sink.
+
+A packed call passes one keyword, ``prepack=PackedCall(...)``, down through the model
+(the way transformers passes ``cu_seq_lens_q`` and friends as attention kwargs). Every
+layer only reads it: the layout is built once per forward, on the host and then once on
+the device, and the kernel was chosen once for the call (:func:`prepack.backends.choose`).
+Nothing is written to the model or its config.
+
+A segment's queries may continue keys computed earlier (a shared context, an earlier chunk
+of a long prompt): then its key length exceeds its query length, and the kernel aligns the
+causal mask to the bottom right, as flash-attn does.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import layout
+from .backends import Kernel
+from .support import UnsupportedModelError
+
+
+@dataclass(frozen=True, eq=False)
+class StepLayout:
+    """The segments of one packed forward, on the host and on the device.
+
+    Attributes:
+        q_lengths: (n,) int64 numpy, the new tokens (queries) of each segment.
+        k_lengths: (n,) int64 numpy, the keys each segment attends to (``>= q_lengths``;
+            equal unless the segment continues earlier keys).
+        device: where the model runs.
+    """
+
+    q_lengths: np.ndarray
+    k_lengths: np.ndarray
+    device: torch.device
+
+    @functools.cached_property
+    def cu_seqlens_q(self) -> torch.Tensor:
+        """(n + 1,) int32 on the device."""
+        return torch.from_numpy(layout.cu_seqlens(self.q_lengths)).to(self.device)
+
+    @functools.cached_property
+    def cu_seqlens_k(self) -> torch.Tensor:
+        """(n + 1,) int32 on the device (the same tensor as ``cu_seqlens_q`` when queries are the keys)."""
+        if self.queries_are_keys:
+            return self.cu_seqlens_q
+        return torch.from_numpy(layout.cu_seqlens(self.k_lengths)).to(self.device)
+
+    @functools.cached_property
+    def queries_are_keys(self) -> bool:
+        return bool(np.array_equal(self.q_lengths, self.k_lengths))
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return int(self.q_lengths.max()) if len(self.q_lengths) else 0
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return int(self.k_lengths.max()) if len(self.k_lengths) else 0
+
+    def varlen_args(self, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` for the kernel.
+
+        ``chunk``: chunked local attention (Llama 4's ``attention_chunk_size``): each segment cut at
+        multiples of ``chunk`` tokens, a piece being a segment of its own. Positions restart per
+        request, so the cuts fall where transformers' chunked mask puts them for each request alone.
+        Built once per chunk size per forward, from the host lengths (no device sync per layer).
+        """
+        if chunk is None:
+            return self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k
+        if chunk not in self._chunked:
+            self._chunked[chunk] = self._cut(chunk)
+        return self._chunked[chunk]
+
+    @functools.cached_property
+    def _chunked(self) -> dict:
+        return {}
+
+    def _cut(self, chunk: int):
+        if not self.queries_are_keys:
+            raise UnsupportedModelError(
+                "chunked attention is implemented only when queries are the keys (a prefill with no earlier keys); "
+                "this call continues earlier keys"
+            )
+        pieces = layout.chunked(self.q_lengths, chunk)
+        cu = torch.from_numpy(layout.cu_seqlens(pieces)).to(self.device)
+        longest = int(pieces.max()) if len(pieces) else 0
+        return cu, cu, longest, longest
+
+
+@dataclass(frozen=True, eq=False)
+class PackedCall:
+    """The ``prepack=`` keyword of one packed forward: everything its attention layers read.
+
+    Attributes:
+        layout: the forward's segments (:class:`StepLayout`).
+        kernel: the attention kernel chosen for the whole call.
+        kv: when a list, each layer appends (keys, values) as attention sees them.
+        prefix: keys and values that precede each segment's new ones (:class:`PrefixKV`), or None.
+        row_mask: for a row backend (``sdpa_masked``): ``row_mask(window, chunk)`` -> the rows' dense
+            (R, 1, C, C) bool masks.
+    """
+
+    layout: StepLayout
+    kernel: Kernel
+    kv: list | None = None
+    prefix: "PrefixKV | None" = None
+    row_mask: Callable | None = field(default=None)
+
+
+class PrefixKV:
+    """Puts each segment's earlier keys/values in front of its new ones, per layer.
+
+    Args:
+        chunks: the earlier run's chunks (per forward, per layer (keys, values), each (1, H_kv, S, D)).
+        pieces: per chunk (chunk, src, dst): ``src`` token indices into that chunk's stream,
+            ``dst`` where they go in the merged (earlier + new) key axis.
+        dst_new: where the call's new keys go in the merged key axis.
+        total: the merged key axis' length.
+    """
+
+    def __init__(self, chunks: list, pieces: list, dst_new: torch.Tensor, total: int):
+        self.chunks, self.pieces, self.dst_new, self.total = chunks, pieces, dst_new, total
+
+    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, H_kv, n, D) keys and values of the new tokens -> (1, H_kv, total, D) with the earlier ones in place."""
+        return self._merge(layer_idx, 0, key), self._merge(layer_idx, 1, value)
+
+    def _merge(self, layer_idx: int, which: int, new: torch.Tensor) -> torch.Tensor:
+        out = new.new_empty(1, new.shape[1], self.total, new.shape[3])
+        for c, src, dst in self.pieces:
+            past = self.chunks[c][layer_idx][which]
+            if past.shape[1] != new.shape[1] or past.shape[3] != new.shape[3]:
+                raise UnsupportedModelError(
+                    f"layer {layer_idx}'s earlier keys have shape {tuple(past.shape)} but the new ones "
+                    f"{tuple(new.shape)}; this model cannot continue earlier keys (pass share_contexts=False)"
+                )
+            out.index_copy_(2, dst, past.index_select(2, src))
+        return out.index_copy_(2, self.dst_new, new)
