@@ -1,27 +1,31 @@
-"""A packed forward changes nothing that another caller of the same model can observe.
+"""A packed call changes nothing that another caller of the same model (or of its config) can observe.
 
 Servers share one model across request threads: several threads prefilling at once, or one
 prefilling while another runs the model plainly, must each get the answer they would get alone.
+Each race below failed on the version that switched the config per call (7-12 of 80 plain eager
+calls wrong, 2-9 of 40 shared-config prefills wrong, threaded generate differing).
 """
 
 import threading
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import prepack
 from prepack import hf
 
-from .models import alone_last_logits, build, left_pad, prompts
+from .models import COMMON, alone_last_logits, build, left_pad, prompts
 
 
-def _run_threads(target, n):
+def run_threads(target, n: int) -> None:
+    """Run ``target(i)`` in n threads; re-raise the first worker's exception here, so a failing worker fails the test."""
     errors, threads = [], []
 
     def wrapped(i):
         try:
             target(i)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 
     for i in range(n):
@@ -33,6 +37,15 @@ def _run_threads(target, n):
         raise errors[0]
 
 
+def test_run_threads_fails_when_a_worker_raises():
+    def work(i):
+        if i == 1:
+            raise RuntimeError("worker 1 failed")
+
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        run_threads(work, 3)
+
+
 def test_threads_prefilling_through_one_model_each_get_exact_logits():
     model = build("qwen2")
     batches = [prompts([1 + (7 * i + j) % 40 for j in range(12)], seed=i) for i in range(4)]
@@ -42,73 +55,128 @@ def test_threads_prefilling_through_one_model_each_get_exact_logits():
     def work(i):
         for _ in range(3):
             got = prepack.prefill(model, batches[i]).logits
+            assert got.shape == want[i].shape
             worst[i] = max(worst[i], float((got - want[i]).abs().max()))
 
-    _run_threads(work, 4)
+    run_threads(work, 4)
     assert max(worst) <= 1e-4
-    assert model.config._attn_implementation == "sdpa"
 
 
-def test_a_plain_forward_during_packed_prefills_gets_its_own_answer():
-    model = build("mistral")  # a sliding window, so the mask matters
+def _plain_calls_during_prefills(model, calls: int) -> list[float]:
+    """``calls`` plain padded forwards in one thread while two threads prefill: |diff| to the plain answer."""
     seqs = prompts([5, 19, 11, 2])
     ids, mask = left_pad(seqs)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-    stop = threading.Event()
-    diffs = []
+        want_unpadded = model(seqs[1][None]).logits
+    stop, diffs = threading.Event(), []
 
     def packer(_):
         while not stop.is_set():
             prepack.prefill(model, prompts([30, 3, 17, 8, 1]))
 
-    def plain():
-        for _ in range(10):
-            with torch.no_grad():
-                got = model(ids, attention_mask=mask).logits
-            diffs.append(float((got - want)[mask.bool()].abs().max()))
-        stop.set()
+    def plain(_):
+        try:
+            for _ in range(calls // 2):
+                with torch.no_grad():
+                    got = model(ids, attention_mask=mask).logits
+                    got_unpadded = model(seqs[1][None]).logits
+                diffs.append(float((got - want)[mask.bool()].abs().max()))
+                diffs.append(float((got_unpadded - want_unpadded).abs().max()))
+        finally:
+            stop.set()
 
-    side = threading.Thread(target=lambda: _run_threads(packer, 2))
-    side.start()
-    try:
-        plain()
-    finally:
-        stop.set()
-        side.join()
-    assert max(diffs) <= 1e-5
+    run_threads(lambda i: plain(i) if i == 0 else packer(i), 3)
+    return diffs
 
 
-def test_the_model_is_restored_when_the_forward_raises():
+@pytest.mark.parametrize("arch,implementation", [("llama", "eager"), ("gemma2", "eager"), ("mistral", "sdpa")])
+def test_plain_calls_during_packed_prefills_get_their_own_answer(arch, implementation):
+    model = build(arch)
+    model.set_attn_implementation(implementation)
+    diffs = _plain_calls_during_prefills(model, 80)
+    assert len(diffs) == 80
+    assert max(diffs) == 0.0  # the very same computation: the wrapped implementation, its own mask
+
+
+def test_two_models_sharing_one_config_prefill_exactly_from_two_threads():
+    torch.manual_seed(0)
+    config = LlamaConfig(**COMMON)
+    config._attn_implementation = "eager"
+    models = [LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()]
+    assert models[0].config is models[1].config
+    seqs = [prompts([3 + (5 * j + i) % 29 for j in range(6)], seed=i) for i in range(2)]
+    want = [alone_last_logits(m, s) for m, s in zip(models, seqs, strict=True)]
+    diffs = [[], []]
+
+    def work(i):
+        for _ in range(20):
+            got = prepack.prefill(models[i], seqs[i]).logits
+            diffs[i].append(float((got - want[i]).abs().max()))
+            with torch.no_grad():  # a plain call on the model that shares the config, between prefills
+                plain = models[1 - i](seqs[1 - i][0][None]).logits[0, -1]
+            diffs[i].append(float((plain - want[1 - i][0]).abs().max()))
+
+    run_threads(work, 2)
+    assert [len(d) for d in diffs] == [40, 40]
+    assert max(max(d) for d in diffs) <= 1e-4
+
+
+def test_threaded_generate_on_one_eager_model_gives_the_single_threaded_tokens():
     model = build("llama")
-    with pytest.raises(RuntimeError, match="boom"):
-        with hf.packed_forward(model):
-            assert model.config._attn_implementation == "prepack"
-            raise RuntimeError("boom")
-    assert model.config._attn_implementation == "sdpa"
-    assert not hf._SWITCHED and not hf._FALLBACK
+    model.set_attn_implementation("eager")
+    batches = [prompts([4 + (3 * i + j) % 17 for j in range(5)], seed=i) for i in range(3)]
+    want = [prepack.generate(model, b, max_new_tokens=6, do_sample=False) for b in batches]
+    got = [[None] * 5 for _ in range(3)]
+
+    def work(i):
+        for r in range(5):
+            got[i][r] = prepack.generate(model, batches[i], max_new_tokens=6, do_sample=False)
+
+    run_threads(work, 3)
+    for i in range(3):
+        for r in range(5):
+            assert len(got[i][r]) == len(want[i])
+            for g, w in zip(got[i][r], want[i], strict=True):
+                assert g.tolist() == w.tolist()
 
 
-def test_the_model_is_restored_when_switching_itself_raises(monkeypatch):
+def test_enable_is_visible_idempotent_and_reversible():
     model = build("llama")
-    original = type(model).set_attn_implementation
-
-    def half_switch(self, name, **kwargs):
-        original(self, name, **kwargs)  # the change is made, then something fails
-        raise RuntimeError("switch failed")
-
-    monkeypatch.setattr(type(model), "set_attn_implementation", half_switch)
-    with pytest.raises(RuntimeError, match="switch failed"):
-        prepack.prefill(model, prompts([3, 4]))
-    assert model.config._attn_implementation == "sdpa"
-    assert not hf._SWITCHED and not hf._FALLBACK
-
-
-def test_a_model_the_user_switched_to_prepack_stays_switched():
-    model = build("llama")
-    model.set_attn_implementation("prepack")
+    model.set_attn_implementation("eager")
+    prepack.enable(model)
+    assert model.config._attn_implementation == "prepack|eager"
+    prepack.enable(model)  # idempotent: nothing wraps twice
+    assert model.config._attn_implementation == "prepack|eager"
     prepack.prefill(model, prompts([3, 4]))
-    assert model.config._attn_implementation == "prepack"
+    assert model.config._attn_implementation == "prepack|eager"  # no call writes to the config
+    prepack.disable(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_packed_call_writes_nothing_to_an_enabled_model(monkeypatch):
+    model = prepack.enable(build("llama"))
+
+    def no_switch(self, *args, **kwargs):
+        raise AssertionError("a packed call switched the attention implementation")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", no_switch)
+    before = {k: v for k, v in vars(model.config).items()}
+    prepack.prefill(model, prompts([3, 4, 9]))
+    prepack.generate(model, prompts([3, 4]), max_new_tokens=2, do_sample=False)
+    assert vars(model.config) == before
+
+
+def test_plain_prepack_implementation_is_sdpa_for_unpacked_calls():
+    model = build("mistral")
+    seqs = prompts([5, 19, 11, 2])
+    ids, mask = left_pad(seqs)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
+        got = model(ids, attention_mask=mask).logits
+    assert hf.wrapped_implementation(model.config._attn_implementation) == "sdpa"
+    assert torch.equal(got, want)
 
 
 def test_padding_free_training_builds_no_dense_mask(monkeypatch):
@@ -128,3 +196,32 @@ def test_padding_free_training_builds_no_dense_mask(monkeypatch):
     loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_packed_prefill_builds_no_dense_mask(monkeypatch):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    def no_dense_mask(*args, **kwargs):
+        raise AssertionError("a dense mask was built for a packed prefill")
+
+    model = build("mistral")
+    model.set_attn_implementation("eager")
+    prepack.enable(model)
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "eager", no_dense_mask)
+    seqs = prompts([9, 4, 12])
+    result = prepack.prefill(model, seqs)
+    assert result.logits.shape == (3, model.config.vocab_size)
+
+
+def test_image_token_blocks_keep_the_wrapped_mask():
+    """A mask overlay transformers adds without vmap (Gemma 3's image blocks) is the wrapped implementation's."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = build("llama")
+    embeds = torch.zeros(1, 6, COMMON["hidden_size"])
+    blocks = torch.tensor([[-1, 0, 0, 0, -1, -1]])
+    want = create_causal_mask(model.config, embeds, None, None, block_sequence_ids=blocks, allow_is_causal_skip=False)
+    prepack.enable(model)
+    got = create_causal_mask(model.config, embeds, None, None, block_sequence_ids=blocks, allow_is_causal_skip=False)
+    assert want is not None and got is not None
+    assert torch.equal(got, want)

@@ -65,11 +65,11 @@ def test_generation_stops_at_eos_and_drops_the_padding_after_it():
     assert len(got[1]) == 6 or got[1][-1] == eos
 
 
-def test_generate_leaves_the_models_attention_implementation_alone():
+def test_generate_wraps_the_models_attention_implementation_visibly():
     model = build("llama")
-    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     prepack.generate(model, prompts([3, 4]), max_new_tokens=2, do_sample=False)
-    assert model.config._attn_implementation == before
+    assert model.config._attn_implementation == "prepack|eager"
 
 
 def test_passing_input_ids_to_generate_is_rejected():

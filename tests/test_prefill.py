@@ -114,11 +114,12 @@ def test_plain_transformers_mixes_packed_prompts_when_a_cache_is_used():
     assert (last - alone_last_logits(model, seqs)).abs().max() > 1e-2  # the second prompt saw the first
 
 
-def test_prefill_restores_the_models_own_attention_implementation():
+def test_prefill_wraps_the_models_own_attention_implementation_once():
     model = build("llama")
-    before = model.config._attn_implementation
     prepack.prefill(model, prompts([3, 4]))
-    assert model.config._attn_implementation == before
+    assert model.config._attn_implementation == "prepack|sdpa"
+    prepack.disable(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_empty_prompt_error_names_the_request():
