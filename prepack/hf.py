@@ -63,7 +63,7 @@ def implementation_for(own: str) -> str:
     name = PREFIX + own
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    if name not in AttentionInterface._global_mapping:
+    if name not in AttentionInterface():
         AttentionInterface.register(name, functools.partial(prepack_attention, own=own))
         AttentionMaskInterface.register(name, functools.partial(prepack_mask, own=own))
     return name
