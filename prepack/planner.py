@@ -218,13 +218,18 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
             rows_in[key] = m
             insort(keys, key)
 
-    # every item longer than C/2 opens a row; a group's rows are contiguous and share their free space
+    # Every item longer than C/2 opens a row. Sorted longest first, a group's rows are one contiguous
+    # range and the groups' free spaces C - x come out distinct and ascending: the buckets are built directly.
     num_rows = sum(counts[:big])
-    segments: list[tuple[int, int, int, int, int]] = [(0, num_rows, 1, 0, 0)] if num_rows else []
-    row0 = 0
-    for x, k in zip(sizes[:big], counts[:big]):
-        push([[row0, row0 + k]], C - x, 1, k)
-        row0 += k
+    segments: list[int] = [0, num_rows, 1, 0, 0] if num_rows else []  # flat (a, m, s, o, x) per segment
+    if big and (not limited or limit > 1):
+        ends = np.cumsum(counts[:big]).tolist()
+        for x, k, b in zip(sizes[:big], counts[:big], ends):
+            if C - x >= smallest:
+                key = (C - x) * W + 1 if limited else C - x
+                keys.append(key)
+                buckets[key] = [[b - k, b]]
+                rows_in[key] = k
 
     for x, k in zip(sizes[big:], counts[big:]):
         while k:
@@ -239,9 +244,11 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                 del keys[i]
                 ranges = buckets.pop(key)
                 del rows_in[key]
-                segments.extend((a, b - a, s, C - f, x) for a, b in ranges)
+                for a, b in ranges:
+                    segments += (a, b - a, s, C - f, x)
                 k -= m * s
-                push(ranges, f - s * x, fill + s, m)
+                if f - s * x >= smallest:
+                    push(ranges, f - s * x, fill + s, m)
                 continue
             # the group ends inside this bucket: q rows take s items, the next row takes r
             q, r = divmod(k, s)
@@ -256,7 +263,8 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                     taken.append([a, a + q])
                     ranges[0] = [a + q, b]
                     q = 0
-            segments.extend((a, b - a, s, C - f, x) for a, b in taken)
+            for a, b in taken:
+                segments += (a, b - a, s, C - f, x)
             moved = k // s
             part = []
             if r:
@@ -266,7 +274,7 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                     ranges.pop(0)
                 else:
                     ranges[0] = [a + 1, b]
-                segments.append((a, 1, r, C - f, x))
+                segments += (a, 1, r, C - f, x)
             left = m - moved - (1 if r else 0)
             if left:
                 rows_in[key] = left
@@ -280,11 +288,11 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
             per_row = min(C // x, limit)
             full, r = divmod(k, per_row)
             if full:
-                segments.append((num_rows, full, per_row, 0, x))
+                segments += (num_rows, full, per_row, 0, x)
                 push([[num_rows, num_rows + full]], C - per_row * x, per_row, full)
                 num_rows += full
             if r:
-                segments.append((num_rows, 1, r, 0, x))
+                segments += (num_rows, 1, r, 0, x)
                 push([[num_rows, num_rows + 1]], C - r * x, r, 1)
                 num_rows += 1
 
