@@ -202,16 +202,16 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     limited = limit != _NO_LIMIT
     W = limit + 1 if limited else 1  # bucket key = free * W + fill: least free first, then least full
     smallest = sizes[-1]  # rows with less free space than this can take nothing more
-    buckets: dict[int, list[list[int]]] = {}  # key -> ranges [a, b) of row ids
+    buckets: dict[int, list[int]] = {}  # key -> row ids as flat ranges [a0, b0, a1, b1, ...), a < b
     rows_in: dict[int, int] = {}  # key -> rows in the bucket
     keys: list[int] = []  # sorted keys of non-empty buckets
 
-    def push(ranges: list, free: int, fill: int, m: int) -> None:
+    def push(ranges: list[int], free: int, fill: int, m: int) -> None:
         if free < smallest or (limited and fill >= limit):
             return  # the row is closed for good
         key = free * W + fill if limited else free
         if key in buckets:
-            buckets[key].extend(ranges)
+            buckets[key] += ranges
             rows_in[key] += m
         else:
             buckets[key] = ranges
@@ -221,60 +221,61 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     # Every item longer than C/2 opens a row. Sorted longest first, a group's rows are one contiguous
     # range and the groups' free spaces C - x come out distinct and ascending: the buckets are built directly.
     num_rows = sum(counts[:big])
-    segments: list[int] = [0, num_rows, 1, 0, 0] if num_rows else []  # flat (a, m, s, o, x) per segment
+    segments: list[int] = [0, num_rows, 1, 0, 0] if num_rows else []  # flat (a, b, s, o, x) per segment
     if big and (not limited or limit > 1):
         ends = np.cumsum(counts[:big]).tolist()
         for x, k, b in zip(sizes[:big], counts[:big], ends):
             if C - x >= smallest:
                 key = (C - x) * W + 1 if limited else C - x
                 keys.append(key)
-                buckets[key] = [[b - k, b]]
+                buckets[key] = [b - k, b]
                 rows_in[key] = k
 
+    fill = 0  # stays 0 without max_per_row
     for x, k in zip(sizes[big:], counts[big:]):
         while k:
             i = bisect_left(keys, x * W)
             if i == len(keys):
                 break
             key = keys[i]
-            f, fill = divmod(key, W) if limited else (key, 0)
-            s = min(f // x, limit - fill)
+            if limited:
+                f, fill = divmod(key, W)
+                s = min(f // x, limit - fill)
+            else:
+                f = key
+                s = f // x
             m = rows_in[key]
             if m * s <= k:  # the whole bucket moves down
-                del keys[i]
+                del keys[i], rows_in[key]
                 ranges = buckets.pop(key)
-                del rows_in[key]
-                for a, b in ranges:
-                    segments += (a, b - a, s, C - f, x)
+                for j in range(0, len(ranges), 2):
+                    segments += (ranges[j], ranges[j + 1], s, C - f, x)
                 k -= m * s
                 if f - s * x >= smallest:
                     push(ranges, f - s * x, fill + s, m)
                 continue
-            # the group ends inside this bucket: q rows take s items, the next row takes r
+            # the group ends inside this bucket: q rows take s items, then one row takes r
             q, r = divmod(k, s)
             ranges = buckets[key]
-            taken: list[list[int]] = []
-            while q:
-                a, b = ranges[0]
-                if b - a <= q:
-                    taken.append(ranges.pop(0))
-                    q -= b - a
-                else:
-                    taken.append([a, a + q])
-                    ranges[0] = [a + q, b]
-                    q = 0
-            for a, b in taken:
-                segments += (a, b - a, s, C - f, x)
+            j = 0
+            while ranges[j + 1] - ranges[j] <= q:
+                q -= ranges[j + 1] - ranges[j]
+                j += 2
+            taken = ranges[:j]
+            if q:
+                taken += (ranges[j], ranges[j] + q)
+                ranges[j] += q
+            del ranges[:j]
+            for j in range(0, len(taken), 2):
+                segments += (taken[j], taken[j + 1], s, C - f, x)
             moved = k // s
-            part = []
             if r:
-                a, b = ranges[0]
-                part = [[a, a + 1]]
-                if b - a == 1:
-                    ranges.pop(0)
+                a = ranges[0]
+                segments += (a, a + 1, r, C - f, x)
+                if ranges[1] == a + 1:
+                    del ranges[:2]
                 else:
-                    ranges[0] = [a + 1, b]
-                segments += (a, 1, r, C - f, x)
+                    ranges[0] = a + 1
             left = m - moved - (1 if r else 0)
             if left:
                 rows_in[key] = left
@@ -282,24 +283,24 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                 del keys[i], buckets[key], rows_in[key]
             push(taken, f - s * x, fill + s, moved)
             if r:
-                push(part, f - r * x, fill + r, 1)
+                push([a, a + 1], f - r * x, fill + r, 1)
             k = 0
         if k:  # no open row has room: open rows of per_row items each
             per_row = min(C // x, limit)
             full, r = divmod(k, per_row)
             if full:
-                segments += (num_rows, full, per_row, 0, x)
-                push([[num_rows, num_rows + full]], C - per_row * x, per_row, full)
+                segments += (num_rows, num_rows + full, per_row, 0, x)
+                push([num_rows, num_rows + full], C - per_row * x, per_row, full)
                 num_rows += full
             if r:
-                segments += (num_rows, 1, r, 0, x)
-                push([[num_rows, num_rows + 1]], C - r * x, r, 1)
+                segments += (num_rows, num_rows + 1, r, 0, x)
+                push([num_rows, num_rows + 1], C - r * x, r, 1)
                 num_rows += 1
 
-    # segment (a, m, s, o, x): items in packed order j = 0..m*s-1 go to row a + j // s at offset o + (j % s) * x
+    # segment (a, b, s, o, x): items in packed order j = 0..(b-a)*s-1 go to row a + j // s at offset o + (j % s) * x
     seg = np.array(segments, np.int64).reshape(-1, 5)
-    first_row, num, slots, start, size = seg.T
-    per_seg = num * slots
+    first_row, end_row, slots, start, size = seg.T
+    per_seg = (end_row - first_row) * slots
     which = np.repeat(np.arange(len(seg)), per_seg)
     j = layout.positions(per_seg)
     s = slots[which]
