@@ -195,9 +195,11 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     order = _sort_decreasing(lengths, C)
     ordered = lengths[order]
     first = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
-    sizes = ordered[first].tolist()
-    counts = np.diff(np.append(first, n)).tolist()
-    big = int(np.searchsorted(-ordered[first], -(C // 2), side="left"))  # groups with 2x > C
+    ends = np.empty(len(first), np.int64)
+    ends[:-1] = first[1:]
+    ends[-1] = n
+    big = int(np.count_nonzero(ordered[first] * 2 > C))  # the first groups, items longer than C/2
+    sizes, counts, ends = ordered[first].tolist(), (ends - first).tolist(), ends.tolist()
 
     limited = limit != _NO_LIMIT
     W = limit + 1 if limited else 1  # bucket key = free * W + fill: least free first, then least full
@@ -223,7 +225,6 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     num_rows = sum(counts[:big])
     segments: list[int] = [0, num_rows, 1, 0, 0] if num_rows else []  # flat (a, b, s, o, x) per segment
     if big and (not limited or limit > 1):
-        ends = np.cumsum(counts[:big]).tolist()
         for x, k, b in zip(sizes[:big], counts[:big], ends):
             if C - x >= smallest:
                 key = (C - x) * W + 1 if limited else C - x
