@@ -223,7 +223,7 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     # Every item longer than C/2 opens a row. Sorted longest first, a group's rows are one contiguous
     # range and the groups' free spaces C - x come out distinct and ascending: the buckets are built directly.
     num_rows = sum(counts[:big])
-    segments: list[int] = [0, num_rows, 1, 0, 0] if num_rows else []  # flat (a, b, s, o, x) per segment
+    segments: list[int] = [0, num_rows, 1, 0] if num_rows else []  # flat (a, b, s, o) per segment
     if big and (not limited or limit > 1):
         for x, k, b in zip(sizes[:big], counts[:big], ends):
             if C - x >= smallest:
@@ -250,7 +250,7 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                 del keys[i], rows_in[key]
                 ranges = buckets.pop(key)
                 for j in range(0, len(ranges), 2):
-                    segments += (ranges[j], ranges[j + 1], s, C - f, x)
+                    segments += (ranges[j], ranges[j + 1], s, C - f)
                 k -= m * s
                 if f - s * x >= smallest:
                     push(ranges, f - s * x, fill + s, m)
@@ -268,11 +268,11 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                 ranges[j] += q
             del ranges[:j]
             for j in range(0, len(taken), 2):
-                segments += (taken[j], taken[j + 1], s, C - f, x)
+                segments += (taken[j], taken[j + 1], s, C - f)
             moved = k // s
             if r:
                 a = ranges[0]
-                segments += (a, a + 1, r, C - f, x)
+                segments += (a, a + 1, r, C - f)
                 if ranges[1] == a + 1:
                     del ranges[:2]
                 else:
@@ -290,25 +290,26 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
             per_row = min(C // x, limit)
             full, r = divmod(k, per_row)
             if full:
-                segments += (num_rows, num_rows + full, per_row, 0, x)
+                segments += (num_rows, num_rows + full, per_row, 0)
                 push([num_rows, num_rows + full], C - per_row * x, per_row, full)
                 num_rows += full
             if r:
-                segments += (num_rows, num_rows + 1, r, 0, x)
+                segments += (num_rows, num_rows + 1, r, 0)
                 push([num_rows, num_rows + 1], C - r * x, r, 1)
                 num_rows += 1
 
-    # segment (a, b, s, o, x): items in packed order j = 0..(b-a)*s-1 go to row a + j // s at offset o + (j % s) * x
-    seg = np.array(segments, np.int64).reshape(-1, 5)
-    first_row, end_row, slots, start, size = seg.T
-    per_seg = (end_row - first_row) * slots
-    which = np.repeat(np.arange(len(seg)), per_seg)
-    j = layout.positions(per_seg)
-    s = slots[which]
+    # Segment (a, b, s, o): rows a..b-1 each take s items (of one length) from offset o, in packed order.
+    # Per item, only repeats and one prefix sum: an item's offset is its entry's start plus the
+    # tokens packed before it in the same (segment, row) entry.
+    seg = np.array(segments, np.int64).reshape(-1, 4)
+    first_row, end_row, slots, start = seg.T
+    num = end_row - first_row
+    taken = np.repeat(slots, num)  # (E,) items per (segment, row) entry
+    before = np.cumsum(ordered) - ordered  # (N,) tokens before each item in packed order
     row = np.empty(n, np.int64)
     offset = np.empty(n, np.int64)
-    row[order] = first_row[which] + j // s
-    offset[order] = start[which] + (j % s) * size[which]
+    row[order] = np.repeat(layout.ranges(first_row, num), taken)
+    offset[order] = before + np.repeat(np.repeat(start, num) - before[layout.starts(taken)], taken)
     return row, offset
 
 
