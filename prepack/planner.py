@@ -7,6 +7,7 @@ run inside any data pipeline.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -171,83 +172,151 @@ def lower_bound_l2(lengths: np.ndarray, capacity: int) -> int:
 
 
 def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best-fit decreasing over a histogram of the rows' free space.
+    """Best-fit decreasing over a histogram of the rows' free space, one length group at a time.
 
-    Requests are count-sorted by length and placed one length group at a time.
     For k equal items of length x, best fit always picks the open row with the
     least free space r >= x, and after a placement that row (r - x) is still
-    the best fit while r - x >= x. So every row in bucket r absorbs
+    the best fit while r - x >= x. So every row of bucket r absorbs
     min(r // x, slots left) items before the next bucket is touched, and a
-    whole bucket moves at once. The loop runs over (length group, bucket)
-    pairs, never over open rows per item, and the rows it touches are bounded
-    by the group size.
+    whole bucket moves at once. Rows with equal free space (and, under
+    ``max_per_row``, equal fill) are interchangeable for every later choice,
+    so the row count is that of item-by-item best fit.
+
+    Why plain Python for the bookkeeping: a bucket's rows are kept as ranges of
+    row ids and each placement is one *segment* (rows a..a+m-1 each take s items
+    of length x from offset o), so the loop costs a few Python operations per
+    (length group, bucket) pair and no numpy call; numpy's ~1 us per call was
+    what made spread-out lengths slow. Items longer than C/2 never share a row
+    and take one vectorised step; all per-item output is built once at the end.
     """
     n = len(lengths)
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    order = _sort_decreasing(lengths, C)
+    ordered = lengths[order]
+    first = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    ends = np.empty(len(first), np.int64)
+    ends[:-1] = first[1:]
+    ends[-1] = n
+    big = int(np.count_nonzero(ordered[first] * 2 > C))  # the first groups, items longer than C/2
+    sizes, counts, ends = ordered[first].tolist(), (ends - first).tolist(), ends.tolist()
+
+    limited = limit != _NO_LIMIT
+    W = limit + 1 if limited else 1  # bucket key = free * W + fill: least free first, then least full
+    smallest = sizes[-1]  # rows with less free space than this can take nothing more
+    buckets: dict[int, list[int]] = {}  # key -> row ids as flat ranges [a0, b0, a1, b1, ...), a < b
+    rows_in: dict[int, int] = {}  # key -> rows in the bucket
+    keys: list[int] = []  # sorted keys of non-empty buckets
+
+    def push(ranges: list[int], free: int, fill: int, m: int) -> None:
+        if free < smallest or (limited and fill >= limit):
+            return  # the row is closed for good
+        key = free * W + fill if limited else free
+        if key in buckets:
+            buckets[key] += ranges
+            rows_in[key] += m
+        else:
+            buckets[key] = ranges
+            rows_in[key] = m
+            insort(keys, key)
+
+    # Every item longer than C/2 opens a row. Sorted longest first, a group's rows are one contiguous
+    # range and the groups' free spaces C - x come out distinct and ascending: the buckets are built directly.
+    num_rows = sum(counts[:big])
+    segments: list[int] = [0, num_rows, 1, 0] if num_rows else []  # flat (a, b, s, o) per segment
+    if big and (not limited or limit > 1):
+        for x, k, b in zip(sizes[:big], counts[:big], ends):
+            if C - x >= smallest:
+                key = (C - x) * W + 1 if limited else C - x
+                keys.append(key)
+                buckets[key] = [b - k, b]
+                rows_in[key] = k
+
+    fill = 0  # stays 0 without max_per_row
+    for x, k in zip(sizes[big:], counts[big:]):
+        while k:
+            i = bisect_left(keys, x * W)
+            if i == len(keys):
+                break
+            key = keys[i]
+            if limited:
+                f, fill = divmod(key, W)
+                s = min(f // x, limit - fill)
+            else:
+                f = key
+                s = f // x
+            m = rows_in[key]
+            if m * s <= k:  # the whole bucket moves down
+                del keys[i], rows_in[key]
+                ranges = buckets.pop(key)
+                for j in range(0, len(ranges), 2):
+                    segments += (ranges[j], ranges[j + 1], s, C - f)
+                k -= m * s
+                if f - s * x >= smallest:
+                    push(ranges, f - s * x, fill + s, m)
+                continue
+            # the group ends inside this bucket: q rows take s items, then one row takes r
+            q, r = divmod(k, s)
+            ranges = buckets[key]
+            j = 0
+            while ranges[j + 1] - ranges[j] <= q:
+                q -= ranges[j + 1] - ranges[j]
+                j += 2
+            taken = ranges[:j]
+            if q:
+                taken += (ranges[j], ranges[j] + q)
+                ranges[j] += q
+            del ranges[:j]
+            for j in range(0, len(taken), 2):
+                segments += (taken[j], taken[j + 1], s, C - f)
+            moved = k // s
+            if r:
+                a = ranges[0]
+                segments += (a, a + 1, r, C - f)
+                if ranges[1] == a + 1:
+                    del ranges[:2]
+                else:
+                    ranges[0] = a + 1
+            left = m - moved - (1 if r else 0)
+            if left:
+                rows_in[key] = left
+            else:
+                del keys[i], buckets[key], rows_in[key]
+            push(taken, f - s * x, fill + s, moved)
+            if r:
+                push([a, a + 1], f - r * x, fill + r, 1)
+            k = 0
+        if k:  # no open row has room: open rows of per_row items each
+            per_row = min(C // x, limit)
+            full, r = divmod(k, per_row)
+            if full:
+                segments += (num_rows, num_rows + full, per_row, 0)
+                push([num_rows, num_rows + full], C - per_row * x, per_row, full)
+                num_rows += full
+            if r:
+                segments += (num_rows, num_rows + 1, r, 0)
+                push([num_rows, num_rows + 1], C - r * x, r, 1)
+                num_rows += 1
+
+    # Segment (a, b, s, o): rows a..b-1 each take s items (of one length) from offset o, in packed order.
+    # Per item, only repeats and one prefix sum: an item's offset is its entry's start plus the
+    # tokens packed before it in the same (segment, row) entry.
+    seg = np.array(segments, np.int64).reshape(-1, 4)
+    first_row, end_row, slots, start = seg.T
+    num = end_row - first_row
+    taken = np.repeat(slots, num)  # (E,) items per (segment, row) entry
+    before = np.cumsum(ordered) - ordered  # (N,) tokens before each item in packed order
     row = np.empty(n, np.int64)
     offset = np.empty(n, np.int64)
-    if n == 0:
-        return row, offset
-    by_length = _count_sort(lengths, C)
-    sizes, starts, counts = np.unique(lengths[by_length], return_index=True, return_counts=True)
-
-    buckets: dict[int, list[np.ndarray]] = {}  # free space -> row ids
-    nonempty = np.zeros(C + 1, dtype=bool)
-    fill = np.zeros(0, np.int64)  # requests per row, only tracked when limited
-    num_rows = 0
-
-    def push(free: np.ndarray, rows: np.ndarray) -> None:
-        for f in np.unique(free):
-            sel = rows[free == f] if len(rows) > 1 else rows
-            if limit != _NO_LIMIT:
-                sel = sel[fill[sel] < limit]  # full rows leave the histogram
-                if len(sel) == 0:
-                    continue
-            buckets.setdefault(int(f), []).append(sel)
-            nonempty[f] = True
-
-    for g in range(len(sizes) - 1, -1, -1):
-        x, k = int(sizes[g]), int(counts[g])
-        items = by_length[starts[g] : starts[g] + k]
-        placed_rows: list[np.ndarray] = []
-        placed_offsets: list[np.ndarray] = []
-        for f in np.flatnonzero(nonempty[x:]) + x:
-            if k == 0:
-                break
-            f = int(f)
-            rows = np.concatenate(buckets.pop(f))
-            nonempty[f] = False
-            slots = np.minimum(f // x, limit - fill[rows]) if limit != _NO_LIMIT else np.full(len(rows), f // x)
-            total = np.cumsum(slots)
-            if total[-1] > k:  # the group runs out inside this bucket
-                cut = int(np.searchsorted(total, k))
-                slots = slots[: cut + 1].copy()
-                slots[-1] -= int(total[cut] - k)
-                rest, rows = rows[cut + 1 :], rows[: cut + 1]
-                if len(rest):
-                    push(np.full(len(rest), f), rest)
-            r, o = _place(rows, slots, C - f, x)
-            placed_rows.append(r)
-            placed_offsets.append(o)
-            k -= len(r)
-            if limit != _NO_LIMIT:
-                fill[rows] += slots
-            push(f - slots * x, rows)
-        if k:
-            per_row = min(C // x, limit)
-            new = -(-k // per_row)
-            rows = np.arange(num_rows, num_rows + new, dtype=np.int64)
-            num_rows += new
-            slots = np.full(new, per_row, np.int64)
-            slots[-1] = k - per_row * (new - 1)
-            r, o = _place(rows, slots, np.zeros(new, np.int64), x)
-            placed_rows.append(r)
-            placed_offsets.append(o)
-            if limit != _NO_LIMIT:
-                fill = np.concatenate([fill, slots])
-            push(C - slots * x, rows)
-        row[items] = np.concatenate(placed_rows)
-        offset[items] = np.concatenate(placed_offsets)
+    row[order] = np.repeat(layout.ranges(first_row, num), taken)
+    offset[order] = before + np.repeat(np.repeat(start, num) - before[layout.starts(taken)], taken)
     return row, offset
+
+
+def _sort_decreasing(lengths: np.ndarray, C: int) -> np.ndarray:
+    """(N,) int64: request indices, longest first, ties in request order (numpy radix-sorts 16-bit keys)."""
+    keys = (C - lengths).astype(np.uint16) if C < 2**16 else C - lengths
+    return np.argsort(keys, kind="stable")
 
 
 def _count_sort(lengths: np.ndarray, C: int) -> np.ndarray:

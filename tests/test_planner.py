@@ -75,6 +75,37 @@ def test_bfd_is_within_the_ffd_bound_of_the_optimum(data):
     assert prepack.lower_bound_l2(lengths, capacity) <= opt
 
 
+def item_by_item_best_fit_rows(lengths, capacity, limit=None):
+    """Rows used by textbook best-fit decreasing: each item, longest first, goes to the open row with the
+    least free space that still fits it (then the fewest requests), or opens a row."""
+    free, fill = [], []
+    for x in sorted(lengths, reverse=True):
+        fits = [r for r in range(len(free)) if free[r] >= x and (limit is None or fill[r] < limit)]
+        if fits:
+            r = min(fits, key=lambda r: (free[r], fill[r]))
+            free[r] -= x
+            fill[r] += 1
+        else:
+            free.append(capacity - x)
+            fill.append(1)
+    return len(free)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths_and_capacity(max_n=80), st.one_of(st.none(), st.integers(1, 6)))
+def test_bfd_uses_as_many_rows_as_item_by_item_best_fit_decreasing(data, limit):
+    lengths, capacity = data
+    p = prepack.plan(lengths, capacity, algorithm="bfd", max_per_row=limit)
+    assert p.num_rows == item_by_item_best_fit_rows(lengths.tolist(), capacity, limit)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=80), st.integers(64, 300))
+def test_bfd_places_every_request_once_when_capacity_is_a_token_budget_far_above_the_lengths(lengths, budget):
+    # the serving path plans each forward against its token budget: no request is longer than half a row
+    assert_valid(prepack.plan(np.array(lengths), budget, algorithm="bfd"))
+
+
 def test_l2_bound_is_tighter_than_l1_on_a_classic_case():
     # three items just over half the capacity: each needs its own row
     assert lower_bound_l1([6, 6, 6], 10) == 2
