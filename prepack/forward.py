@@ -134,11 +134,11 @@ def forward_at(
         X is V for logits, D for hidden states, or what ``reduce`` returns.
     """
     tokens = check_prompts(model, sequences, tokenizer=tokenizer).tokens
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    lengths = layout.lengths_of(tokens)
     spans = request_spans(positions, lengths)
     run = run_packed(
         model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
-        spans=spans, output=output, reduce=reduce,
+        spans=spans, output=output, reduce=reduce, lengths=lengths,
     )
     if isinstance(positions, str) and positions == "last":
         return run.values
@@ -175,6 +175,7 @@ def run_packed(
     reduce: Reduce | None = None,
     kv: KeepKV = None,
     prefix: Prefix | None = None,
+    lengths: np.ndarray | None = None,
 ) -> PackedRun:
     """The packed forward over checked token arrays (zero-length ones allowed: they take no slot).
 
@@ -186,6 +187,7 @@ def run_packed(
         kv: keep each layer's keys and values: ``"cache"`` what the model caches (per-request
             caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests).
         prefix: keys and values each request continues (varlen backends only).
+        lengths: (N,) int64, ``len`` of each token array, where the caller has them already.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
@@ -205,7 +207,7 @@ def run_packed(
                 f"capacity applies to backend='sdpa_masked', which packs rows of capacity tokens; backend {name!r} "
                 "runs one varlen stream per forward: bound it with token_budget instead"
             )
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    lengths = layout.lengths_of(tokens) if lengths is None else lengths
     real = np.flatnonzero(lengths)
     real_lengths = lengths[real]
     longest = int(real_lengths.max()) if len(real) else 1
@@ -247,12 +249,10 @@ def run_packed(
 
     # which forward holds each request, and where it starts in that forward's flattened (B * L) tokens
     chunk, starts = np.zeros(len(tokens), np.int64), np.zeros(len(tokens), np.int64)
-    first_row = np.array([rows.start for rows in calls], np.int64)
-    chunk[real] = np.searchsorted(first_row, p.row, side="right") - 1
-    if rows_layout:
-        starts[real] = (p.row - first_row[chunk[real]]) * p.capacity + p.offset
-    else:  # one row per forward: the request's start in that row's varlen stream
-        starts[real] = batch.stream_starts - layout.starts(p.row_lengths)[p.row]
+    for c, rows in enumerate(calls):
+        seg = batch.segments(rows)
+        chunk[real[seg.order]] = c
+        starts[real[seg.order]] = seg.grid_start if rows_layout else seg.stream_start
     result = None
     if spans is not None:
         if values:
@@ -326,13 +326,12 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
     if kv == "cache":
         cache = kvcache.recording_cache(model.config, records)
         kwargs.update({"use_cache": True, cache_kwarg(model): cache})
-    p = batch.plan
-    order = p.order[batch.row_ptr[rows.start] : batch.row_ptr[rows.stop]]
-    lengths = p.lengths[order]
+    seg = batch.segments(rows)
+    order, lengths = seg.order, seg.lengths
     sink = captured if kv == "attention" else None
     if kernel.rows:
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
-        first = (p.row[order] - rows.start) * p.capacity + p.offset[order]
+        first = seg.grid_start
         row_mask = functools.lru_cache(maxsize=None)(
             lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
@@ -340,7 +339,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
     else:
         v = batch.to_varlen(rows)
         ids, pos = v.input_ids[None], v.position_ids[None]
-        first = layout.starts(lengths)
+        first = seg.stream_start
         k_lengths, earlier = lengths, None
         if prefix is not None:
             earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
@@ -384,17 +383,10 @@ def _earlier_keys(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, device
     plen = prefix.lengths[order]
     kv_len = plen + lengths
     k_first = layout.starts(kv_len)
-
-    def idx(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    src = layout.ranges(prefix.starts[order], plen)
-    dst = layout.ranges(k_first, plen)
-    owner = np.repeat(prefix.chunk[order], plen)
     gather = PrefixKV(
         prefix.chunks,
-        pieces=[(int(c), idx(src[owner == c]), idx(dst[owner == c])) for c in np.unique(owner)],
-        dst_new=idx(layout.ranges(k_first + plen, lengths)),
+        pieces=kvcache.chunk_pieces(prefix.chunk[order], prefix.starts[order], plen, layout.ranges(k_first, plen), device),
+        dst_new=torch.from_numpy(layout.ranges(k_first + plen, lengths)).to(device),
         total=int(kv_len.sum()),
     )
     return gather, kv_len

@@ -45,6 +45,27 @@ def padded_targets(lengths: np.ndarray, pad_to: int, *, left: bool, row_len: int
     return layout.ranges(row_start, lengths)
 
 
+def chunk_pieces(chunk: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dst: np.ndarray, device) -> list:
+    """Per chunk, (chunk, src, dst): the gather that moves requests' tokens out of a run's chunks.
+
+    Args:
+        chunk: (n,) int64, the chunk (forward) that holds each request.
+        starts: (n,) int64, where each request's first token sits in its chunk's flattened token axis.
+        lengths: (n,) int64, tokens per request.
+        dst: (sum(lengths),) int64, where each token goes, request after request.
+
+    Returns:
+        ``[(c, src, dst_c), ...]`` with ``src`` / ``dst_c`` (k,) int64 tensors on ``device``.
+    """
+    src = layout.ranges(starts, lengths)
+    owner = np.repeat(chunk, lengths)
+
+    def as_tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return [(int(c), as_tensor(src[owner == c]), as_tensor(dst[owner == c])) for c in np.unique(owner)]
+
+
 def gather_padded(chunks: list, pieces: list, n: int, row_len: int) -> torch.Tensor:
     """Scatter packed states into a zero-padded (n, row_len, H, D) tensor, flash-attn's kvcache layout.
 

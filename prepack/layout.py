@@ -20,6 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def lengths_of(sequences) -> np.ndarray:
+    """(N,) int64: ``len`` of each of N sequences (token arrays, lists, tensors)."""
+    return np.fromiter((len(s) for s in sequences), np.int64, len(sequences))
+
+
 def starts(lengths) -> np.ndarray:
     """(N,) int64: where each of N back-to-back segments begins (an exclusive cumulative sum)."""
     lengths = np.asarray(lengths, np.int64)

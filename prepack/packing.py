@@ -41,6 +41,22 @@ class Varlen(NamedTuple):
     indices: torch.Tensor
 
 
+class Segments(NamedTuple):
+    """The requests of some rows of a :class:`PackedBatch`, in stream order.
+
+    Attributes:
+        order: (n,) int64, the request of each segment (the plan's order).
+        lengths: (n,) int64, its tokens.
+        grid_start: (n,) int64, its first token in the rows' flattened (B * C) grid.
+        stream_start: (n,) int64, its first token in the rows' varlen stream (no padding).
+    """
+
+    order: np.ndarray
+    lengths: np.ndarray
+    grid_start: np.ndarray
+    stream_start: np.ndarray
+
+
 @dataclass(frozen=True, eq=False)
 class PackedBatch:
     """Requests packed into ``R`` rows of ``C`` tokens.
@@ -95,9 +111,19 @@ class PackedBatch:
     @property
     def stream_starts(self) -> np.ndarray:
         """(N,) int64, where each request begins in the flat stream of :meth:`to_varlen` (request order)."""
+        seg = self.segments()
         out = np.empty(self.plan.num_requests, np.int64)
-        out[self.plan.order] = layout.starts(self.plan.lengths[self.plan.order])
+        out[seg.order] = seg.stream_start
         return out
+
+    def segments(self, rows: slice | None = None) -> Segments:
+        """The requests of ``rows`` (default: all), in stream order, and where each starts: the one
+        place a micro-batch's layout is derived from its plan."""
+        start, stop, _ = (rows or slice(None)).indices(self.num_rows)
+        order = self.plan.order[self.row_ptr[start] : self.row_ptr[stop]]
+        lengths = self.plan.lengths[order]
+        grid_start = (self.plan.row[order] - start) * self.capacity + self.plan.offset[order]
+        return Segments(order, lengths, grid_start, layout.starts(lengths))
 
     def to_varlen(self, rows: slice | None = None) -> Varlen:
         """Drop the padding: the packed tokens as one flat stream plus ``cu_seqlens``.
@@ -106,11 +132,9 @@ class PackedBatch:
             rows: only these rows (a micro-batch), with ``cu_seqlens`` relative to them.
         """
         start, stop, _ = (rows or slice(None)).indices(self.num_rows)
-        first, last = self.row_ptr[start], self.row_ptr[stop]
-        order = self.plan.order[first:last]
-        lengths = self.plan.lengths[order]
-        grid_start = (self.plan.row[order] - start) * self.capacity + self.plan.offset[order]
-        indices = torch.from_numpy(layout.ranges(grid_start, lengths))
+        seg = self.segments(slice(start, stop))
+        lengths = seg.lengths
+        indices = torch.from_numpy(layout.ranges(seg.grid_start, lengths))
         grid = slice(start, stop)
         return Varlen(
             self.input_ids[grid].reshape(-1)[indices],
@@ -217,7 +241,7 @@ def pack(
     if capacity is not None:
         capacity = check_capacity(capacity)
     tokens = [token_array(s, i) for i, s in enumerate(sequences)]
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    lengths = layout.lengths_of(tokens)
     truncated = np.zeros(len(tokens), np.int64)
     if capacity is not None and len(tokens) and lengths.max() > capacity:
         if overflow == "error":

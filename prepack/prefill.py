@@ -79,11 +79,7 @@ class PrefillResult:
 
     def _pieces(self, rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per chunk: (chunk, src, dst) token indices moving ``rows``' tokens to ``dst`` (request after request)."""
-        lengths, device = self._lengths[rows], self.lengths.device
-        src = layout.ranges(self.starts[rows], lengths)
-        owner = np.repeat(self.chunk[rows], lengths)
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        return [(int(c), as_t(src[owner == c]), as_t(dst[owner == c])) for c in np.unique(owner)]
+        return kvcache.chunk_pieces(self.chunk[rows], self.starts[rows], self._lengths[rows], dst, self.lengths.device)
 
     def left_padded_cache(self, pad_to: int | None = None, *, rows: Sequence[int] | np.ndarray | None = None):
         """One batched ``DynamicCache`` for ``model.generate``, left-padded to the longest prompt.
@@ -184,10 +180,12 @@ def prefill_tokens(
     model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+    lengths = layout.lengths_of(tokens)
     # last-token logits: a one-token span per prompt (none for an empty prompt)
     spans = np.stack([np.maximum(lengths - 1, 0), lengths], 1) if logits else None
-    run = run_packed(model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache")
+    run = run_packed(
+        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache", lengths=lengths
+    )
     device = model_device(model)
     out_logits = None
     if logits and len(run.values):
