@@ -163,8 +163,9 @@ def add_bench_parser(sub) -> None:
                    help="untimed rounds; the first round (warmup or not) is checked for agreement")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
-                   help="torch intra-op threads (the default is this machine's core count)")
+    cores = os.cpu_count() or 1
+    p.add_argument("--threads", type=positive_int, default=cores,
+                   help=f"torch intra-op threads (default: {cores}, this machine's core count)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the weights and the prompt sample")
     p.add_argument("--json", type=writable_path, default=None, help="write the result rows here (default: not written)")
     p.add_argument("--plot", type=writable_path, default=None,
@@ -362,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prepack", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,bench}",
+                                help="prepack plan --help and prepack bench --help say more")
     add_plan_parser(sub)
     add_bench_parser(sub)
     return parser

@@ -47,13 +47,15 @@ def test_read_jsonl_reads_lengths_and_token_lists_as_lengths_for_prepack_plan(tm
     assert read_jsonl(str(f), lengths=True) == [5, 3, 1]
 
 
-def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path):
-    from prepack.cli import read_lengths
+def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path, capsys):
+    from prepack.cli import main
 
     f = tmp_path / "p.jsonl"
     f.write_text('[1, 2]\n{"tokens": [1]}\n')
-    with pytest.raises(SystemExit, match=r"p.jsonl:2: expected 'input_ids' or 'text'"):
-        read_lengths(str(f))
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", str(f)])
+    assert exit.value.code == 2
+    assert "prepack plan: error: " in (err := capsys.readouterr().err) and "p.jsonl:2: expected 'input_ids' or 'text'" in err
 
 
 def test_read_jsonl_datasets_matches_the_plain_reader(tmp_path):
@@ -235,7 +237,7 @@ def test_cli_bench_refuses_the_old_dense_method_name(capsys):
 
     with pytest.raises(SystemExit):
         main(["bench", "--model", "llama-tiny", "--methods", "padded,prepack-dense"])
-    assert "--methods must be a comma-separated list of" in capsys.readouterr().err
+    assert "argument --methods: item 'prepack-dense' of 'padded,prepack-dense': unknown" in capsys.readouterr().err
 
 
 def test_python_dash_m_prepack_bench_help_runs():
