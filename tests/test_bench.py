@@ -138,6 +138,21 @@ def test_each_row_names_the_attention_backend_that_ran(tiny):
     }
 
 
+def test_generate_rows_name_the_backend_the_packed_prefill_reported(tiny):
+    rows = bench.run_bench(tiny, [[1, 2, 3], [4, 5]], metrics=("generate",), new_tokens=2,
+                           methods=("padded", "prepack:sdpa_masked", "prepack:reference"), repeat=1, warmup=0)
+    assert {r["method"]: r["backend"] for r in rows} == {
+        "padded": "sdpa", "prepack:sdpa_masked": "sdpa_masked", "prepack:reference": "reference",
+    }
+
+
+def test_generate_with_backends_reports_each_waves_prefill_and_none_without_one(tiny):
+    from prepack.generation import generate_with_backends
+
+    ran = generate_with_backends(tiny, [[1, 2, 3], [4, 5], [6]], backend="reference", wave_size=2, max_new_tokens=1)
+    assert len(ran.results) == 3 and ran.backends == ("reference", None)  # the second wave has one 1-token prompt
+
+
 def test_check_agreement_names_the_request_and_both_methods():
     with pytest.raises(bench.BenchMismatch, match=r"request 1: prepack predicts next token 9 but padded predicts 5"):
         bench.check_agreement({"padded": torch.tensor([3, 5]), "prepack": torch.tensor([3, 9])}, "prefill")
