@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -75,13 +75,39 @@ def generate(
         token if it produced one, or strings with ``decode``. Greedy output is token-for-token
         what ``model.generate`` gives for the same prompts left-padded.
     """
+    return generate_with_backends(
+        model, sequences, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
+        decode=decode, wave_size=wave_size, progress=progress, **generate_kwargs,
+    ).results
+
+
+class Generated(NamedTuple):
+    """What :func:`generate_with_backends` gives back.
+
+    Attributes:
+        results: what :func:`generate` returns.
+        backends: one per wave, the attention backend its packed prefill ran
+            (``PrefillResult.backend``), or None for a wave of one-token prompts, which has no prefill.
+    """
+
+    results: list
+    backends: tuple
+
+
+def generate_with_backends(model, sequences, **kwargs) -> Generated:
+    """:func:`generate` (same arguments), plus the attention backend each wave's packed prefill ran.
+
+    The backend is the one the run reports, not a second resolution of ``backend``:
+    a benchmark row that names it names the kernel that ran.
+    """
     if isinstance(sequences, Iterator):
         raise ValueError("generate takes a list of prompts; for an iterator of prompts use prepack.generate_iter")
-    prompts = check_prompts(model, sequences, tokenizer=tokenizer)
-    return list(generate_iter(
-        model, prompts.tokens, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
-        decode=decode, wave_size=wave_size, progress=progress, total=len(prompts.tokens), **generate_kwargs,
-    ))
+    prompts = check_prompts(model, sequences, tokenizer=kwargs.get("tokenizer"))
+    results, backends = [], []
+    for rows, ran in _waves(model, prompts.tokens, total=len(prompts.tokens), **kwargs):
+        results += rows
+        backends.append(ran)
+    return Generated(results, tuple(backends))
 
 
 def generate_iter(
@@ -105,6 +131,19 @@ def generate_iter(
     Each element is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
     ``total`` sizes the progress bar.
     """
+    for rows, _ in _waves(
+        model, prompts, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
+        decode=decode, wave_size=wave_size, progress=progress, total=total, **generate_kwargs,
+    ):
+        yield from rows
+
+
+def _waves(
+    model, prompts: Iterable, *, backend: str = "auto", capacity: int | None = None, token_budget: int | None = None,
+    tokenizer=None, decode: bool = False, wave_size: int = DEFAULT_WAVE_SIZE, progress: bool | None = None,
+    total: int | None = None, **generate_kwargs,
+) -> Iterator[tuple[list, str | None]]:
+    """Yield ``(results, backend)`` per wave: the wave's results in input order, and its prefill's backend."""
     if not isinstance(wave_size, int) or isinstance(wave_size, bool) or wave_size < 1:
         raise ValueError(f"wave_size must be an integer >= 1, got {wave_size!r}")
     if decode and tokenizer is None:
@@ -115,7 +154,12 @@ def generate_iter(
     pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
     if pad_id is None:
         pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
-    generate_kwargs["pad_token_id"] = pad_id
+    if generate_kwargs.get("generation_config") is None or "pad_token_id" in generate_kwargs:
+        generate_kwargs["pad_token_id"] = pad_id
+    elif gen_config.pad_token_id != pad_id:
+        # a generation_config carries the pad id itself: passing it beside the config is deprecated
+        generate_kwargs["generation_config"] = gen_config = _copy_config(gen_config)
+        gen_config.pad_token_id = pad_id
 
     it = iter(prompts)
     bar = None
@@ -128,11 +172,10 @@ def generate_iter(
         while wave := list(itertools.islice(it, wave_size)):
             tokens = check_prompts(model, wave, tokenizer=tokenizer).tokens
             try:
-                rows = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
+                rows, ran = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
             except ValueError as e:  # errors name requests by their index in this wave: say which wave
                 raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
-            for row in rows:
-                yield tokenizer.decode(row, skip_special_tokens=True) if decode else row
+            yield [tokenizer.decode(row, skip_special_tokens=True) if decode else row for row in rows], ran
             start += len(wave)
             if bar is not None:
                 bar.update(len(wave))
@@ -166,10 +209,14 @@ def _copy_config(config):
     return copy.deepcopy(config)
 
 
-def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs) -> list:
-    """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together."""
+def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs) -> tuple:
+    """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together.
+
+    Returns:
+        (new tokens per row, the backend the prefill ran or None when no prompt is long enough to need one).
+    """
     if not tokens:
-        return []
+        return [], None
     device = model_device(model)
     # identical prompts share one prefill: `rows` maps each output row to its distinct prompt
     distinct: dict[bytes, int] = {}
@@ -181,12 +228,14 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
     longest = max(len(t) for t in tokens)
     input_ids, attention_mask = left_pad([unique[d] for d in rows], pad_id, device)
     kwargs = dict(generate_kwargs)
+    ran = None
     if longest > 1:
         prefixes = [t[:-1] for t in unique]
         result = prefill_tokens(model, prefixes, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
         kwargs[cache_kwarg(model)], _ = result.left_padded_cache(pad_to=longest - 1, rows=rows)
+        ran = result.backend
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return _strip(out[:, longest:], eos)
+    return _strip(out[:, longest:], eos), ran
 
 
 def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,13 +47,15 @@ def test_read_jsonl_reads_lengths_and_token_lists_as_lengths_for_prepack_plan(tm
     assert read_jsonl(str(f), lengths=True) == [5, 3, 1]
 
 
-def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path):
-    from prepack.cli import read_lengths
+def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path, capsys):
+    from prepack.cli import main
 
     f = tmp_path / "p.jsonl"
     f.write_text('[1, 2]\n{"tokens": [1]}\n')
-    with pytest.raises(SystemExit, match=r"p.jsonl:2: expected 'input_ids' or 'text'"):
-        read_lengths(str(f))
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", str(f)])
+    assert exit.value.code == 2
+    assert "prepack plan: error: " in (err := capsys.readouterr().err) and "p.jsonl:2: expected 'input_ids' or 'text'" in err
 
 
 def test_read_jsonl_datasets_matches_the_plain_reader(tmp_path):
@@ -134,6 +136,21 @@ def test_each_row_names_the_attention_backend_that_ran(tiny):
         "prepack:sdpa_masked": "sdpa_masked",
         "prepack:reference": "reference",
     }
+
+
+def test_generate_rows_name_the_backend_the_packed_prefill_reported(tiny):
+    rows = bench.run_bench(tiny, [[1, 2, 3], [4, 5]], metrics=("generate",), new_tokens=2,
+                           methods=("padded", "prepack:sdpa_masked", "prepack:reference"), repeat=1, warmup=0)
+    assert {r["method"]: r["backend"] for r in rows} == {
+        "padded": "sdpa", "prepack:sdpa_masked": "sdpa_masked", "prepack:reference": "reference",
+    }
+
+
+def test_generate_with_backends_reports_each_waves_prefill_and_none_without_one(tiny):
+    from prepack.generation import generate_with_backends
+
+    ran = generate_with_backends(tiny, [[1, 2, 3], [4, 5], [6]], backend="reference", wave_size=2, max_new_tokens=1)
+    assert len(ran.results) == 3 and ran.backends == ("reference", None)  # the second wave has one 1-token prompt
 
 
 def test_check_agreement_names_the_request_and_both_methods():
@@ -235,7 +252,7 @@ def test_cli_bench_refuses_the_old_dense_method_name(capsys):
 
     with pytest.raises(SystemExit):
         main(["bench", "--model", "llama-tiny", "--methods", "padded,prepack-dense"])
-    assert "--methods must be a comma-separated list of" in capsys.readouterr().err
+    assert "argument --methods: item 'prepack-dense' of 'padded,prepack-dense': unknown" in capsys.readouterr().err
 
 
 def test_python_dash_m_prepack_bench_help_runs():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -122,7 +122,11 @@ def run_bench(
             in an order rotated by one per repeat.
         warmup: untimed rounds first. The first round's next tokens are checked
             for agreement; with ``warmup=0`` the first timed round's are.
-        progress: called with a label after every call (a tqdm ``update``, say).
+        progress: ``progress(label, done)`` is called as every method call starts
+            (``done=False``, with the label of the call about to run, e.g.
+            ``"batch 4 prefill padded timed 2/3"``) and as it ends (``done=True``, the same
+            label): a tqdm bar names the running call and counts the finished ones.
+            :func:`count_calls` says how many calls there are, memory ones included.
 
     Returns:
         Dicts with ``metric, method, backend, batch_size, real_tokens, computed_tokens,
@@ -143,6 +147,8 @@ def run_bench(
             raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(
@@ -159,6 +165,18 @@ def run_bench(
     for metric in metrics:
         names = [m for m in methods if supports(m, metric)]
         call = Call(prompts, metric, new_tokens, pad_id, micro_batch)
+
+        def run(m: str, label: str, measure: Callable, call: Call = call):
+            """``measure`` (time_call or measure_memory) of one call of ``m``, reported to ``progress``."""
+            what = f"batch {len(prompts)} {call.metric} {m} {label}"
+            if progress:
+                progress(what, False)
+            try:
+                return measure(lambda: method_fn(m)(model, call), device)
+            finally:
+                if progress:
+                    progress(what, True)
+
         times = {m: [] for m in names}
         mems: dict[str, MemoryMeter] = {}
         outputs: dict[str, object] = {}
@@ -170,14 +188,13 @@ def run_bench(
             for m in order:
                 if m in failed:
                     continue
+                label = "warmup" if r < warmup else f"timed {r - warmup + 1}/{repeat}"
                 try:
-                    dt, outcome = time_call(lambda: method_fn(m)(model, call), device)
+                    dt, outcome = run(m, label, time_call)
                 except Exception as e:  # a peer that cannot run here is reported, not fatal
                     if m == "padded":
                         raise
                     failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    if progress:
-                        progress(f"{metric} {m} FAILED")
                     continue
                 if r == 0:
                     firsts[m] = outcome.first.cpu()
@@ -186,12 +203,10 @@ def run_bench(
                 if r >= warmup:
                     times[m].append(dt)
                 del outcome
-                if progress:
-                    progress(f"{metric} {m}")
             if r == 0:
                 check_agreement({m: firsts[m] for m in names if m not in failed}, metric)
         for m in [m for m in names if m not in failed]:
-            mems[m] = measure_memory(lambda: method_fn(m)(model, call), device)
+            mems[m] = run(m, "memory", measure_memory)
         ref = names[0]
         for m, why in failed.items():
             rows.append(dict(metric=metric, method=m, batch_size=len(prompts), error=why))
@@ -249,15 +264,36 @@ def run_sweep(
     model, prompts: Sequence[Sequence[int]], batch_sizes: Sequence[int], *, progress=None, **kwargs
 ) -> list[dict]:
     """:func:`run_bench` on the first B prompts for every B in ``batch_sizes`` (nested batches)."""
-    rows = []
+    return [row for _, rows in iter_sweep(model, prompts, batch_sizes, progress=progress, **kwargs) for row in rows]
+
+
+def iter_sweep(
+    model, prompts: Sequence[Sequence[int]], batch_sizes: Sequence[int], *, progress=None, **kwargs
+) -> Iterator[tuple[int, list[dict]]]:
+    """Yield ``(B, run_bench rows)`` for every B in ``batch_sizes``, so that a caller keeps the
+    batches already done when a later one fails.
+
+    Raises:
+        ValueError: before any run, if a batch size is not a positive integer or exceeds the prompts.
+    """
+    check_batch_sizes(batch_sizes, len(prompts))
     for b in batch_sizes:
-        if b > len(prompts):
-            raise ValueError(f"batch size {b} needs {b} prompts but only {len(prompts)} were loaded")
-        rows += run_bench(model, prompts[:b], progress=progress, **kwargs)
-    return rows
+        yield b, run_bench(model, prompts[:b], progress=progress, **kwargs)
+
+
+def check_batch_sizes(batch_sizes: Sequence[int], num_prompts: int) -> None:
+    """Raise ValueError naming the first batch size that is not an integer in ``[1, num_prompts]``."""
+    if len(batch_sizes) == 0:
+        raise ValueError("no batch sizes given")
+    for b in batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch size must be an integer >= 1, got {b!r}")
+        if b > num_prompts:
+            raise ValueError(f"batch size {b} needs {b} prompts but only {num_prompts} were loaded")
 
 
 def count_calls(batch_sizes, metrics, methods, repeat: int, warmup: int) -> int:
-    """How many method calls :func:`run_sweep` makes, for a progress bar (the timed ones and the warm-up)."""
+    """How many method calls :func:`run_sweep` makes, for a progress bar: the warm-up and timed
+    rounds, and the one memory-measuring call per method (a method that fails makes fewer)."""
     per = sum(len([m for m in methods if supports(m, metric)]) for metric in metrics)
-    return len(batch_sizes) * per * (repeat + warmup)
+    return len(batch_sizes) * per * (repeat + warmup + 1)

@@ -25,8 +25,9 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, resolve_backend
-from ..generation import left_pad
+from ..backends import BACKENDS
+from ..generation import generate_with_backends, left_pad
+from ..hf import cache_kwarg
 from ..forward import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
@@ -101,7 +102,9 @@ def _padded_prefill(model, prompts, pad_id) -> tuple[torch.Tensor, object]:
     # left-padded rows would start at position L_max - len instead of 0.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1), out.past_key_values
+    # the output names its cache as forward does (``cache`` in transformers 5, where
+    # ``past_key_values`` is a deprecated alias that logs a warning)
+    return out.logits[:, -1].argmax(-1), getattr(out, cache_kwarg(model))
 
 
 def _padded_generate(model, prompts, c: Call) -> torch.Tensor:
@@ -148,8 +151,12 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
             # model.generate continues from, so the result is as usable as padded's.
             cache = r.left_padded_cache()
             return Outcome(r.logits.argmax(-1), cache, r.backend)
-        new = prepack.generate(model, c.prompts, backend=backend, generation_config=_generation_config(model, c))
-        ran = resolve_backend(backend, device=model_device(model), dtype=model.dtype)
+        new, backends = generate_with_backends(
+            model, c.prompts, backend=backend, generation_config=_generation_config(model, c), progress=False,
+        )
+        # the backend the packed prefill reported, never a second resolution of `backend`;
+        # with only one-token prompts nothing was prefilled and the model's own attention ran
+        ran = ", ".join(sorted({b for b in backends if b is not None})) or _hf_attention(model)
         return Outcome(torch.stack([t[0] for t in new]), new, ran)
 
     return run
