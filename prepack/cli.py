@@ -122,7 +122,7 @@ DEFAULT_NEW_TOKENS = 32
 
 def add_bench_parser(sub) -> None:
     """Add the ``bench`` subcommand to the ``prepack`` argparse subparsers ``sub``."""
-    from .attention import BACKENDS
+    from .backends import BACKENDS
     from .bench import DEFAULT_BATCH_SIZES, DEFAULT_METHODS, DTYPES, METHODS, METRICS, PRESETS, check_method
 
     def is_method(name: str) -> bool:
