@@ -27,7 +27,7 @@ import torch
 
 from ..backends import BACKENDS
 from ..generation import generate_with_backends, left_pad
-from ..hf import cache_kwarg
+from ..hf import cache_kwarg, wrapped_implementation
 from ..forward import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
@@ -82,7 +82,9 @@ def model_device(model) -> torch.device:
 
 
 def _hf_attention(model) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
+    """The implementation a plain call runs: a prepack wrapper runs the one it wraps for unpacked calls."""
+    name = getattr(model.config, "_attn_implementation", None) or "eager"
+    return wrapped_implementation(name) or name
 
 
 def _generation_config(model, c: Call):
