@@ -18,6 +18,7 @@ and values.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from typing import Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .hf import cache_kwarg, model_device
-from .inputs import check_prompts
+from .inputs import check_prompts, is_prompt_batch
 from .prefill import prefill_tokens
 
 DEFAULT_WAVE_SIZE = 256
@@ -75,12 +76,15 @@ def generate(
         token if it produced one, or strings with ``decode``. Greedy output is token-for-token
         what ``model.generate`` gives for the same prompts left-padded.
     """
-    if isinstance(sequences, Iterator):
-        raise ValueError("generate takes a list of prompts; for an iterator of prompts use prepack.generate_iter")
-    prompts = check_prompts(model, sequences, tokenizer=tokenizer)
+    if not is_prompt_batch(sequences):
+        raise ValueError(
+            f"generate takes a list of prompts, got {type(sequences).__name__}; for an iterator or another iterable "
+            "of prompts use prepack.generate_iter"
+        )
+    # generate_iter checks a batch of prompts whole, as this call would, before anything runs
     return list(generate_iter(
-        model, prompts.tokens, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
-        decode=decode, wave_size=wave_size, progress=progress, total=len(prompts.tokens), **generate_kwargs,
+        model, sequences, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
+        decode=decode, wave_size=wave_size, progress=progress, **generate_kwargs,
     ))
 
 
@@ -100,10 +104,12 @@ def generate_iter(
 ) -> Iterator:
     """:func:`generate` over an iterable of any length: yields each request's results in input order.
 
-    Prompts are read ``wave_size`` at a time, so a prompt set larger than memory streams
-    through (e.g. ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``).
-    Each element is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
-    ``total`` sizes the progress bar.
+    ``prompts`` is either what :func:`generate` takes (a list, a tensor, tokenizer output: checked
+    whole and accepted or refused exactly as :func:`generate` does), or any other iterable, read
+    ``wave_size`` prompts at a time, so a prompt set larger than memory streams through (e.g.
+    ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``); each of its
+    elements is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
+    ``total`` sizes the progress bar (default: the number of prompts, when known).
     """
     if not isinstance(wave_size, int) or isinstance(wave_size, bool) or wave_size < 1:
         raise ValueError(f"wave_size must be an integer >= 1, got {wave_size!r}")
@@ -117,7 +123,11 @@ def generate_iter(
         pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
     generate_kwargs["pad_token_id"] = pad_id
 
-    it = iter(prompts)
+    if is_prompt_batch(prompts):  # in memory already: checked whole, so errors number requests from the first
+        checked = check_prompts(model, prompts, tokenizer=tokenizer).tokens
+        it, total = iter(checked), len(checked) if total is None else total
+    else:
+        checked, it = None, iter(prompts)
     bar = None
     if progress or progress is None and (total or 0) > wave_size:
         from tqdm.auto import tqdm
@@ -126,11 +136,13 @@ def generate_iter(
     try:
         start = 0
         while wave := list(itertools.islice(it, wave_size)):
-            tokens = check_prompts(model, wave, tokenizer=tokenizer).tokens
             try:
+                tokens = wave if checked is not None else check_prompts(model, wave, tokenizer=tokenizer).tokens
                 rows = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
-            except ValueError as e:  # errors name requests by their index in this wave: say which wave
-                raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
+            except ValueError as e:  # an error that numbers requests counts them from the start of this wave
+                if start and _names_a_request(e):
+                    raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
+                raise
             for row in rows:
                 yield tokenizer.decode(row, skip_special_tokens=True) if decode else row
             start += len(wave)
@@ -139,6 +151,11 @@ def generate_iter(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _names_a_request(error: Exception) -> bool:
+    """Whether ``error`` names a request by number (a typo in a generate keyword, say, does not)."""
+    return re.search(r"\brequests? \d", str(error)) is not None
 
 
 def _check_generate_kwargs(kwargs: dict) -> int:
