@@ -187,6 +187,7 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
     """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together."""
     if not tokens:
         return []
+    _check_prefills_fit(tokens, token_budget, capacity)
     device = model_device(model)
     # identical prompts share one prefill: `rows` maps each output row to its distinct prompt
     distinct: dict[bytes, int] = {}
@@ -204,6 +205,22 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
         kwargs[cache_kwarg(model)], _ = result.left_padded_cache(pad_to=longest - 1, rows=rows)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return _strip(out[:, longest:], eos)
+
+
+def _check_prefills_fit(tokens, token_budget, capacity) -> None:
+    """Each prompt's prefill (all but its last token) fits the caller's limits. Checked here, so that an error
+    numbers the wave's requests, not the distinct prompts that the prefill runs."""
+    prefill = np.array([len(t) - 1 for t in tokens], np.int64)
+    for name, limit in (("token_budget", token_budget), ("capacity", capacity)):
+        if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool):
+            continue  # None, or a value the prefill refuses itself
+        over = np.flatnonzero(prefill > limit)
+        if len(over):
+            i = int(over[0])
+            raise ValueError(
+                f"request {i} has {len(tokens[i])} tokens, {prefill[i]} to prefill (all but the last), but {name} is "
+                f"{limit} (raise {name})"
+            )
 
 
 def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

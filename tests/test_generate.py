@@ -162,6 +162,11 @@ def test_generate_refuses_an_iterator_and_names_generate_iter():
         prepack.generate(build("llama"), (p for p in prompts([3, 4])), max_new_tokens=2)
 
 
+def test_a_prompt_over_the_token_budget_is_named_by_its_request_number_not_its_distinct_prompt_number():
+    with pytest.raises(ValueError, match=r"request 2 has 20 tokens, 19 to prefill \(all but the last\), but token_budget is 8"):
+        prepack.generate(build("llama"), [[5, 6], [5, 6], [7] * 20], token_budget=8, max_new_tokens=2)
+
+
 def test_an_error_that_names_no_request_gets_no_request_numbering_note():
     with pytest.raises(ValueError, match="max_new_tokns") as err:
         prepack.generate(build("llama"), prompts([3, 4, 5]), wave_size=1, max_new_tokns=2)
