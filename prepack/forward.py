@@ -258,8 +258,8 @@ def run_packed(
         if values:
             packed, where = torch.cat(values), torch.cat(rows_of)
             result = packed.new_empty(packed.shape).index_copy_(0, where, packed)
-        else:
-            result = torch.zeros(0, device=device)
+        else:  # nothing ran (no requests, or only empty ones): still (0, X), as a run would give
+            result = _no_values(model, output, reduce, device)
     return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result)
 
 
@@ -285,6 +285,14 @@ def default_token_budget(model) -> int:
     per_token = (2 * layers * kv_dim + 8 * width) * next(model.parameters()).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(max(free // 4 // per_token, 4096), 131072))
+
+
+def _no_values(model, output: str, reduce, device) -> torch.Tensor:
+    """(0, X) outputs of the width and dtype a forward gives: X is V (the LM head's), D, or what ``reduce`` makes of them."""
+    dtype = next(model.parameters()).dtype
+    hidden = torch.zeros(0, model.config.get_text_config(decoder=True).hidden_size, dtype=dtype, device=device)
+    values = model.get_output_embeddings()(hidden) if output == "logits" else hidden
+    return values if reduce is None else reduce(values, torch.zeros(0, dtype=torch.long, device=device))
 
 
 def check_lm_head(model) -> None:

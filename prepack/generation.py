@@ -18,6 +18,7 @@ and values.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .hf import cache_kwarg, model_device
-from .inputs import check_prompts
+from .inputs import check_prompts, is_prompt_batch
 from .prefill import prefill_tokens
 
 DEFAULT_WAVE_SIZE = 256
@@ -100,11 +101,14 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
     The backend is the one the run reports, not a second resolution of ``backend``:
     a benchmark row that names it names the kernel that ran.
     """
-    if isinstance(sequences, Iterator):
-        raise ValueError("generate takes a list of prompts; for an iterator of prompts use prepack.generate_iter")
-    prompts = check_prompts(model, sequences, tokenizer=kwargs.get("tokenizer"))
+    if not is_prompt_batch(sequences):
+        raise ValueError(
+            f"generate takes a list of prompts, got {type(sequences).__name__}; for an iterator or another iterable "
+            "of prompts use prepack.generate_iter"
+        )
     results, backends = [], []
-    for rows, ran in _waves(model, prompts.tokens, total=len(prompts.tokens), **kwargs):
+    # _waves checks a batch of prompts whole, before anything runs
+    for rows, ran in _waves(model, sequences, **kwargs):
         results += rows
         backends.append(ran)
     return Generated(results, tuple(backends))
@@ -126,10 +130,12 @@ def generate_iter(
 ) -> Iterator:
     """:func:`generate` over an iterable of any length: yields each request's results in input order.
 
-    Prompts are read ``wave_size`` at a time, so a prompt set larger than memory streams
-    through (e.g. ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``).
-    Each element is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
-    ``total`` sizes the progress bar.
+    ``prompts`` is either what :func:`generate` takes (a list, a tensor, tokenizer output: checked
+    whole and accepted or refused exactly as :func:`generate` does), or any other iterable, read
+    ``wave_size`` prompts at a time, so a prompt set larger than memory streams through (e.g.
+    ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``); each of its
+    elements is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
+    ``total`` sizes the progress bar (default: the number of prompts, when known).
     """
     for rows, _ in _waves(
         model, prompts, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
@@ -161,7 +167,11 @@ def _waves(
         generate_kwargs["generation_config"] = gen_config = _copy_config(gen_config)
         gen_config.pad_token_id = pad_id
 
-    it = iter(prompts)
+    if is_prompt_batch(prompts):  # in memory already: checked whole, so errors number requests from the first
+        checked = check_prompts(model, prompts, tokenizer=tokenizer).tokens
+        it, total = iter(checked), len(checked) if total is None else total
+    else:
+        checked, it = None, iter(prompts)
     bar = None
     if progress or progress is None and (total or 0) > wave_size:
         from tqdm.auto import tqdm
@@ -170,11 +180,13 @@ def _waves(
     try:
         start = 0
         while wave := list(itertools.islice(it, wave_size)):
-            tokens = check_prompts(model, wave, tokenizer=tokenizer).tokens
             try:
+                tokens = wave if checked is not None else check_prompts(model, wave, tokenizer=tokenizer).tokens
                 rows, ran = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
-            except ValueError as e:  # errors name requests by their index in this wave: say which wave
-                raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
+            except ValueError as e:  # an error that numbers requests counts them from the start of this wave
+                if start and _names_a_request(e):
+                    raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
+                raise
             yield [tokenizer.decode(row, skip_special_tokens=True) if decode else row for row in rows], ran
             start += len(wave)
             if bar is not None:
@@ -182,6 +194,11 @@ def _waves(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _names_a_request(error: Exception) -> bool:
+    """Whether ``error`` names a request by number (a typo in a generate keyword, say, does not)."""
+    return re.search(r"\brequests? \d", str(error)) is not None
 
 
 def _check_generate_kwargs(kwargs: dict) -> int:
@@ -217,6 +234,7 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
     """
     if not tokens:
         return [], None
+    _check_prefills_fit(tokens, token_budget, capacity)
     device = model_device(model)
     # identical prompts share one prefill: `rows` maps each output row to its distinct prompt
     distinct: dict[bytes, int] = {}
@@ -236,6 +254,22 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
         ran = result.backend
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return _strip(out[:, longest:], eos), ran
+
+
+def _check_prefills_fit(tokens, token_budget, capacity) -> None:
+    """Each prompt's prefill (all but its last token) fits the caller's limits. Checked here, so that an error
+    numbers the wave's requests, not the distinct prompts that the prefill runs."""
+    prefill = np.array([len(t) - 1 for t in tokens], np.int64)
+    for name, limit in (("token_budget", token_budget), ("capacity", capacity)):
+        if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool):
+            continue  # None, or a value the prefill refuses itself
+        over = np.flatnonzero(prefill > limit)
+        if len(over):
+            i = int(over[0])
+            raise ValueError(
+                f"request {i} has {len(tokens[i])} tokens, {prefill[i]} to prefill (all but the last), but {name} is "
+                f"{limit} (raise {name})"
+            )
 
 
 def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

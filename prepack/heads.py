@@ -107,6 +107,6 @@ def embed(
             owner = torch.from_numpy(np.repeat(np.arange(len(parts)), lengths)).to(flat.device)
             sums = flat.new_zeros(len(parts), flat.shape[-1]).index_add_(0, owner, flat)
             out = sums / torch.from_numpy(lengths).to(flat)[:, None]
-        else:
-            out = torch.zeros(0, 0)
+        else:  # no requests: (0, D), the width and dtype that "last" gives without running the model
+            out = forward_at(model, [], "last", output="hidden_states")
     return torch.nn.functional.normalize(out, dim=-1) if normalize else out

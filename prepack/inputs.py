@@ -5,7 +5,8 @@ what a transformers user already has in hand:
 
 * a list of token-id lists, 1-D tensors or 1-D arrays;
 * a ``BatchEncoding`` or any mapping with ``input_ids`` and ``attention_mask``
-  (N, L), left- or right-padded: each row keeps exactly its masked tokens;
+  (N, L), left- or right-padded: each row keeps exactly its masked tokens; or
+  unpadded tokenizer output, rows of their own lengths (each row is a request);
 * a list of strings, with ``tokenizer=``;
 * a list of chat conversations (lists of ``{"role", "content"}`` dicts), with
   ``tokenizer=`` and the tokenizer's chat template (a generation prompt is added).
@@ -17,7 +18,7 @@ other than 0/1, strings without a tokenizer, a chat without a template.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -65,6 +66,14 @@ def as_prompts(inputs, tokenizer=None) -> Prompts:
     return Prompts([token_array(x, i) for i, x in enumerate(items)], False)
 
 
+def is_prompt_batch(inputs) -> bool:
+    """Whether :func:`as_prompts` takes ``inputs`` whole (a list, a tensor, tokenizer output; or refuses it
+    whole), rather than it being an iterable of prompts to read a few at a time (a generator, a dataset column)."""
+    if isinstance(inputs, (Mapping, Sequence, torch.Tensor, np.ndarray)) or _is_batch_encoding(inputs):
+        return True
+    return not isinstance(inputs, Iterable)
+
+
 def _is_batch_encoding(x) -> bool:
     return hasattr(x, "data") and hasattr(x, "keys") and "input_ids" in x.keys()
 
@@ -102,43 +111,71 @@ def _apply_chat_template(chats: list, tokenizer) -> list[np.ndarray]:
 
 
 def _from_padded(batch) -> list[np.ndarray]:
-    """(N, L) input_ids + attention_mask -> each row's masked tokens; the mask must be one contiguous run of 1s."""
+    """input_ids + attention_mask -> each row's masked tokens; the mask must be one contiguous run of 1s.
+
+    ``input_ids`` is (N, L), padded (``tokenizer(..., padding=True)``), or N rows of their own
+    lengths (a tokenizer without ``padding``): each row is one request, and a mask that comes
+    with ragged rows is applied to each row the same way.
+    """
     if "input_ids" not in batch:
         raise ValueError(f"a mapping of prompts needs 'input_ids' (and 'attention_mask'); got keys {list(batch.keys())}")
-    ids = _as_2d(batch["input_ids"], "input_ids")
+    ids = _as_rows(batch["input_ids"], "input_ids")
     if "attention_mask" not in batch or batch["attention_mask"] is None:
-        if ids.shape[1] and ids.shape[0] > 1:
+        if isinstance(ids, np.ndarray) and ids.shape[1] and ids.shape[0] > 1:
             raise ValueError(
                 f"input_ids of shape {tuple(ids.shape)} came without an attention_mask, so padding cannot be told "
                 "from prompt tokens; pass the attention_mask the tokenizer returned"
             )
-        mask = np.ones_like(ids)
-    else:
-        mask = _as_2d(batch["attention_mask"], "attention_mask")
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+        # one row, or rows of different lengths: nothing was padded
+        return [token_array(row, i) for i, row in enumerate(ids)]
+    mask = _as_rows(batch["attention_mask"], "attention_mask")
+    if isinstance(ids, np.ndarray) and isinstance(mask, np.ndarray):
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+        _check_mask(mask, 0)
+    else:  # ragged rows: the same checks, row by row
+        if len(mask) != len(ids):
+            raise ValueError(f"attention_mask has {len(mask)} rows but input_ids has {len(ids)}")
+        for i, (row, m) in enumerate(zip(ids, mask)):
+            if len(m) != len(row):
+                raise ValueError(f"request {i}'s attention_mask has {len(m)} entries but its input_ids has {len(row)}")
+            _check_mask(m[None], i)
+    return [token_array(row[m.astype(bool)], i) for i, (row, m) in enumerate(zip(ids, mask))]
+
+
+def _check_mask(mask: np.ndarray, first: int) -> None:
+    """(n, L) 0/1 mask rows of requests ``first``, ``first + 1``, ...: each must be one contiguous run of 1s."""
     bad = np.flatnonzero(((mask != 0) & (mask != 1)).any(1))
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"request {i}'s attention_mask has values other than 0 and 1: {sorted(set(mask[i].tolist()))}")
+        raise ValueError(
+            f"request {first + i}'s attention_mask has values other than 0 and 1: {sorted(set(mask[i].tolist()))}"
+        )
     # a padded row is one run of 1s: at most one 0->1 and one 1->0 step, counting the row's edges
     edges = np.abs(np.diff(np.pad(mask, ((0, 0), (1, 1))), axis=1)).sum(1)
     holes = np.flatnonzero(edges > 2)
     if len(holes):
-        i = int(holes[0])
         raise ValueError(
-            f"request {i}'s attention_mask has a hole (0s between 1s); prepack takes left- or right-padded rows, "
-            "whose real tokens are contiguous"
+            f"request {first + int(holes[0])}'s attention_mask has a hole (0s between 1s); prepack takes left- or "
+            "right-padded rows, whose real tokens are contiguous"
         )
-    return [token_array(row[m.astype(bool)], i) for i, (row, m) in enumerate(zip(ids, mask))]
 
 
-def _as_2d(x, name: str) -> np.ndarray:
+def _as_rows(x, name: str) -> np.ndarray | list[np.ndarray]:
+    """An (N, L) batch -> a 2-D array; N rows of different lengths (a list) -> N 1-D arrays."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
+    if isinstance(x, (list, tuple)) and not all(isinstance(r, str) for r in x):
+        rows = [np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r) for r in x]
+        if any(r.ndim != 1 or r.dtype == object for r in rows):
+            i = next(i for i, r in enumerate(rows) if r.ndim != 1 or r.dtype == object)
+            raise ValueError(f"request {i}'s {name} is not a flat sequence of token ids (shape {rows[i].shape})")
+        if len({len(r) for r in rows}) > 1:
+            return rows
+        x = np.stack(rows) if rows else np.zeros((0, 0), np.int64)
     arr = np.asarray(x)
     if arr.dtype == object or arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, L) batch (tokenizer(..., padding=True)); got shape {arr.shape}")
+        raise ValueError(f"{name} must be an (N, L) batch or N rows of token ids; got shape {arr.shape}")
     return arr
 
 

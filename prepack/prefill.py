@@ -188,7 +188,7 @@ def prefill_tokens(
     )
     device = model_device(model)
     out_logits = None
-    if logits and len(run.values):
+    if logits:  # (N, V), N = 0 included
         out_logits = run.values.new_zeros(len(tokens), run.values.shape[-1])
         out_logits[torch.from_numpy(np.flatnonzero(lengths)).to(device)] = run.values
     return PrefillResult(

@@ -66,7 +66,8 @@ def score(
             ``len(context) + len(continuation) - 1`` (default: ``max_position_embeddings``).
         truncate: what to do with a longer request: ``"error"`` (default) raises, ``"left"`` drops
             the oldest context tokens, as lm-eval's ``hf`` model does (with a warning).
-        share_contexts: prefill a context that several requests share once.
+        share_contexts: prefill a context that several requests share once (varlen backends only:
+            with ``backend="sdpa_masked"`` pass ``share_contexts=False``).
         backend, token_budget: as in :func:`prepack.prefill`; ``token_budget`` also bounds how
             many shared-context tokens are held at once.
 
@@ -81,12 +82,18 @@ def score(
     if any(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) for pair in requests):
         requests = encode_pairs(tokenizer, requests)
     contexts, continuations = _check_pairs(requests, limit, truncate)
+    _check_continuation_ids(model, continuations)
     n = len(contexts)
     logprob, greedy = np.zeros(n), np.ones(n, bool)
     groups: dict[bytes, list[int]] = {}
     for i, c in enumerate(contexts):
         groups.setdefault(c.tobytes(), []).append(i)
     shared = [g for g in groups.values() if len(g) > 1] if share_contexts else []
+    if shared and backend in ROW_BACKENDS:  # refused before anything runs ("auto" is never a row backend)
+        raise ValueError(
+            f"requests {shared[0][0]} and {shared[0][1]} share a context, and share_contexts needs a varlen backend, "
+            f"not {backend!r}; pass share_contexts=False"
+        )
     alone = np.setdiff1d(np.arange(n), np.concatenate(shared) if shared else []).astype(np.int64)
     # what the model runs: (context + continuation)[:-1]; checked here so that errors name the request
     inputs = check_prompts(model, [np.concatenate([c, t[:-1]]) for c, t in zip(contexts, continuations)]).tokens
@@ -125,6 +132,9 @@ def score_rolling(
         documents: N token-id lists; an empty one scores 0.0 (it has nothing to predict).
         prefix_token_id: the token the first window is conditioned on (lm-eval: BOS, else EOS).
         max_length: the context window (default: ``max_position_embeddings``).
+        backend, token_budget: as in :func:`score`. Windows that share a context (every document's
+            first window is conditioned on ``prefix_token_id`` alone) share its prefill on varlen
+            backends; ``"sdpa_masked"``, which cannot continue a shared prefix, runs each window whole.
 
     Returns:
         N floats, the summed log-probability of every token of each document.
@@ -139,7 +149,10 @@ def score_rolling(
         for ctx, cont in rolling_windows(doc, prefix_token_id, limit):
             pairs.append((ctx, cont))
             owner.append(i)
-    scores = score(model, pairs, max_length=limit, backend=backend, token_budget=token_budget)
+    scores = score(
+        model, pairs, max_length=limit, share_contexts=backend not in ROW_BACKENDS, backend=backend,
+        token_budget=token_budget,
+    )
     out = np.zeros(len(documents))
     np.add.at(out, np.asarray(owner, np.int64), np.array([s.logprob for s in scores]))
     return out.tolist()
@@ -235,6 +248,16 @@ def _check_pairs(requests, limit: int | None, truncate: str) -> tuple[list[np.nd
     return contexts, continuations
 
 
+def _check_continuation_ids(model, continuations: list[np.ndarray]) -> None:
+    """Refuse a continuation token outside the vocabulary up front (its log-probability would index past the logits)."""
+    vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
+    if vocab is None:
+        return
+    for i, cont in enumerate(continuations):
+        if cont.max() >= vocab:
+            raise ValueError(f"request {i} has continuation token id {cont.max()} but the model's vocab_size is {vocab}")
+
+
 def _token_scores(targets: torch.Tensor):
     """A ``reduce`` for :func:`~prepack.forward.run_packed`: (K, V) logits -> (K, 2) [log p(target), target is argmax]."""
 
@@ -295,8 +318,6 @@ def _score_shared(model, groups: list[list[int]], contexts, continuations, backe
     last = np.array([(len(c) - 1, len(c)) for c in context_tokens], np.int64)
     # the contexts' keys and values as attention sees them, to continue from; logits at their last token
     ctx = run_packed(model, context_tokens, backend=backend, token_budget=token_budget, spans=last, kv="attention")
-    if ctx.backend in ROW_BACKENDS:
-        raise ValueError(f"share_contexts needs a varlen backend, not {ctx.backend!r}; pass share_contexts=False")
     device = ctx.values.device
     # the first continuation token is predicted by the context's last token
     first = torch.tensor([int(continuations[i][0]) for i in members], device=device)

@@ -21,9 +21,23 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def hflm(model, *, max_length: int = 256, batch_size=4) -> HFLM:
-    """lm-eval's ``hf`` model over an already built model, on CPU."""
-    return HFLM(pretrained=model, tokenizer=word_tokenizer(), batch_size=batch_size, max_length=max_length, device="cpu")
+def hflm(model, *, max_length: int = 256, batch_size=4, tokenizer=None) -> HFLM:
+    """lm-eval's ``hf`` model over an already built model, on CPU (default tokenizer: :func:`word_tokenizer`)."""
+    tokenizer = word_tokenizer() if tokenizer is None else tokenizer
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device="cpu")
+
+
+def encoded_pairs(lm: HFLM, pairs) -> list[tuple[list[int], list[int]]]:
+    """The token ids lm-eval's ``loglikelihood`` makes of (context, continuation) strings, before scoring them."""
+    seen = []
+
+    def record(requests, disable_tqdm=False):  # stands in for the scoring step: keeps what it was handed
+        seen.extend((c, t) for _, c, t in requests)
+        return []
+
+    lm._loglikelihood_tokens = record
+    lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], disable_tqdm=True)
+    return [(list(c), list(t)) for c, t in seen]
 
 
 def text(ids) -> str:

@@ -79,10 +79,13 @@ def test_a_window_at_least_max_seqlen_k_is_unbounded_as_in_flash_attn(backend):
     q, k, v = (torch.randn(12, 2, 8, generator=g) for _ in range(3))
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     fn = prepack.get_backend(backend)
-    unbounded = fn(q, k, v, cu, cu, 7, 7, causal=True)
-    torch.testing.assert_close(fn(q, k, v, cu, cu, 7, 7, causal=True, window_size=(7, 0)), unbounded)
-    torch.testing.assert_close(fn(q, k, v, cu, cu, 7, 7, causal=False, window_size=(-1, 7)),
-                               fn(q, k, v, cu, cu, 7, 7, causal=False))
+    mask = torch.tensor([[1] * 5 + [0] * 2, [1] * 7], dtype=torch.bool)
+    for causal, window in ((True, (7, 0)), (False, (-1, 7))):
+        # flash-attn's answer with no window at all
+        want = attention_ref(pad(q, mask), pad(k, mask), pad(v, mask), mask, mask, causal=causal)
+        out = fn(q, k, v, cu, cu, 7, 7, causal=causal, window_size=window)
+        assert out.shape == (12, 2, 8)
+        torch.testing.assert_close(pad(out, mask), want, atol=1e-5, rtol=1e-5, msg=f"causal={causal}, window={window}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

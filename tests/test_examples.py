@@ -25,11 +25,39 @@ def test_hf_prefill_and_generate_gives_the_same_tokens_as_model_generate(capsys)
     assert "model.generate time / prepack.generate time = " in out and "speedup" not in out
 
 
-def test_pack_in_datasets_pipeline_keeps_every_token(capsys):
+def unpack(rows, capacity: int) -> dict[int, list[int]]:
+    """Packed rows -> {example id: its tokens}, cut at cu_seqlens; checks each row's layout on the way."""
+    out = {}
+    for row in rows:
+        ids, cu, pos = row["input_ids"], row["cu_seqlens"], row["position_ids"]
+        assert len(cu) == len(row["example_ids"]) + 1 and cu[0] == 0 and cu[-1] == len(ids) <= capacity
+        assert pos == [p for a, b in itertools.pairwise(cu) for p in range(b - a)]
+        for e, a, b in zip(row["example_ids"], cu[:-1], cu[1:], strict=True):
+            assert e not in out  # each example in one row, once
+            out[e] = ids[a:b]
+    return out
+
+
+def test_pack_in_datasets_pipeline_keeps_every_token(capsys, monkeypatch):
     pytest.importorskip("datasets")
+    example = load("pack_in_datasets_pipeline")
+    packings, report = [], example.report
+
+    def spy(name, ds, rows, capacity):  # what main packs, seen where it reports it
+        packings.append((ds, rows))
+        report(name, ds, rows, capacity)
+
+    monkeypatch.setattr(example, "report", spy)
     argv = ["--data", "synthetic:lognormal", "--n", "60", "--capacity", "256", "--map-batch-size", "25"]
-    assert load("pack_in_datasets_pipeline").main(argv) == 0
-    assert "60 prompts ->" in capsys.readouterr().out
+    assert example.main(argv) == 0
+    assert capsys.readouterr().out.count("60 prompts ->") == 2
+    assert len(packings) == 2  # per map batch, and the whole dataset
+    for ds, rows in packings:
+        prompts = [list(t) for t in ds["input_ids"]]
+        assert len(prompts) == 60
+        got = unpack(rows, capacity=256)
+        assert sorted(got) == list(range(60))
+        assert [got[i] for i in range(60)] == prompts
 
 
 def test_pack_per_batch_emits_boundaries_and_restarting_positions():

@@ -101,3 +101,16 @@ def test_logits_from_a_model_without_a_language_model_head_are_refused():
 def test_unknown_output_is_refused():
     with pytest.raises(ValueError, match="output must be one of 'logits', 'hidden_states'"):
         prepack.forward_at(build("llama"), prompts([3]), output="attentions")
+
+
+@pytest.mark.parametrize("output, width", [("logits", 128), ("hidden_states", 64)])
+def test_no_requests_give_zero_rows_of_the_outputs_width(output, width):
+    model = build("llama")
+    assert prepack.forward_at(model, [], "last", output=output).shape == (0, width)
+    assert prepack.forward_at(model, [], "all", output=output) == []
+    assert prepack.forward_at(model, [], [], output=output) == []
+
+
+def test_no_requests_with_a_reduce_give_zero_rows_of_what_it_returns():
+    out = prepack.forward_at(build("llama"), [], "last", reduce=lambda values, rows: values[:, :3] * 2)
+    assert out.shape == (0, 3)

@@ -61,8 +61,10 @@ def test_generation_stops_at_eos_and_drops_the_padding_after_it():
     first = prepack.generate(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0)
     eos = int(first[0][2])  # make the third token of request 0 its EOS
     got = prepack.generate(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
-    assert got[0].tolist() == first[0][:3].tolist()
-    assert len(got[1]) == 6 or got[1][-1] == eos
+    # every request as if alone: model.generate on that one prompt, cut after its first EOS
+    want = [padded_generate(model, [s], max_new_tokens=6, do_sample=False, eos_token_id=eos)[0] for s in seqs]
+    assert [g.tolist() for g in got] == want
+    assert want[0] == first[0][:3].tolist()  # request 0 really stopped at its EOS
 
 
 def test_generate_wraps_the_models_attention_implementation_visibly():
@@ -132,6 +134,49 @@ def test_generate_iter_streams_any_iterable_in_input_order():
     model, seqs = build("llama"), prompts([5, 2, 8, 3, 6])
     streamed = list(prepack.generate_iter(model, (s for s in seqs), wave_size=2, max_new_tokens=3, do_sample=False))
     assert [s.tolist() for s in streamed] == padded_generate(model, seqs, max_new_tokens=3)
+
+
+def test_generate_iter_refuses_a_2d_tensor_without_its_mask_as_generate_does():
+    model, ids = build("llama"), torch.randint(3, 128, (2, 4))
+    for call in (prepack.generate, lambda *a, **k: list(prepack.generate_iter(*a, **k))):
+        with pytest.raises(ValueError, match=r"2-D input_ids tensor of shape \(2, 4\) without its attention_mask"):
+            call(model, ids, max_new_tokens=2)
+
+
+def test_generate_iter_takes_tokenizer_output_as_generate_does():
+    from .models import tokenizer
+
+    tok = tokenizer()
+    tok.padding_side = "left"
+    texts = ["hello world", "the quick brown fox jumps", "a user asks"]
+    model, enc = build("llama"), tok(texts, padding=True, return_tensors="pt")
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+    want = padded_generate(model, seqs, max_new_tokens=3, do_sample=False)
+    streamed = list(prepack.generate_iter(model, enc, wave_size=2, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert [s.tolist() for s in streamed] == want
+    assert [g.tolist() for g in prepack.generate(model, enc, max_new_tokens=3, do_sample=False, pad_token_id=0)] == want
+
+
+def test_generate_refuses_an_iterator_and_names_generate_iter():
+    with pytest.raises(ValueError, match="generate takes a list of prompts, got generator.*use prepack.generate_iter"):
+        prepack.generate(build("llama"), (p for p in prompts([3, 4])), max_new_tokens=2)
+
+
+def test_a_prompt_over_the_token_budget_is_named_by_its_request_number_not_its_distinct_prompt_number():
+    with pytest.raises(ValueError, match=r"request 2 has 20 tokens, 19 to prefill \(all but the last\), but token_budget is 8"):
+        prepack.generate(build("llama"), [[5, 6], [5, 6], [7] * 20], token_budget=8, max_new_tokens=2)
+
+
+def test_an_error_that_names_no_request_gets_no_request_numbering_note():
+    with pytest.raises(ValueError, match="max_new_tokns") as err:
+        prepack.generate(build("llama"), prompts([3, 4, 5]), wave_size=1, max_new_tokns=2)
+    assert "request numbers" not in str(err.value)
+
+
+def test_an_error_in_a_later_wave_of_a_stream_says_where_the_wave_starts():
+    seqs = [p.tolist() for p in prompts([3, 4, 5])] + [[]]
+    with pytest.raises(ValueError, match=r"request 1 is empty.*\(request numbers count from 2, the start of this wave\)"):
+        list(prepack.generate_iter(build("llama"), iter(seqs), wave_size=2, max_new_tokens=2))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -74,6 +74,16 @@ def test_embeddings_of_a_classifier_use_its_base_model():
     assert (prepack.embed(model, seqs, pooling="last") - want).abs().max() <= 1e-4
 
 
+def test_no_requests_give_zero_rows_of_num_labels():
+    assert prepack.classify(classifier(num_labels=3), []).shape == (0, 3)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_no_requests_give_zero_embeddings_of_the_hidden_size(pooling):
+    out = prepack.embed(build("llama"), [], pooling=pooling, normalize=True)
+    assert out.shape == (0, 64) and out.dtype == torch.float32
+
+
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="pooling must be 'last' or 'mean', got 'cls'"):
         prepack.embed(build("llama"), prompts([3]), pooling="cls")

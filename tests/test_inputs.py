@@ -55,6 +55,34 @@ def test_generate_can_return_text(tok):
     assert out == [tok.decode(t, skip_special_tokens=True) for t in tokens]
 
 
+def test_unpadded_tokenizer_output_gives_each_rows_own_logits(tok):
+    model = build("llama")
+    enc = tok(TEXTS)  # no padding: rows of their own lengths
+    seqs = [torch.tensor(ids) for ids in enc["input_ids"]]
+    assert len({len(s) for s in seqs}) > 1  # really ragged
+    result = prepack.prefill(model, enc)
+    assert result.logits.shape == (len(TEXTS), 128)
+    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
+
+
+def test_a_ragged_mask_is_applied_to_each_row():
+    ids = {"input_ids": [[0, 0, 5, 6], [7, 8, 9], [4, 3, 0]], "attention_mask": [[0, 0, 1, 1], [1, 1, 1], [1, 1, 0]]}
+    want = prepack.prefill(build("llama"), [[5, 6], [7, 8, 9], [4, 3]]).logits
+    torch.testing.assert_close(prepack.prefill(build("llama"), ids).logits, want)
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"input_ids": [[5, 6], [7, 8, 9]], "attention_mask": [[1, 1], [1, 0, 1]]}, "request 1's attention_mask has a hole"),
+    ({"input_ids": [[5, 6], [7, 8, 9]], "attention_mask": [[1, 1], [1, 1]]},
+     "request 1's attention_mask has 2 entries but its input_ids has 3"),
+    ({"input_ids": [[5, 6], [7, 8, 9]], "attention_mask": [[1, 1]]}, "attention_mask has 1 rows but input_ids has 2"),
+    ({"input_ids": [[5, 6], [[7], [8]]]}, "request 1's input_ids is not a flat sequence of token ids"),
+])
+def test_malformed_ragged_tokenizer_output_is_refused_naming_the_request(batch, message):
+    with pytest.raises(ValueError, match=message):
+        prepack.prefill(build("llama"), batch)
+
+
 @pytest.mark.parametrize("inputs, kwargs, message", [
     (torch.ones(2, 4, dtype=torch.long), {}, "without its attention_mask"),
     ({"input_ids": torch.ones(2, 4, dtype=torch.long)}, {}, "without an attention_mask"),

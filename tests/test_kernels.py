@@ -138,6 +138,20 @@ def stream(lengths=(5, 9, 3), heads=4, kv_heads=2, d=16, d_v=None, seed=0):
     return q, k, torch.randn(t, kv_heads, d_v or d, generator=g), cu, cu, max(lengths), max(lengths)
 
 
+def flash_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(-1, -1), softcap=0.0, softmax_scale=None):
+    """flash-attn's ``attention_ref`` on a varlen stream: padded per segment, run, unpadded -> (T_q, H, D_v)."""
+    def mask(cu, width):
+        lengths = (cu[1:] - cu[:-1]).long()
+        return torch.arange(width)[None, :] < lengths[:, None]
+
+    q_mask, k_mask = mask(cu_q, max_q), mask(cu_k, max_k)
+    if softmax_scale is not None:  # attention_ref scales by head_dim ** -0.5: fold the rest of the scale into q
+        q = q * (softmax_scale * q.shape[-1] ** 0.5)
+    out = attention_ref(pad(q, q_mask), pad(k, k_mask), pad(v, k_mask), q_mask, k_mask, causal=causal,
+                        window_size=window_size, softcap=softcap)
+    return out[q_mask]
+
+
 def test_grouped_heads_go_to_torch_2_13_as_enable_gqa_without_copying_keys():
     run("2.13", *stream(heads=8, kv_heads=2))
     assert CALLS[0] == ("varlen_attn", 2, (-1, 0), 16 ** -0.5, True)
@@ -147,7 +161,7 @@ def test_grouped_heads_are_expanded_for_torch_2_10_which_has_no_enable_gqa():
     args = stream(heads=8, kv_heads=2)
     out = run("2.10", *args)
     assert CALLS[0] == ("varlen_attn", 8, True, None, False)
-    torch.testing.assert_close(out, attention.reference(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, flash_reference(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_causal_means_window_minus_one_zero_which_varlen_attn_reads_as_is_causal():
@@ -172,14 +186,14 @@ def test_torch_2_10_sends_windows_and_explicit_scales_to_the_aten_kernel(call):
     args = stream(d=d)
     out = run("2.10", *args, **call)
     assert [c[0] for c in CALLS] == ["aten"] and CALLS[0][1] == 2  # grouped heads, not expanded
-    torch.testing.assert_close(out, attention.reference(*args, **call), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, flash_reference(*args, **call), atol=1e-5, rtol=1e-5)
 
 
 def test_a_value_head_dim_of_its_own_is_padded_and_cut_back_exactly():
     args = stream(d=24, d_v=8)
     out = run("2.13", *args, softmax_scale=None)
     assert out.shape == (17, 4, 8) and out.is_contiguous()
-    torch.testing.assert_close(out, attention.reference(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, flash_reference(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_an_empty_stream_gives_an_empty_output_without_calling_the_kernel():
@@ -246,7 +260,9 @@ def fa4_shim(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, m
 def test_flash_attn_4_adapter_gives_flash_attn_2_semantics(causal, window):
     args = stream(heads=4, kv_heads=2)
     out = kernels.flash_attn_4(fa4_shim, *args, causal=causal, window_size=window, softcap=5.0)
-    torch.testing.assert_close(out, attention.reference(*args, causal=causal, window_size=window, softcap=5.0))
+    want = flash_reference(*args, causal=causal, window_size=window, softcap=5.0)
+    assert out.shape == want.shape == (17, 4, 16)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 # --- what auto picks on a CUDA machine ----------------------------------------------------------

@@ -82,11 +82,11 @@ def local(tmp_path_factory):
     return model_dir, tasks
 
 
-def evaluate(model: str, local, **model_args):
-    model_dir, tasks = local
+def evaluate(model: str, local, tasks=TASKS, **model_args):
+    model_dir, task_dir = local
     return lm_eval.simple_evaluate(
         model=model, model_args={"pretrained": str(model_dir), "device": "cpu", "dtype": "float32", **model_args},
-        tasks=TASKS, task_manager=TaskManager(include_path=str(tasks)), log_samples=True, batch_size=4,
+        tasks=tasks, task_manager=TaskManager(include_path=str(task_dir)), log_samples=True, batch_size=4,
     )
 
 
@@ -122,15 +122,31 @@ def test_prepack_gives_the_hf_models_log_likelihoods_generations_and_metrics(loc
     assert_same_results(evaluate("prepack", local, token_budget=96), hf_results)
 
 
+def test_rolling_tasks_on_the_row_backend_give_the_hf_models_log_likelihoods(local, hf_results):
+    mine = responses(evaluate("prepack", local, tasks=["tiny_ppl"], attn_backend="sdpa_masked"), "tiny_ppl")
+    theirs = responses(hf_results, "tiny_ppl")
+    assert len(mine) == len(theirs) == 6
+    assert np.abs(np.array(mine, float) - np.array(theirs, float)).max() <= 1e-4
+
+
 def test_lm_eval_command_line_runs_model_prepack(local, hf_results, tmp_path, monkeypatch):
     """``python -m prepack.lm_eval run ...`` is lm-eval's own command line with "prepack" registered (run in-process)."""
     model_dir, tasks = local
     argv = [
         "prepack.lm_eval", "run", "--model", "prepack", "--model_args", f"pretrained={model_dir},dtype=float32",
         "--device", "cpu", "--tasks", "tiny_mc", "--include_path", str(tasks), "--output_path", str(tmp_path),
+        "--log_samples",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     prepack.lm_eval.main()
+    # per request: the same log-likelihood and greedy flag as lm-eval's hf model
+    (samples,) = tmp_path.rglob("samples_tiny_mc*.jsonl")
+    logged = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+    mine = [(float(lp), str(greedy)) for s in logged for (lp, greedy), in s["resps"]]
+    theirs = [(float(lp), str(greedy)) for doc in responses(hf_results, "tiny_mc") for (lp, greedy), in doc]
+    assert len(mine) == len(theirs) == 48  # 12 questions x 4 choices
+    assert np.abs(np.array([m[0] for m in mine]) - np.array([t[0] for t in theirs])).max() <= 1e-4
+    assert [m[1] for m in mine] == [t[1] for t in theirs]
     (out,) = tmp_path.rglob("results*.json")
     got = json.loads(out.read_text())["results"]["tiny_mc"]
     want = hf_results["results"]["tiny_mc"]

@@ -122,6 +122,12 @@ def test_prefill_wraps_the_models_own_attention_implementation_once():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_no_prompts_give_an_empty_result_with_n_by_v_logits():
+    result = prepack.prefill(build("llama"), [])
+    assert result.logits.shape == (0, 128) and result.logits.dtype == torch.float32
+    assert result.dynamic_caches == []
+
+
 def test_empty_prompt_error_names_the_request():
     with pytest.raises(ValueError, match="request 1 is empty"):
         prepack.prefill(build("llama"), [[1, 2], []])

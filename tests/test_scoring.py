@@ -31,7 +31,7 @@ def lm_eval_loglikelihoods(model, requests, **kwargs):
 
 
 def assert_same_scores(mine, theirs):
-    assert len(mine) == len(theirs)
+    assert len(mine) == len(theirs) > 0
     assert max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)) <= 1e-4
     assert [a[1] for a in mine] == [b[1] for b in theirs]
 
@@ -106,6 +106,33 @@ def test_score_rolling_matches_lm_eval_hf_loglikelihood_rolling():
     assert np.abs(np.array(mine) - np.array(theirs)).max() <= 1e-4
 
 
+def test_score_rolling_on_the_row_backend_matches_lm_eval_hf_loglikelihood_rolling():
+    # every document's first window is conditioned on the prefix token alone: a context the rows cannot share
+    model = build("llama")
+    documents = [d.tolist() for d in prompts([30, 3, 17, 5], seed=5)]
+    lm = lm_eval_oracle.hflm(model, max_length=16)
+    theirs = lm.loglikelihood_rolling(lm_eval_oracle.rolling_instances(documents), disable_tqdm=True)
+    mine = prepack.score_rolling(model, documents, prefix_token_id=lm.prefix_token_id, max_length=16, backend="sdpa_masked")
+    assert len(mine) == len(theirs) == 4
+    assert np.abs(np.array(mine) - np.array(theirs)).max() <= 1e-4
+
+
+def test_sharing_contexts_on_the_row_backend_is_refused_before_anything_runs():
+    model = build("llama")
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    with pytest.raises(ValueError, match=r"requests 1 and 2 share a context.*not 'sdpa_masked'; pass share_contexts=False"):
+        prepack.score(model, [([1, 2], [3]), ([4, 5], [6]), ([4, 5], [7])], backend="sdpa_masked")
+    hook.remove()
+    assert seen == []
+
+
+def test_without_shared_contexts_the_row_backend_matches_lm_eval():
+    model, requests = build("llama"), multiple_choice(seed=1)
+    mine = prepack.score(model, requests, share_contexts=False, backend="sdpa_masked")
+    assert_same_scores(mine, lm_eval_loglikelihoods(model, requests))
+
+
 def test_score_rolling_gives_perplexity_of_a_document_that_fits():
     model = build("llama")
     doc = prompts([12], seed=6)[0]
@@ -125,6 +152,22 @@ def test_an_empty_context_is_refused_and_names_the_prefix_token_fix():
         prepack.score(build("llama"), [([], [3, 4])])
 
 
+def test_a_continuation_token_outside_the_vocabulary_is_refused_with_its_index():
+    with pytest.raises(ValueError, match="request 1 has continuation token id 130 but the model's vocab_size is 128"):
+        prepack.score(build("llama"), [([1, 2], [3]), ([4, 5], [6, 130])])
+
+
+def test_a_continuation_token_outside_the_vocabulary_is_refused_in_a_shared_context_too():
+    with pytest.raises(ValueError, match="request 1 has continuation token id 128 but the model's vocab_size is 128"):
+        prepack.score(build("llama"), [([4, 5], [3]), ([4, 5], [128])])
+
+
+def test_no_requests_give_no_scores():
+    model = build("llama")
+    assert prepack.score(model, []) == []
+    assert prepack.score_rolling(model, [], prefix_token_id=1) == []
+
+
 def test_a_request_longer_than_the_context_window_is_refused_without_truncate():
     with pytest.raises(ValueError, match="request 1 has 250 context \\+ 10 continuation tokens, 259 model inputs, "
                        "but the context window \\(max_length\\) is 256 \\(pass truncate='left'.*score_rolling"):
@@ -137,19 +180,18 @@ def test_a_request_over_the_token_budget_is_refused_with_its_index():
 
 
 def test_string_pairs_are_encoded_as_lm_eval_encodes_them():
+    from prepack.scoring import encode_pairs
+
     from .models import tokenizer
 
-    tok = tokenizer()
-    model = build("llama")
-    pairs = [("the quick brown", " fox jumps"), ("hello ", "world"), ("a user asks", " a question")]
-    ids = []
-    for ctx, cont in pairs:
-        spaces = len(ctx) - len(ctx.rstrip())
-        ctx, cont = (ctx[:-spaces], ctx[-spaces:] + cont) if spaces else (ctx, cont)
-        whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
-        c = tok(ctx, add_special_tokens=False)["input_ids"]
-        ids.append((c, whole[len(c):]))
-    assert prepack.score(model, pairs, tokenizer=tok) == prepack.score(model, ids)
+    tok, model = tokenizer(), build("llama")
+    # trailing context spaces, an empty context (-> the prefix token), and one whose continuation starts with it
+    pairs = [("the quick brown", " fox jumps"), ("hello ", "world"), ("a user asks", " a question"), ("", "hello world"),
+             ("", "[EOS] hello")]
+    theirs = lm_eval_oracle.encoded_pairs(lm_eval_oracle.hflm(model, tokenizer=tok), pairs)
+    assert len(theirs) == len(pairs)
+    assert encode_pairs(tok, pairs) == theirs
+    assert prepack.score(model, pairs, tokenizer=tok) == prepack.score(model, theirs)
 
 
 def test_string_pairs_without_a_tokenizer_are_refused():
