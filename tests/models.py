@@ -2,8 +2,16 @@
 
 import torch
 from transformers import (
+    Cohere2Config,
+    Cohere2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -12,26 +20,53 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from prepack import oracle
+
 VOCAB = 128
 COMMON = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
 )
+WINDOW = 6  # shorter than several prompts of the tests, so windows and chunks really cut
 ARCHITECTURES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
     # a window shorter than several prompts, so the window really cuts
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6)),
-    # alternating sliding/global layers and attention logit soft-capping
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=WINDOW)),
+    # alternating sliding/global layers and attention logit soft-capping (eager by default)
     "gemma2": lambda: Gemma2ForCausalLM(
-        Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=30.0, query_pre_attn_scalar=20)
+        Gemma2Config(**COMMON, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=30.0, query_pre_attn_scalar=20)
     ),
 }
+# one representative per further attention variant (the fast subset of benchmarks/model_zoo.py)
+VARIANTS = {
+    # attention sinks, alternating sliding/full layers
+    "gpt_oss": lambda: GptOssForCausalLM(GptOssConfig(
+        **COMMON, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+    )),
+    # chunked local attention on 3 of 4 layers, a NoPE full-attention layer
+    "llama4_text": lambda: Llama4ForCausalLM(Llama4TextConfig(
+        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+        attention_chunk_size=WINDOW, no_rope_layers=[1, 1, 1, 0],
+    )),
+    # MLA: keys of dim 16 + 8, values of dim 12, and the cache holds compressed latents
+    "deepseek_v3": lambda: DeepseekV3ForCausalLM(DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4}, head_dim=8, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )),
+    # per-layer sliding/full attention, NoPE on the full layers
+    "cohere2": lambda: Cohere2ForCausalLM(Cohere2Config(
+        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    )),
+}
+ALL_ARCHITECTURES = {**ARCHITECTURES, **VARIANTS}
 
 
 def build(arch: str, seed: int = 0):
     torch.manual_seed(seed)
-    return ARCHITECTURES[arch]().eval()
+    return ALL_ARCHITECTURES[arch]().eval()
 
 
 def prompts(lengths, seed: int = 0):
@@ -41,8 +76,7 @@ def prompts(lengths, seed: int = 0):
 
 def alone_last_logits(model, seqs) -> torch.Tensor:
     """(N, V): each prompt run on its own, the ground truth."""
-    with torch.no_grad():
-        return torch.stack([model(s[None]).logits[0, -1] for s in seqs])
+    return oracle.alone_last_logits(model, seqs)
 
 
 def left_pad(seqs, pad_id: int = 0):

@@ -5,14 +5,10 @@ import torch
 
 import prepack
 
-from .models import ARCHITECTURES, build, left_pad, prompts
+from .models import build, left_pad, prompts
 
-CASES = {
-    "mixed": [1, 5, 17, 3, 30, 12],
-    "length_one": [1, 1, 1],
-    "equal": [9, 9, 9, 9],
-    "one_long_many_short": [60, 2, 3, 1, 4, 2, 3, 2],
-}
+# architecture x case exactness lives in test_exactness.py; these are generate's own behaviours
+from .test_exactness import CASES
 
 
 def padded_generate(model, seqs, **kwargs) -> list[list[int]]:
@@ -28,15 +24,6 @@ def padded_generate(model, seqs, **kwargs) -> list[list[int]]:
         assert all(t == 0 for t in row[cut:])  # generate pads finished rows
         rows.append(row[:cut])
     return rows
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("case", CASES)
-def test_generate_matches_padded_greedy(arch, case):
-    model, seqs = build(arch), prompts(CASES[case])
-    want = padded_generate(model, seqs, max_new_tokens=16, do_sample=False)
-    got = prepack.generate(model, seqs, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert [g.tolist() for g in got] == want
 
 
 @pytest.mark.parametrize("backend, kwargs", [("sdpa_masked", {"capacity": 40}), ("sdpa_varlen", {"token_budget": 40})])

@@ -6,31 +6,10 @@ from transformers import DynamicCache
 
 import prepack
 
-from .models import ARCHITECTURES, alone_last_logits, build, cache_kwargs, left_pad, prompts
+from .models import alone_last_logits, build, cache_kwargs, left_pad, prompts
 
-CASES = {
-    "mixed": [1, 5, 17, 3, 30, 12],
-    "length_one": [1, 1, 1],
-    "equal": [9, 9, 9, 9],
-    "one_long_many_short": [60, 2, 3, 1, 4, 2, 3, 2],
-}
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("case", CASES)
-def test_packed_logits_match_each_prompt_alone(arch, case):
-    model, seqs = build(arch), prompts(CASES[case])
-    result = prepack.prefill(model, seqs)
-    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("backend", ["sdpa_varlen", "sdpa_masked", "flex", "reference"])
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_every_cpu_backend_gives_exact_logits(arch, backend):
-    model, seqs = build(arch), prompts(CASES["mixed"])
-    result = prepack.prefill(model, seqs, backend=backend)
-    assert result.backend == backend
-    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
+# architecture x case x backend exactness lives in test_exactness.py; these are prefill's own behaviours
+from .test_exactness import CASES
 
 
 @pytest.mark.parametrize("backend, kwargs", [("sdpa_varlen", {"token_budget": 32}), ("sdpa_masked", {"capacity": 30, "token_budget": 60})])
@@ -39,20 +18,6 @@ def test_more_requests_than_fit_in_one_row_are_split_into_micro_batches(backend,
     result = prepack.prefill(model, seqs, backend=backend, **kwargs)
     assert result.batch.num_rows > 1
     assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
-def test_each_cache_holds_the_keys_and_values_of_its_prompt_alone(arch):
-    model, seqs = build(arch), prompts([7, 3, 11])
-    result = prepack.prefill(model, seqs)
-    for seq, cache in zip(seqs, result.dynamic_caches):
-        alone = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(seq[None], **cache_kwargs(model, alone))
-        assert cache.get_seq_length() == len(seq)
-        for mine, theirs in zip(cache.layers, alone.layers):
-            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
 
 
 def test_decoding_from_a_per_request_cache_matches_a_full_forward():

@@ -1,102 +1,18 @@
-"""Exact or refused, one representative per attention variant (the fast subset of benchmarks/model_zoo.py).
+"""Refused by default: families and layers prepack cannot pack exactly raise before computing anything.
 
-Each exact family: packed last-token logits equal each prompt alone, each request's cache equals a
-solo prefill's cache, and greedy tokens equal left-padded ``model.generate``. Each refused family:
-prepack raises ``UnsupportedModelError`` naming the model and the reason, before computing anything.
+(The exact families are the table in test_exactness.py.) Each refused family: prepack raises
+``UnsupportedModelError`` naming the model and the reason; in the attention function, a keyword
+or a layer attribute prepack does not implement is refused, never dropped.
 """
 
 import pytest
 import torch
-from transformers import (
-    Cohere2Config,
-    Cohere2ForCausalLM,
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
-    GptOssConfig,
-    GptOssForCausalLM,
-    Lfm2Config,
-    Lfm2ForCausalLM,
-    Llama4ForCausalLM,
-    Llama4TextConfig,
-)
+from transformers import Lfm2Config, Lfm2ForCausalLM
 
 import prepack
 from prepack.support import UnsupportedModelError
 
-from .models import COMMON, alone_last_logits, cache_kwargs, prompts
-from .test_generate import padded_generate
-
-WINDOW = 6  # shorter than most prompts below, so windows and chunks really cut
-LENGTHS = [1, 5, 17, 3, 12, 7, 9]
-BUDGET = 24  # fewer tokens than the prompts hold: several forwards
-
-ARCHITECTURES = {
-    # attention sinks, alternating sliding/full layers
-    "gpt_oss": lambda: GptOssForCausalLM(GptOssConfig(
-        **COMMON, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
-    )),
-    # chunked local attention on 3 of 4 layers, a NoPE full-attention layer
-    "llama4_text": lambda: Llama4ForCausalLM(Llama4TextConfig(
-        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
-        attention_chunk_size=WINDOW, no_rope_layers=[1, 1, 1, 0],
-    )),
-    # MLA: keys of dim 16 + 8, values of dim 12, and the cache holds compressed latents
-    "deepseek_v3": lambda: DeepseekV3ForCausalLM(DeepseekV3Config(
-        **{**COMMON, "num_key_value_heads": 4}, head_dim=8, kv_lora_rank=16, q_lora_rank=24,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-    )),
-    # per-layer sliding/full attention, NoPE on the full layers
-    "cohere2": lambda: Cohere2ForCausalLM(Cohere2Config(
-        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-    )),
-}
-
-
-def build(arch):
-    torch.manual_seed(0)
-    return ARCHITECTURES[arch]().eval()
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_logits_match_each_prompt_alone(arch):
-    model, seqs = build(arch), prompts(LENGTHS)
-    result = prepack.prefill(model, seqs, token_budget=BUDGET)
-    assert result.batch.num_rows > 1
-    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("backend", ["sdpa_masked", "flex"])
-@pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text", "deepseek_v3"])
-def test_every_cpu_backend_gives_exact_logits(arch, backend):
-    model, seqs = build(arch), prompts(LENGTHS)
-    result = prepack.prefill(model, seqs, backend=backend)
-    assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_each_cache_holds_what_a_solo_prefill_caches(arch):
-    from transformers import DynamicCache
-
-    model, seqs = build(arch), prompts([3, 11, 8])
-    result = prepack.prefill(model, seqs)
-    for seq, cache in zip(seqs, result.dynamic_caches):
-        alone = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(seq[None], **cache_kwargs(model, alone))
-        for mine, theirs in zip(cache.layers, alone.layers, strict=True):
-            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generate_matches_padded_greedy(arch):
-    model, seqs = build(arch), prompts(LENGTHS)
-    want = padded_generate(model, seqs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    got = prepack.generate(model, seqs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert [g.tolist() for g in got] == want
-
+from .models import COMMON, prompts
 
 def test_convolution_hybrid_is_refused_before_anything_runs():
     torch.manual_seed(0)
