@@ -65,7 +65,7 @@ def test_pack_per_batch_emits_boundaries_and_restarting_positions():
     pack_per_batch = load("pack_in_datasets_pipeline").pack_per_batch
     ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]})
     rows = pack_per_batch(ds, capacity=5, batch_size=2)
-    for ids, pos, cu in zip(rows["input_ids"], rows["position_ids"], rows["cu_seqlens"]):
+    for ids, pos, cu in zip(rows["input_ids"], rows["position_ids"], rows["cu_seqlens"], strict=True):
         assert cu[0] == 0 and cu[-1] == len(ids) <= 5
         assert [p for a, b in itertools.pairwise(cu) for p in range(b - a)] == pos
     assert sorted(len(r) for r in rows["example_ids"]) == [1, 2]

@@ -25,7 +25,7 @@ def alone(model, seqs, output):
 def test_all_positions_match_each_request_alone(arch, output):
     model, seqs = build(arch), prompts(LENGTHS)
     got = prepack.forward_at(model, seqs, "all", output=output)
-    for mine, theirs in zip(got, alone(model, seqs, output)):
+    for mine, theirs in zip(got, alone(model, seqs, output), strict=True):
         assert mine.shape == theirs.shape
         assert (mine - theirs).abs().max() <= 1e-4
 
@@ -48,7 +48,7 @@ def test_spans_are_exact_for_every_layout_and_micro_batching(backend, kwargs):
     model, seqs = build("gemma2"), prompts(LENGTHS)
     spans = [(0, 1), (2, 5), (0, 17), (3, 3), (10, 30), (11, 12)]
     got = prepack.forward_at(model, seqs, spans, backend=backend, **kwargs)
-    for (s, e), mine, theirs in zip(spans, got, alone(model, seqs, "logits")):
+    for (s, e), mine, theirs in zip(spans, got, alone(model, seqs, "logits"), strict=True):
         assert mine.shape == (e - s, theirs.shape[-1])
         assert torch.allclose(mine, theirs[s:e], atol=1e-4, rtol=0)
 
@@ -64,7 +64,7 @@ def test_any_spans_come_back_exact_and_in_request_order(lengths, data):
         spans.append((s, data.draw(st.integers(s, n))))
     budget = data.draw(st.integers(max(lengths), sum(lengths)))
     got = prepack.forward_at(model, seqs, spans, output="hidden_states", token_budget=budget)
-    for (s, e), mine, theirs in zip(spans, got, alone(model, seqs, "hidden_states")):
+    for (s, e), mine, theirs in zip(spans, got, alone(model, seqs, "hidden_states"), strict=True):
         assert torch.allclose(mine, theirs[s:e], atol=1e-4, rtol=0)
 
 
@@ -78,7 +78,7 @@ def test_reduce_sees_each_forwards_outputs_and_where_they_land():
 
     got = prepack.forward_at(model, seqs, "all", reduce=reduce, token_budget=32)
     assert len(calls) > 1 and sum(calls) == sum(LENGTHS)
-    for mine, theirs in zip(got, alone(model, seqs, "logits")):
+    for mine, theirs in zip(got, alone(model, seqs, "logits"), strict=True):
         assert torch.equal(mine[:, 0], theirs.argmax(-1))
 
 

@@ -35,9 +35,9 @@ def naive_mask(seg: torch.Tensor) -> torch.Tensor:
 def test_unpack_of_pack_gives_back_every_request(data, algorithm):
     seqs, capacity = data
     b = prepack.pack(seqs, capacity, algorithm=algorithm)
-    for got, want in zip(b.unpack(b.input_ids), seqs):
+    for got, want in zip(b.unpack(b.input_ids), seqs, strict=True):
         assert got.tolist() == want.tolist()
-    for got, want in zip(b.unpack(b.to_varlen().input_ids), seqs):
+    for got, want in zip(b.unpack(b.to_varlen().input_ids), seqs, strict=True):
         assert got.tolist() == want.tolist()
 
 
@@ -46,7 +46,7 @@ def test_unpack_of_pack_gives_back_every_request(data, algorithm):
 def test_position_ids_restart_at_zero_for_each_request(data):
     seqs, capacity = data
     b = prepack.pack(seqs, capacity)
-    for pos, s in zip(b.unpack(b.position_ids), seqs):
+    for pos, s in zip(b.unpack(b.position_ids), seqs, strict=True):
         assert pos.tolist() == list(range(len(s)))
     assert (b.position_ids[b.segment_ids < 0] == 0).all()
 

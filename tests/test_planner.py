@@ -200,5 +200,5 @@ def test_chunked_cuts_each_segment_at_multiples_of_the_chunk(lengths, chunk):
     pieces = layout.chunked(lengths, chunk)
     assert pieces.sum() == sum(lengths) and (pieces >= 1).all() and (pieces <= chunk).all()
     # piece boundaries are the segment boundaries plus every multiple of chunk inside a segment
-    want = sorted({s + m for s, n in zip(layout.starts(lengths), lengths) for m in range(0, n, chunk)})
+    want = sorted({s + m for s, n in zip(layout.starts(lengths), lengths, strict=True) for m in range(0, n, chunk)})
     assert layout.starts(pieces).tolist() == want

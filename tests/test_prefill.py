@@ -24,7 +24,7 @@ def test_decoding_from_a_per_request_cache_matches_a_full_forward():
     model, seqs = build("llama"), prompts([7, 3, 11])
     result = prepack.prefill(model, seqs)
     nxt = torch.tensor([[5]])
-    for seq, cache in zip(seqs, result.dynamic_caches):
+    for seq, cache in zip(seqs, result.dynamic_caches, strict=True):
         with torch.no_grad():
             step = model(nxt, **cache_kwargs(model, cache)).logits[0, -1]
             full = model(torch.cat([seq, nxt[0]])[None]).logits[0, -1]
@@ -40,7 +40,7 @@ def test_left_padded_cache_matches_a_padded_prefill():
     positions = (want_mask.cumsum(-1) - 1).clamp(min=0)  # what model.generate derives from the mask
     with torch.no_grad():
         model(ids, attention_mask=want_mask, position_ids=positions, **cache_kwargs(model, padded))
-    for mine, theirs in zip(cache.layers, padded.layers):
+    for mine, theirs in zip(cache.layers, padded.layers, strict=True):
         real = want_mask[:, -mine.keys.shape[2]:].bool()  # sliding layers keep only their window
         torch.testing.assert_close(mine.keys.transpose(1, 2)[real], theirs.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
         assert (mine.keys.transpose(1, 2)[~real] == 0).all()

@@ -37,7 +37,7 @@ def corpus(n, seed=0):
 
 
 def row_set(table):
-    return sorted(zip(map(tuple, table.column("input_ids").to_pylist()), map(tuple, table.column("seq_lengths").to_pylist())))
+    return sorted(zip(map(tuple, table.column("input_ids").to_pylist()), map(tuple, table.column("seq_lengths").to_pylist()), strict=True))
 
 
 def test_the_ray_stage_packs_each_pool_like_pack_table():

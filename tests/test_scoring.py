@@ -32,7 +32,7 @@ def lm_eval_loglikelihoods(model, requests, **kwargs):
 
 def assert_same_scores(mine, theirs):
     assert len(mine) == len(theirs) > 0
-    assert max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)) <= 1e-4
+    assert max(abs(a[0] - b[0]) for a, b in zip(mine, theirs, strict=True)) <= 1e-4
     assert [a[1] for a in mine] == [b[1] for b in theirs]
 
 
