@@ -44,7 +44,7 @@ def test_backend_matches_flash_attn_reference(lengths, backend, window, softcap,
 
 def varlen_attention_ref(q, k, v, cu_q, cu_k, max_q=None, max_k=None, *, window_size=(-1, -1), softcap=0.0, causal=True):
     """flash-attn's ``attention_ref`` run on each segment of a varlen stream (the peer's semantics, not ours)."""
-    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist(), strict=True):
         out[qs:qe] = attention_ref(
             q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=causal, window_size=window_size, softcap=softcap,
@@ -97,7 +97,7 @@ def test_flash_without_cuda_or_flash_attn_names_the_fix():
 @pytest.mark.parametrize("window, softcap", [((-1, -1), 0.0), ((5, 0), 0.0), ((-1, -1), 20.0)])
 def test_flash_matches_reference_on_gpu(dtype, window, softcap):
     args = random_varlen([1, 17, 64, 5], heads=8, kv_heads=2, dim=64, dtype=dtype, device="cuda")
-    want = attention.reference(*args, window_size=window, softcap=softcap)
+    want = varlen_attention_ref(*args, window_size=window, softcap=softcap)
     got = prepack.get_backend("flash")(*args, window_size=window, softcap=softcap)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
@@ -107,5 +107,5 @@ def test_flash_matches_reference_on_gpu(dtype, window, softcap):
 def test_torch_backends_match_reference_on_gpu(backend):
     args = random_varlen([1, 17, 64, 5], heads=8, kv_heads=2, dim=64, device="cuda")
     torch.testing.assert_close(
-        prepack.get_backend(backend)(*args), attention.reference(*args), atol=1e-4, rtol=1e-4
+        prepack.get_backend(backend)(*args), varlen_attention_ref(*args), atol=1e-4, rtol=1e-4
     )
