@@ -263,6 +263,10 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
                 f = key
                 s = f // x
             if m * s > k:
+                if m == 1:  # the usual end of a group when rows are long: one row takes all k, stays on top
+                    out += (a, b, k, C - f)
+                    push(((f - k * x) * W + fill + k if limited else f - k * x, 1, a, b, None))
+                    k = 0
                 break
             k -= m * s  # the whole entry takes s items per row and parks
             out += (a, b, s, C - f)
