@@ -7,8 +7,9 @@ run inside any data pipeline.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import insort
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Literal, Sequence
 
 import numpy as np
@@ -172,22 +173,23 @@ def lower_bound_l2(lengths: np.ndarray, capacity: int) -> int:
 
 
 def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best-fit decreasing over a histogram of the rows' free space, one length group at a time.
+    """Best-fit decreasing, one length group at a time, with the open rows on a stack.
 
-    For k equal items of length x, best fit always picks the open row with the
-    least free space r >= x, and after a placement that row (r - x) is still
-    the best fit while r - x >= x. So every row of bucket r absorbs
-    min(r // x, slots left) items before the next bucket is touched, and a
-    whole bucket moves at once. Rows with equal free space (and, under
-    ``max_per_row``, equal fill) are interchangeable for every later choice,
-    so the row count is that of item-by-item best fit.
+    Items come longest first, so a row's free space only ever needs comparing with the current length
+    x. Rows with free space >= x sit on a *stack* whose top has the least free space; the other rows are
+    *parked* by free space. Best fit takes the top. When x drops, parked rows that now fit join the stack
+    (largest free first, so the least free ends on top), and they fit nothing on the stack: every stack row
+    had room for a longer item. A row that takes an item either still fits x, and then has the least
+    free space of all, so it stays on top, or it parks. Hence the top is always the best fit.
 
-    Why plain Python for the bookkeeping: a bucket's rows are kept as ranges of
-    row ids and each placement is one *segment* (rows a..a+m-1 each take s items
-    of length x from offset o), so the loop costs a few Python operations per
-    (length group, bucket) pair and no numpy call; numpy's ~1 us per call was
-    what made spread-out lengths slow. Items longer than C/2 never share a row
-    and take one vectorised step; all per-item output is built once at the end.
+    For k equal items of length x, the top row of free space f takes s = f // x of them in a row, so a
+    stack entry holding m rows of equal free space (and, under ``max_per_row``, equal fill) takes m * s
+    items in O(1): rows with equal free space are interchangeable for every later choice, so the row
+    count is that of item-by-item best fit. Rows are ranges of row ids, each placement is one segment
+    (rows a..b-1 each take s items from offset o), and the loop is plain Python (a few operations per
+    (length group, stack entry) pair; numpy's ~1 us per call would dominate). Items longer than C/2
+    never share a row and pair-able items in (C/3, C/2] are placed in numpy (:func:`_pairs`); per-item
+    output is built once at the end.
     """
     n = len(lengths)
     if n == 0:
@@ -202,106 +204,140 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     sizes, counts, ends = ordered[first].tolist(), (ends - first).tolist(), ends.tolist()
 
     limited = limit != _NO_LIMIT
-    W = limit + 1 if limited else 1  # bucket key = free * W + fill: least free first, then least full
+    W = limit + 1 if limited else 1  # key = free * W + fill: least free first, then least full
     smallest = sizes[-1]  # rows with less free space than this can take nothing more
-    buckets: dict[int, list[int]] = {}  # key -> row ids as flat ranges [a0, b0, a1, b1, ...), a < b
-    rows_in: dict[int, int] = {}  # key -> rows in the bucket
-    keys: list[int] = []  # sorted keys of non-empty buckets
+    stack: list[tuple] = []  # entries (key, m, a, b, more): m rows a..b-1 plus flat ranges in more (or None)
+    parked: dict[int, tuple] = {}  # key -> entry, for rows with less free space than the current length
+    keys: list[int] = []  # sorted keys of parked
 
-    def push(ranges: list[int], free: int, fill: int, m: int) -> None:
-        if free < smallest or (limited and fill >= limit):
-            return  # the row is closed for good
-        key = free * W + fill if limited else free
-        if key in buckets:
-            buckets[key] += ranges
-            rows_in[key] += m
-        else:
-            buckets[key] = ranges
-            rows_in[key] = m
+    def park(key: int, m: int, a: int, b: int, more: list[int] | None) -> None:
+        old = parked.get(key)
+        if old is None:
+            parked[key] = (key, m, a, b, more)
             insort(keys, key)
+        else:
+            parked[key] = (key, old[1] + m, a, b, [old[2], old[3]] + (old[4] or []) + (more or []))
 
-    # Every item longer than C/2 opens a row. Sorted longest first, a group's rows are one contiguous
-    # range and the groups' free spaces C - x come out distinct and ascending: the buckets are built directly.
+    # Every item longer than C/2 opens a row: one contiguous range per group, free spaces C - x distinct.
     num_rows = sum(counts[:big])
-    segments: list[int] = [0, num_rows, 1, 0] if num_rows else []  # flat (a, b, s, o) per segment
-    if big and (not limited or limit > 1):
+    head = 1 if num_rows else 0  # out's segments before the pairs
+    out = [0, num_rows, 1, 0] if num_rows else []  # flat (a, b, s, o) segments, in packed order
+    if big and limit > 1:
         for x, k, b in zip(sizes[:big], counts[:big], ends):
             if C - x >= smallest:
-                key = (C - x) * W + 1 if limited else C - x
-                keys.append(key)
-                buckets[key] = [b - k, b]
-                rows_in[key] = k
+                keys.append((C - x) * W + 1 if limited else C - x)
+                parked[keys[-1]] = (keys[-1], k, b - k, b, None)
+    g, paired = big, None
+    while g < len(sizes) and 3 * sizes[g] > C and (not keys or sizes[g] > keys[-1] // W):
+        g += 1
+    lo = ends[big] - counts[big] if g > big else 0
+    if g > big and ends[g - 1] - lo >= 32 and limit > 1:
+        pairs = (ends[g - 1] - lo) // 2
+        paired, more_parked = _pairs(ordered[lo : lo + 2 * pairs], num_rows, C, W, limit, smallest)
+        for key in more_parked.keys() & parked.keys():
+            _, m, a, b, more = more_parked[key]
+            old = parked[key]
+            more_parked[key] = (key, m + old[1], a, b, (more or []) + [old[2], old[3]] + (old[4] or []))
+        parked.update(more_parked)
+        keys = sorted(parked)
+        num_rows += pairs
+        if (ends[g - 1] - lo) % 2:  # the odd one out opens a row, in the loop below
+            g -= 1
+            counts[g] = 1
+        big = g  # the loop starts here
 
+    pop, push, waiting = stack.pop, stack.append, parked.get
     fill = 0  # stays 0 without max_per_row
     for x, k in zip(sizes[big:], counts[big:]):
-        while k:
-            i = bisect_left(keys, x * W)
-            if i == len(keys):
-                break
-            key = keys[i]
+        xW = x * W
+        while keys and keys[-1] >= xW:  # parked rows that fit x now
+            push(parked.pop(keys.pop()))
+        while stack:
+            key, m, a, b, more = pop()
             if limited:
                 f, fill = divmod(key, W)
-                s = min(f // x, limit - fill)
+                s = f // x
+                if s > limit - fill:
+                    s = limit - fill
             else:
                 f = key
                 s = f // x
-            m = rows_in[key]
-            if m * s <= k:  # the whole bucket moves down
-                del keys[i], rows_in[key]
-                ranges = buckets.pop(key)
-                for j in range(0, len(ranges), 2):
-                    segments += (ranges[j], ranges[j + 1], s, C - f)
-                k -= m * s
-                if f - s * x >= smallest:
-                    push(ranges, f - s * x, fill + s, m)
-                continue
-            # the group ends inside this bucket: q rows take s items, then one row takes r
-            q, r = divmod(k, s)
-            ranges = buckets[key]
-            j = 0
-            while ranges[j + 1] - ranges[j] <= q:
-                q -= ranges[j + 1] - ranges[j]
+            if m * s > k:
+                if m == 1:  # the usual end of a group when rows are long: one row takes all k, stays on top
+                    out += (a, b, k, C - f)
+                    push(((f - k * x) * W + fill + k if limited else f - k * x, 1, a, b, None))
+                    k = 0
+                break
+            k -= m * s  # the whole entry takes s items per row and parks
+            out += (a, b, s, C - f)
+            if more:
+                for j in range(0, len(more), 2):
+                    out += (more[j], more[j + 1], s, C - f)
+            f -= s * x
+            if f >= smallest and (not limited or fill + s < limit):
+                key = f * W + fill + s if limited else f
+                if waiting(key) is None:
+                    parked[key] = (key, m, a, b, more)
+                    insort(keys, key)
+                else:
+                    park(key, m, a, b, more)
+            if not k:
+                break
+        else:
+            if k:  # no open row has room: open rows of per_row items each
+                per_row = min(C // x, limit)
+                full, r = divmod(k, per_row)
+                if full:
+                    out += (num_rows, num_rows + full, per_row, 0)
+                    f = C - per_row * x
+                    if f >= smallest and (not limited or per_row < limit):
+                        park(f * W + per_row if limited else f, full, num_rows, num_rows + full, None)
+                    num_rows += full
+                if r:  # still has room for x: the new top
+                    out += (num_rows, num_rows + 1, r, 0)
+                    push(((C - r * x) * W + r if limited else C - r * x, 1, num_rows, num_rows + 1, None))
+                    num_rows += 1
+            continue
+        if not k:
+            continue
+        # the group ends inside this entry: q rows take s items and park, then one row takes r and stays on top
+        q, r = divmod(k, s)
+        if more:
+            ranges = [a, b] + more
+            j, p = 0, q
+            while ranges[j + 1] - ranges[j] <= p:
+                p -= ranges[j + 1] - ranges[j]
                 j += 2
             taken = ranges[:j]
-            if q:
-                taken += (ranges[j], ranges[j] + q)
-                ranges[j] += q
-            del ranges[:j]
+            a, b, more = ranges[j], ranges[j + 1], ranges[j + 2 :]
+            if p:
+                taken += (a, a + p)
+                a += p
             for j in range(0, len(taken), 2):
-                segments += (taken[j], taken[j + 1], s, C - f)
-            moved = k // s
-            if r:
-                a = ranges[0]
-                segments += (a, a + 1, r, C - f)
-                if ranges[1] == a + 1:
-                    del ranges[:2]
-                else:
-                    ranges[0] = a + 1
-            left = m - moved - (1 if r else 0)
-            if left:
-                rows_in[key] = left
-            else:
-                del keys[i], buckets[key], rows_in[key]
-            push(taken, f - s * x, fill + s, moved)
-            if r:
-                push([a, a + 1], f - r * x, fill + r, 1)
-            k = 0
-        if k:  # no open row has room: open rows of per_row items each
-            per_row = min(C // x, limit)
-            full, r = divmod(k, per_row)
-            if full:
-                segments += (num_rows, num_rows + full, per_row, 0)
-                push([num_rows, num_rows + full], C - per_row * x, per_row, full)
-                num_rows += full
-            if r:
-                segments += (num_rows, num_rows + 1, r, 0)
-                push([num_rows, num_rows + 1], C - r * x, r, 1)
-                num_rows += 1
+                out += (taken[j], taken[j + 1], s, C - f)
+            if q and f - s * x >= smallest and (not limited or fill + s < limit):
+                park((f - s * x) * W + fill + s if limited else f - s * x, q, taken[0], taken[1], taken[2:])
+        else:
+            if q:
+                out += (a, a + q, s, C - f)
+                if f - s * x >= smallest and (not limited or fill + s < limit):
+                    park((f - s * x) * W + fill + s if limited else f - s * x, q, a, a + q, None)
+            a += q
+        one = a
+        if r:
+            a += 1
+        if m - q - (1 if r else 0):  # the entry's other rows stay, under the one that took r
+            push((key, m - q - (1 if r else 0), a, b, more) if a < b else (key, m - q - 1, more[0], more[1], more[2:]))
+        if r:
+            out += (one, one + 1, r, C - f)
+            push(((f - r * x) * W + fill + r if limited else f - r * x, 1, one, one + 1, None))
 
     # Segment (a, b, s, o): rows a..b-1 each take s items (of one length) from offset o, in packed order.
     # Per item, only repeats and one prefix sum: an item's offset is its entry's start plus the
     # tokens packed before it in the same (segment, row) entry.
-    seg = np.array(segments, np.int64).reshape(-1, 4)
+    seg = np.fromiter(out, np.int64, len(out)).reshape(-1, 4)
+    if paired is not None:  # the pairs come right after the items longer than C/2
+        seg = np.concatenate([seg[:head], paired, seg[head:]])
     first_row, end_row, slots, start = seg.T
     num = end_row - first_row
     taken = np.repeat(slots, num)  # (E,) items per (segment, row) entry
@@ -311,6 +347,39 @@ def _best_fit_decreasing(lengths: np.ndarray, C: int, limit: int) -> tuple[np.nd
     row[order] = np.repeat(layout.ranges(first_row, num), taken)
     offset[order] = before + np.repeat(np.repeat(start, num) - before[layout.starts(taken)], taken)
     return row, offset
+
+
+def _pairs(y: np.ndarray, first_row: int, C: int, W: int, limit: int, smallest: int) -> tuple[np.ndarray, dict]:
+    """Best fit for an even run of items in (C/3, C/2] that no open row can take: consecutive pairs.
+
+    The first item of a pair opens a row (nothing has room), the second fills it (nothing else has
+    room: the row has >= C/2 free), and the leftover, under C/3, fits no item of the run.
+
+    Args:
+        y: (2P,) int64 lengths, longest first.
+        first_row: the row id the first pair gets.
+
+    Returns:
+        (2P, 4) int64 segments (row, row + 1, 1, offset) in packed order, and the parked entries
+        {key: (key, m, a, b, more)} of the rows that can still take an item of length ``smallest``.
+    """
+    rows = first_row + np.arange(len(y)) // 2
+    offset = np.zeros(len(y), np.int64)
+    offset[1::2] = y[0::2]
+    seg = np.stack([rows, rows + 1, np.ones_like(rows), offset], 1)
+    left = C - y[0::2] - y[1::2]  # (P,)
+    keep = np.flatnonzero(left >= smallest) if limit > 2 else np.zeros(0, np.int64)
+    by = keep[np.argsort(left[keep], kind="stable")]
+    values, starts, many = np.unique(left[by], return_index=True, return_counts=True)
+    keys = values * W + 2 if W > 1 else values
+    one = many == 1  # most leftovers are distinct: build those entries without a Python loop
+    r = (first_row + by[starts[one]]).tolist()
+    k = keys[one].tolist()
+    parked = dict(zip(k, zip(k, repeat(1), r, [i + 1 for i in r], repeat(None))))
+    flat = np.stack([first_row + by, first_row + by + 1], 1).ravel().tolist()
+    for key, i, m in zip(keys[~one].tolist(), starts[~one].tolist(), many[~one].tolist()):
+        parked[key] = (key, m, flat[2 * i], flat[2 * i + 1], flat[2 * i + 2 : 2 * (i + m)])
+    return seg, parked
 
 
 def _sort_decreasing(lengths: np.ndarray, C: int) -> np.ndarray:

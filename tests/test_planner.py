@@ -99,6 +99,19 @@ def test_bfd_uses_as_many_rows_as_item_by_item_best_fit_decreasing(data, limit):
     assert p.num_rows == item_by_item_best_fit_rows(lengths.tolist(), capacity, limit)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(30, 300), st.data(), st.one_of(st.none(), st.integers(1, 6)))
+def test_bfd_matches_item_by_item_best_fit_when_many_items_lie_between_a_third_and_half_a_row(capacity, data, limit):
+    # 32 or more such items are paired in one vectorised step; shorter items then fill the pairs' leftovers
+    third_to_half = st.integers(capacity // 3 + 1, capacity // 2)
+    lengths = data.draw(st.lists(third_to_half, min_size=32, max_size=60)) + data.draw(
+        st.lists(st.integers(1, capacity // 3), max_size=40)
+    )
+    p = prepack.plan(np.array(lengths), capacity, algorithm="bfd", max_per_row=limit)
+    assert_valid(p)
+    assert p.num_rows == item_by_item_best_fit_rows(lengths, capacity, limit)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=80), st.integers(64, 300))
 def test_bfd_places_every_request_once_when_capacity_is_a_token_budget_far_above_the_lengths(lengths, budget):
