@@ -1,6 +1,7 @@
 """The default token budget against fixed budgets: time and peak memory of a large packed prefill (a benchmark).
 
     python benchmarks/bench_token_budget.py [--n 2000] [--model llama-small] [--budgets 4096,8192,16384,32768] [--repeat 2]
+        [--plot docs/img/token_budget.png]
 
 N ShareGPT first turns (cl100k tokens, cut at 4096) go through ``prepack.prefill`` once per
 budget: the default (``prepack.forward.default_token_budget``) and each fixed one. Every
@@ -58,7 +59,7 @@ def child(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(
         budget=args.child, seconds=seconds, before=before, peak=peak, kv=kv, logits=logits,
-        forwards=len(result.chunks), tokens=int(result.lengths.sum()),
+        forwards=len(result.chunks), tokens=int(result.lengths.sum()), resolved=budget or default_token_budget(model),
     )))
 
 
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-small")
     ap.add_argument("--budgets", default="4096,8192,16384,32768")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--plot", default=None, help="write a PNG: prefill time and peak RSS growth against the budget")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--first-wave", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -93,6 +95,7 @@ def main() -> None:
     print("| token_budget | forwards | prefill s | vs default | peak RSS growth MB | KV + logits MB | one forward's activations MB | growth / (1.2 KV + act) |")
     print("|---|---|---|---|---|---|---|---|")
     t_default = statistics.median(r["seconds"] for r in runs["default"])
+    table = []
     for b in budgets:
         rs = runs[b]
         t = statistics.median(r["seconds"] for r in rs)
@@ -102,6 +105,43 @@ def main() -> None:
         act = max(0, (f["peak"] - f["before"]) - (f["kv"] + f["logits"]))
         print(f"| {b} | {rs[0]['forwards']} | {t:.2f} | {t / t_default:.2f}x | {growth / mb:.0f} | {kept / mb:.0f} | "
               f"{act / mb:.0f} | {growth / (1.2 * kept + act):.2f} |")
+        table.append(dict(budget=b, seconds=t, growth_mb=growth / mb, kept_mb=kept / mb, act_mb=act / mb))
+    if args.plot:
+        plot(table, args.plot, f"{args.n} ShareGPT prompts, {x['tokens']} tokens, {args.model} fp32 on CPU, "
+             f"median of {args.repeat}; default = {x['resolved']} tokens")
+
+
+def plot(table: list[dict], path: str, title: str) -> None:
+    """Two panels against the fixed budgets: prefill seconds, and peak RSS growth beside what the prefill returns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = [r for r in table if r["budget"] != "default"]
+    default = next(r for r in table if r["budget"] == "default")
+    xs = [int(r["budget"]) for r in fixed]
+    fig, (tx, mx) = plt.subplots(1, 2, figsize=(11, 4))
+    tx.plot(xs, [r["seconds"] for r in fixed], marker="o", label="fixed token_budget")
+    tx.axhline(default["seconds"], color="tab:red", ls="--", label="default budget")
+    tx.set_ylabel("prefill seconds (median)")
+    tx.set_ylim(bottom=0)
+    mx.plot(xs, [r["growth_mb"] for r in fixed], marker="o", label="peak RSS growth")
+    mx.plot(xs, [r["kept_mb"] for r in fixed], marker="s", ls=":", color="tab:gray", label="KV + logits returned")
+    mx.plot(xs, [r["act_mb"] for r in fixed], marker="^", ls=":", color="tab:green", label="one forward's activations")
+    mx.axhline(default["growth_mb"], color="tab:red", ls="--", label="default budget: peak RSS growth")
+    mx.set_ylabel("MB")
+    for ax in (tx, mx):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(b) for b in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("token_budget (tokens per forward)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,34 @@ def test_the_checks_catch_missing_names_members_modules_and_public_names():
     assert resolves("prepack.bench.prompts.sample_lengths") is True
     assert resolves("prepack.prompts.sample_lengths") is False
     assert resolves("prepack.PrefillResult.caches") is False
+
+
+SUMMARY = re.compile(
+    r"\*\*Summary: (?P<exact>\d+) exact / (?P<refused>\d+) refused / (?P<tiny>\d+) not buildable tiny / "
+    r"(?P<fails>\d+) transformers fails / (?P<wrong>\d+) silently wrong / (?P<crash>\d+) prepack crash "
+    r"\(of (?P<total>\d+) causal-LM model types\)\.\*\*"
+)
+
+
+def readme_model_claims(summary: dict) -> list[str]:
+    """What README.md says about the model matrix, rendered from docs/models.md's summary line."""
+    s = {k: int(v) for k, v in summary.items()}
+    return [
+        f"Of transformers' {s['total']} causal-LM model types it checked {s['exact'] + s['refused']},",
+        f"**exact** ({s['exact']}:",
+        f"**refused** ({s['refused']})",
+        f"The other {s['tiny'] + s['fails']} were not checked: {s['tiny']} have no tiny config that builds, "
+        f"and {s['fails']} fail in transformers itself.",
+        f"of transformers' {s['total']} causal-LM types, {s['exact']} exact, {s['refused']} refused with a reason, "
+        f"{s['tiny']} not buildable tiny, {s['fails']} failing in transformers itself, {s['wrong']} silently wrong",
+    ]
+
+
+def test_readme_model_counts_are_the_models_md_summary():
+    summary = SUMMARY.search((ROOT / "docs" / "models.md").read_text(encoding="utf-8"))
+    assert summary is not None, "docs/models.md has no summary line in the form model_zoo.py writes"
+    # README says every checked type is exact or refused
+    assert summary["wrong"] == summary["crash"] == "0", f"docs/models.md: {summary.group(0)}"
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())  # line breaks do not matter
+    missing = [claim for claim in readme_model_claims(summary.groupdict()) if claim not in readme]
+    assert not missing, "README.md's model counts differ from docs/models.md's summary; README should say:\n" + "\n".join(missing)
