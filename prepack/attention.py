@@ -127,13 +127,21 @@ def sdpa_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
     dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
-    """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype."""
+    """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype.
+
+    Segments of one query each (decode steps) run together in one SDPA call over their keys
+    gathered into (n, H_kv, longest, D) under a key mask: one call instead of n, the same math.
+    """
     scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     masks: dict[tuple[int, int], torch.Tensor | None] = {}
+    singles = []
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         lq, lk = qe - qs, ke - ks
         if lq == 0:
+            continue
+        if lq == 1 and lk > 0:
+            singles.append((qs, ks, lk))
             continue
         if (lq, lk) not in masks:
             masks[(lq, lk)] = causal_segment_mask(lq, lk, window, q.device)
@@ -143,7 +151,30 @@ def sdpa_varlen(
             causal=mask is None and window[1] == 0, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
         )
         out[qs:qe] = o[0].transpose(0, 1)
+    if singles:
+        _single_queries(out, q, k, v, singles, window, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     return out
+
+
+def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:
+    """Segments of one query each, (q_start, k_start, k_len): one batched SDPA call, written into ``out``.
+
+    The query is the segment's last token (bottom-right alignment), so it sees key j of its segment iff
+    ``k_len - 1 - j`` is inside the window's left side (a right side is moot: no key comes after it).
+    """
+    qs, ks, lk = (torch.tensor(c, device=q.device) for c in zip(*singles, strict=True))
+    longest = int(lk.max())
+    j = torch.arange(longest, device=q.device)
+    visible = j[None, :] < lk[:, None]
+    if window[0] >= 0:
+        visible &= j[None, :] >= (lk[:, None] - 1 - window[0])
+    idx = (ks[:, None] + j[None, :]).clamp_(max=k.shape[0] - 1)  # (n, longest); masked slots read any real key
+    keys, values = k[idx].transpose(1, 2), v[idx].transpose(1, 2)  # (n, H_kv, longest, D)
+    o = _sdpa(
+        q[qs][:, :, None], keys, values, visible[:, None, None, :], scale=scale, softcap=softcap,
+        dropout_p=dropout_p, sinks=sinks,
+    )
+    out[qs] = o[:, :, 0]
 
 
 def varlen_mask(cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), device=None) -> torch.Tensor:

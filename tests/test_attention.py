@@ -109,3 +109,24 @@ def test_torch_backends_match_reference_on_gpu(backend):
     torch.testing.assert_close(
         prepack.get_backend(backend)(*args), varlen_attention_ref(*args), atol=1e-4, rtol=1e-4
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    st.sampled_from([(-1, -1), (3, 0), (0, 0)]),
+    st.sampled_from([0.0, 5.0]),
+)
+def test_single_query_segments_match_flash_attn_reference(k_lengths, window, softcap):
+    """Decode steps: one new query per segment, continuing its segment's earlier keys (batched in one call)."""
+    args = random_varlen([1] * len(k_lengths), k_lengths=k_lengths)
+    want = varlen_attention_ref(*args, window_size=window, softcap=softcap)
+    got = prepack.get_backend("sdpa_varlen")(*args, window_size=window, softcap=softcap)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_single_query_segments_beside_longer_ones_each_see_their_own_keys():
+    args = random_varlen([1, 4, 1, 1], k_lengths=[7, 4, 1, 12])
+    want = varlen_attention_ref(*args)
+    torch.testing.assert_close(prepack.get_backend("sdpa_varlen")(*args), want, atol=1e-5, rtol=1e-5)
