@@ -97,6 +97,12 @@ class Rules:
         self.default_min = kwargs.get("min_length") is None and (
             generation_config is None or generation_config.min_length is None
         ) and model.generation_config.min_length is None
+        self.max_new = None  # per-prompt max_new_tokens, when a sequence is given
+        if isinstance(kwargs.get("max_new_tokens"), (list, tuple, np.ndarray, torch.Tensor)):
+            self.max_new = [int(n) for n in kwargs["max_new_tokens"]]
+            if not self.max_new or min(self.max_new) < 1:
+                raise ValueError(f"max_new_tokens must hold one integer >= 1 per prompt, got {kwargs['max_new_tokens']!r}")
+            kwargs["max_new_tokens"] = max(self.max_new)  # checked by transformers; each prompt's is set per request
         config, unused = model._prepare_generation_config(generation_config, **kwargs)
         if unused:
             raise ValueError(
@@ -106,19 +112,24 @@ class Rules:
         mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
         if mode not in ("greedy_search", "sample"):
             raise ValueError(f"prepack.generate decodes greedily or by sampling; this configuration asks for {mode!r}")
-        samples = config.num_return_sequences or 1
+        samples = kwargs.get("num_return_sequences", config.num_return_sequences)
+        samples = 1 if samples is None else samples
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise ValueError(f"num_return_sequences must be an integer >= 1, got {samples!r}")
         self.samples = int(samples)
         config.num_return_sequences = 1  # each sample is a request of its own
         self.config = config
 
-    def for_request(self, prompt: torch.Tensor, device, *, quiet: bool = False) -> RequestRules:
-        """The rules of one request whose prompt is ``prompt`` ((L,) int64), built as ``generate`` builds them."""
+    def for_request(self, prompt: torch.Tensor, device, *, index: int = 0, quiet: bool = False) -> RequestRules:
+        """The rules of prompt ``index``, ``prompt`` ((L,) int64), built as ``generate`` builds them for it alone."""
         from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
         model, n = self.model, int(prompt.shape[0])
         config = copy.deepcopy(self.config)
+        if self.max_new is not None:
+            if index >= len(self.max_new):
+                raise ValueError(f"request {index} has no max_new_tokens: {len(self.max_new)} were given, one per prompt")
+            config.max_new_tokens = self.max_new[index]
         with warnings.catch_warnings():
             if quiet:  # the call's first request already warned about the same configuration
                 warnings.simplefilter("ignore")

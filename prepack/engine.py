@@ -212,19 +212,16 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
     """Each prompt's ``rules.samples`` requests, numbered prompt-major, each with its rules and generator."""
     index = itertools.count()
     for p, prompt in enumerate(prompts):
-        one = rules.for_request(torch.from_numpy(prompt), device, quiet=p > 0)
+        one = rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=p > 0)
         for _ in range(rules.samples):
             i = next(index)
             gen = None
             if one.do_sample:
                 gen = torch.Generator(device=device)
                 gen.manual_seed(seed + i)
-            yield _Request(i, prompt, one if rules.samples == 1 else _copy_rules(rules, prompt, device), gen)
-
-
-def _copy_rules(rules: Rules, prompt, device) -> RequestRules:
-    """Each sample gets rules of its own: some processors and criteria keep per-sequence state."""
-    return rules.for_request(torch.from_numpy(prompt), device, quiet=True)
+            # each sample gets rules of its own: some processors and criteria keep per-sequence state
+            own = one if i % rules.samples == 0 else rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=True)
+            yield _Request(i, prompt, own, gen)
 
 
 def _step(model, kernel, store: KVStore, running: dict) -> tuple[list, torch.Tensor]:

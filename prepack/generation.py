@@ -145,6 +145,8 @@ def _run(
     if is_prompt_batch(prompts):  # in memory already: checked whole, so errors number requests from the first
         tokens = check_prompts(model, prompts, tokenizer=tokenizer).tokens
         total = len(tokens) if total is None else total
+        if rules.max_new is not None and len(rules.max_new) != len(tokens):
+            raise ValueError(f"max_new_tokens holds {len(rules.max_new)} values but there are {len(tokens)} prompts; give one per prompt")
     else:
         tokens = _check_stream(model, prompts, tokenizer)
     bar = None

@@ -86,8 +86,9 @@ class KVStore:
     def _grow_region(self, r: int, need: int) -> None:
         """Give request ``r`` a region of at least ``need`` rows (``growth`` times it, plus ``slack``)."""
         cap = int(math.ceil(need * self.growth)) + self.slack
-        if not self._is_last(r) and self.top + cap > self.size:
-            self._compact()  # frees the garbage; ``r`` may end up last
+        extra = cap - self.capacity[r] if self._is_last(r) else cap
+        if self.top + extra > self.size:
+            self._compact()  # reuse freed rows before growing the pool; ``r`` may end up last
         if self._is_last(r):  # nothing above it: grow in place
             if self.start[r] + cap > self.size:
                 self._resize(max(int(math.ceil(self.size * self.growth)), self.start[r] + cap))
