@@ -33,6 +33,7 @@ from prepack.bench.prompts import load_prompts
 from prepack.engine import EngineStats, decode
 from prepack.decoding import Rules
 from prepack.generation import generate_with_backends, left_pad
+from prepack.hf import disable
 from prepack.prefill import prefill_tokens
 
 
@@ -54,7 +55,7 @@ def run_waves(model, seqs, args, wave=256):
         w = seqs[a:a + wave]
         longest = max(len(s) for s in w)
         ids, mask = left_pad(w, 0, "cpu")
-        result = prefill_tokens(model, [np.asarray(s[:-1]) for s in w], logits=False)
+        result = prefill_tokens(model, [np.asarray(s[:-1], np.int64) for s in w], backend="auto", token_budget=None, capacity=None, logits=False)
         cache, _ = result.left_padded_cache(pad_to=longest - 1)
         new = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=args.new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=eos)[:, longest:]
@@ -66,6 +67,7 @@ def run_generate_batch(model, seqs, args):
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    disable(model)  # generate_batch runs the model's own attention (prepack's entry points switch it back)
     page = 256
     cb = ContinuousBatchingConfig(
         page_size=page, num_blocks=sum(-(-(len(p) + args.new_tokens) // page) for p in seqs) + 1,

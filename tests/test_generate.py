@@ -279,3 +279,17 @@ def test_an_empty_prompt_in_a_stream_is_named_by_its_position():
 def test_unsupported_generate_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepack.generate(build("llama"), prompts([3, 4]), max_new_tokens=2, **kwargs)
+
+
+def test_the_documented_cache_route_gives_ordinary_generates_tokens():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kv_scatter.md").read_text()
+    block = re.search(r"## Continuing a prefill.*?```python\n(.*?)```", text, re.S).group(1)
+    model, seqs = build("mistral"), prompts([1, 5, 17, 3])
+    scope = {"prepack": prepack, "torch": torch, "model": model, "prompts": seqs}
+    exec(block, scope)
+    ids, mask = prepack.generation.left_pad(seqs, 0, "cpu")
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(scope["new_tokens"], want[:, ids.shape[1]:])
