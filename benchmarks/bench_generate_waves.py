@@ -38,7 +38,7 @@ def main() -> None:
     seqs = load_prompts("sharegpt", args.n, max_len=args.max_len, on_long="truncate", vocab_size=model.config.vocab_size).token_ids
     rss, t = [], time.perf_counter()
     with torch.no_grad():
-        stream = prepack.generate_iter(model, iter(seqs), wave_size=args.wave_size, max_new_tokens=args.new_tokens,
+        stream = prepack.generate_iter(model, iter(seqs), max_batch=args.wave_size, max_new_tokens=args.new_tokens,
                                        do_sample=False, progress=False)
         for i, _ in enumerate(stream, 1):
             if i % args.wave_size == 0 or i == len(seqs):

@@ -1,45 +1,28 @@
-"""Step 7 of the data flow: decoding continues from the packed prefill.
+"""Step 7 of the data flow, its public face: generate from many prompts, each as if alone.
 
-``generate`` prefills every prompt but its last token, packed, scatters the
-keys and values into a left-padded ``DynamicCache`` and hands that to
-``model.generate``. The last prompt token stays out of the cache on purpose:
-``generate`` must feed at least one uncached token to produce the first new
-token's logits, and feeding exactly the last prompt token makes that step
-identical to the last position of an ordinary padded prefill.
-
-Prompts run in waves of ``wave_size``: each wave is prefilled, decoded and
-released before the next, so memory is bounded by a wave, not by the number of
-prompts. Within a wave each distinct prompt is prefilled once, however many
-times it appears and however many samples (``num_return_sequences``) are drawn
-from it: the cache rows of its samples are gathered from the same packed keys
-and values.
+:func:`generate` checks the prompts, builds each request's decoding rules the way ``model.generate``
+builds them for that prompt alone (:mod:`prepack.decoding`) and runs prepack's own decode loop
+(:mod:`prepack.engine`): one packed forward per step over the running requests' new tokens and the
+newly admitted prompts, each request's keys in a store that grows and frees per request
+(:mod:`prepack.kvstore`), finished requests replaced by waiting ones in the same step. Nothing goes
+through ``model.generate``: one path, whatever ``use_cache`` says (the engine always caches keys
+and values itself; the tokens are what ``model.generate`` gives with or without its cache).
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Sequence
 
-import numpy as np
 import torch
 
-from .hf import cache_kwarg, model_device
+from .decoding import Rules
+from .engine import Completion, EngineStats, decode as _decode
 from .inputs import check_prompts, is_prompt_batch
-from .prefill import prefill_tokens
 
-DEFAULT_WAVE_SIZE = 256
-
-# generate() options whose output prepack cannot return faithfully: refused, never dropped.
-_REFUSED = {
-    "num_beams": "beam search reorders cache rows between steps; use model.generate for it",
-    "return_dict_in_generate": "prepack.generate returns the new tokens of each request; use model.generate for scores",
-    "output_scores": "prepack.generate returns the new tokens of each request; use model.generate for scores",
-    "output_logits": "prepack.generate returns the new tokens of each request; use model.generate for logits",
-    "streamer": "a streamer would see the waves' rows, not the requests, in order",
-}
-_BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds")
+_BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds", "position_ids")
+_SHOW_PROGRESS_OVER = 256  # prompts; a bar by default for calls longer than this
 
 
 def generate(
@@ -47,38 +30,51 @@ def generate(
     sequences,
     *,
     backend: str = "auto",
-    capacity: int | None = None,
     token_budget: int | None = None,
+    kv_budget: int | None = None,
+    max_batch: int | None = None,
     tokenizer=None,
     decode: bool = False,
-    wave_size: int = DEFAULT_WAVE_SIZE,
+    return_logprobs: bool = False,
+    seed: int | None = None,
     progress: bool | None = None,
     **generate_kwargs,
 ) -> list:
-    """Generate from many prompts with a packed prefill; decoding is ``model.generate``'s own.
+    """Generate from many prompts; each request gets what ``model.generate`` gives its prompt alone.
 
     Args:
         model: a decoder-only transformers model (see :func:`prepack.prefill`).
-        sequences: N prompts, in any form :func:`prepack.prefill` takes (token ids,
-            tokenizer output, strings or chats with ``tokenizer``).
-        backend, capacity, token_budget: as in :func:`prepack.prefill`.
-        tokenizer: tokenizes string or chat prompts, and decodes with ``decode``.
+        sequences: N prompts, in any form :func:`prepack.prefill` takes (token ids, tokenizer
+            output, strings or chats with ``tokenizer``).
+        backend: the attention backend (a varlen one: ``"auto"``, ``"sdpa_varlen"``, ``"flash"``, ...).
+        token_budget: most tokens one forward runs (decoding rows plus newly admitted prompts).
+        kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
+            its most new tokens); memory follows the keys actually cached.
+        max_batch: most requests decoding at once (None: as the budgets allow).
+        tokenizer: tokenizes string or chat prompts; decodes with ``decode``; stop strings use it.
         decode: return strings (``tokenizer.decode`` of the new tokens, special tokens skipped).
-        wave_size: prompts prefilled and decoded together; memory is bounded by one wave.
-        progress: a tqdm bar over prompts (default: when there is more than one wave).
-        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``,
-            ``num_return_sequences``, ``generation_config``, ...). ``num_beams > 1``,
-            ``return_dict_in_generate``, ``output_scores``, ``output_logits`` and ``streamer`` are refused.
+        return_logprobs: return :class:`~prepack.engine.Completion` objects: ``.tokens``,
+            ``.logprobs`` (``log_softmax(logits / temperature)`` of each chosen token) and ``.finish_reason``.
+        seed: request i samples from its own generator seeded ``seed + i`` (None: drawn from torch's
+            global RNG, so ``torch.manual_seed`` makes a call reproducible). A request's samples do not
+            depend on its neighbours, the budgets or the batch size.
+        progress: a tqdm bar counting finished requests and generated tokens (default: over 256 prompts).
+        **generate_kwargs: ``model.generate``'s generation options, per request: ``max_new_tokens``,
+            ``min_new_tokens``, ``max_length``, ``min_length``, ``eos_token_id``, ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
+            ``num_return_sequences``, ``generation_config``, ``logits_processor``, ``stopping_criteria``,
+            ``use_cache`` (any value: the tokens are the same) .... Beam search, assisted decoding,
+            streamers and score outputs are refused.
 
     Returns:
-        N * G results (G = ``num_return_sequences``, default 1), request-major as
-        ``model.generate`` orders them: 1-D int64 tensors of new tokens, each ending at its EOS
-        token if it produced one, or strings with ``decode``. Greedy output is token-for-token
-        what ``model.generate`` gives for the same prompts left-padded.
+        N * G results (G = ``num_return_sequences``), prompt-major: 1-D int64 tensors of new tokens
+        (ending at the EOS token when one was produced), strings with ``decode``, or
+        :class:`~prepack.engine.Completion` with ``return_logprobs``.
     """
     return generate_with_backends(
-        model, sequences, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
-        decode=decode, wave_size=wave_size, progress=progress, **generate_kwargs,
+        model, sequences, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
+        tokenizer=tokenizer, decode=decode, return_logprobs=return_logprobs, seed=seed, progress=progress,
+        **generate_kwargs,
     ).results
 
 
@@ -87,189 +83,100 @@ class Generated(NamedTuple):
 
     Attributes:
         results: what :func:`generate` returns.
-        backends: one per wave, the attention backend its packed prefill ran
-            (``PrefillResult.backend``), or None for a wave of one-token prompts, which has no prefill.
+        backends: the attention backend the engine ran (``"auto"`` resolved), once.
+        stats: the run's :class:`~prepack.engine.EngineStats` (steps, peak KV bytes, first-token times).
     """
 
     results: list
     backends: tuple
+    stats: EngineStats | None = None
 
 
 def generate_with_backends(model, sequences, **kwargs) -> Generated:
-    """:func:`generate` (same arguments), plus the attention backend each wave's packed prefill ran.
-
-    The backend is the one the run reports, not a second resolution of ``backend``:
-    a benchmark row that names it names the kernel that ran.
-    """
+    """:func:`generate` (same arguments), plus the attention backend that ran and the run's statistics."""
     if not is_prompt_batch(sequences):
         raise ValueError(
             f"generate takes a list of prompts, got {type(sequences).__name__}; for an iterator or another iterable "
             "of prompts use prepack.generate_iter"
         )
-    results, backends = [], []
-    # _waves checks a batch of prompts whole, before anything runs
-    for rows, ran in _waves(model, sequences, **kwargs):
-        results += rows
-        backends.append(ran)
-    return Generated(results, tuple(backends))
+    stats = EngineStats()
+    results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
+    from .backends import choose
+    from .hf import attention_needs, model_device
+
+    name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
+                  needs=attention_needs(model, continues_keys=True)).name
+    return Generated(results, (name,), stats)
 
 
 def generate_iter(
     model,
     prompts: Iterable,
     *,
-    backend: str = "auto",
-    capacity: int | None = None,
-    token_budget: int | None = None,
-    tokenizer=None,
-    decode: bool = False,
-    wave_size: int = DEFAULT_WAVE_SIZE,
-    progress: bool | None = None,
+    order: str = "input",
     total: int | None = None,
-    **generate_kwargs,
+    **kwargs,
 ) -> Iterator:
-    """:func:`generate` over an iterable of any length: yields each request's results in input order.
+    """:func:`generate` over an iterable of any length, yielding each request's result as soon as it can.
 
-    ``prompts`` is either what :func:`generate` takes (a list, a tensor, tokenizer output: checked
-    whole and accepted or refused exactly as :func:`generate` does), or any other iterable, read
-    ``wave_size`` prompts at a time, so a prompt set larger than memory streams through (e.g.
-    ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``); each of its
-    elements is one prompt (token ids, a string or a chat). Arguments as in :func:`generate`;
-    ``total`` sizes the progress bar (default: the number of prompts, when known).
+    ``prompts`` is either what :func:`generate` takes (checked whole and accepted or refused exactly as
+    :func:`generate` does) or any other iterable, read lazily as requests finish, so a prompt set larger
+    than memory streams through (e.g. ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``);
+    each element is one prompt. ``order="input"`` yields in request order, ``"completion"`` as requests
+    finish (then pass ``return_logprobs=True`` to read each one's ``.index``). ``total`` sizes the progress
+    bar (default: the number of prompts, when known). Other arguments as in :func:`generate`.
     """
-    for rows, _ in _waves(
-        model, prompts, backend=backend, capacity=capacity, token_budget=token_budget, tokenizer=tokenizer,
-        decode=decode, wave_size=wave_size, progress=progress, total=total, **generate_kwargs,
-    ):
-        yield from rows
+    yield from _run(model, prompts, order=order, total=total, **kwargs)
 
 
-def _waves(
-    model, prompts: Iterable, *, backend: str = "auto", capacity: int | None = None, token_budget: int | None = None,
-    tokenizer=None, decode: bool = False, wave_size: int = DEFAULT_WAVE_SIZE, progress: bool | None = None,
-    total: int | None = None, **generate_kwargs,
-) -> Iterator[tuple[list, str | None]]:
-    """Yield ``(results, backend)`` per wave: the wave's results in input order, and its prefill's backend."""
-    if not isinstance(wave_size, int) or isinstance(wave_size, bool) or wave_size < 1:
-        raise ValueError(f"wave_size must be an integer >= 1, got {wave_size!r}")
+def _run(
+    model, prompts, *, backend: str = "auto", token_budget=None, kv_budget=None, max_batch=None, tokenizer=None,
+    decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
+    stats=None, **generate_kwargs,
+) -> Iterator:
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
-    samples = _check_generate_kwargs(generate_kwargs)
-    gen_config = generate_kwargs.get("generation_config") or model.generation_config
-    eos = generate_kwargs.get("eos_token_id", gen_config.eos_token_id)
-    pad_id = generate_kwargs.get("pad_token_id", gen_config.pad_token_id)
-    if pad_id is None:
-        pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
-    if generate_kwargs.get("generation_config") is None or "pad_token_id" in generate_kwargs:
-        generate_kwargs["pad_token_id"] = pad_id
-    elif gen_config.pad_token_id != pad_id:
-        # a generation_config carries the pad id itself: passing it beside the config is deprecated
-        generate_kwargs["generation_config"] = gen_config = _copy_config(gen_config)
-        gen_config.pad_token_id = pad_id
-
+    if decode and return_logprobs:
+        raise ValueError("pass decode=True or return_logprobs=True, not both (decode Completion.tokens yourself)")
+    for key in _BUILT_HERE:
+        if key in generate_kwargs:
+            raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
+    rules = Rules(model, generate_kwargs, tokenizer)
     if is_prompt_batch(prompts):  # in memory already: checked whole, so errors number requests from the first
-        checked = check_prompts(model, prompts, tokenizer=tokenizer).tokens
-        it, total = iter(checked), len(checked) if total is None else total
+        tokens = check_prompts(model, prompts, tokenizer=tokenizer).tokens
+        total = len(tokens) if total is None else total
+        if rules.max_new is not None and len(rules.max_new) != len(tokens):
+            raise ValueError(f"max_new_tokens holds {len(rules.max_new)} values but there are {len(tokens)} prompts; give one per prompt")
     else:
-        checked, it = None, iter(prompts)
+        tokens = _check_stream(model, prompts, tokenizer)
     bar = None
-    if progress or progress is None and (total or 0) > wave_size:
+    if progress or progress is None and (total or 0) > _SHOW_PROGRESS_OVER:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="prepack.generate", unit="prompt")
+        bar = tqdm(total=None if total is None else total * rules.samples, desc="prepack.generate", unit="req")
     try:
-        start = 0
-        while wave := list(itertools.islice(it, wave_size)):
-            try:
-                tokens = wave if checked is not None else check_prompts(model, wave, tokenizer=tokenizer).tokens
-                rows, ran = _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs)
-            except ValueError as e:  # an error that numbers requests counts them from the start of this wave
-                if start and _names_a_request(e):
-                    raise ValueError(f"{e} (request numbers count from {start}, the start of this wave)") from e
-                raise
-            yield [tokenizer.decode(row, skip_special_tokens=True) if decode else row for row in rows], ran
-            start += len(wave)
-            if bar is not None:
-                bar.update(len(wave))
+        for done in _decode(
+            model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
+            seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar,
+        ):
+            if return_logprobs:
+                yield done
+            elif decode:
+                yield tokenizer.decode(done.tokens, skip_special_tokens=True)
+            else:
+                yield done.tokens
     finally:
         if bar is not None:
             bar.close()
 
 
-def _names_a_request(error: Exception) -> bool:
-    """Whether ``error`` names a request by number (a typo in a generate keyword, say, does not)."""
-    return re.search(r"\brequests? \d", str(error)) is not None
-
-
-def _check_generate_kwargs(kwargs: dict) -> int:
-    """Refuse what prepack cannot honour; return G, the samples per prompt."""
-    for key in _BUILT_HERE:
-        if key in kwargs:
-            raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
-    config = kwargs.get("generation_config")
-    for key, why in _REFUSED.items():
-        value = kwargs.get(key, getattr(config, key, None))
-        if value is not None and value is not False and not (key == "num_beams" and value == 1):
-            raise ValueError(f"prepack.generate does not support {key}={value!r}: {why}")
-    samples = kwargs.pop("num_return_sequences", getattr(config, "num_return_sequences", None) or 1)
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
-        raise ValueError(f"num_return_sequences must be an integer >= 1, got {samples!r}")
-    if config is not None and getattr(config, "num_return_sequences", 1) != 1:
-        kwargs["generation_config"] = config = _copy_config(config)
-        config.num_return_sequences = 1  # the rows are expanded here, with shared prompt caches
-    return int(samples)
-
-
-def _copy_config(config):
-    import copy
-
-    return copy.deepcopy(config)
-
-
-def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs) -> tuple:
-    """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together.
-
-    Returns:
-        (new tokens per row, the backend the prefill ran or None when no prompt is long enough to need one).
-    """
-    if not tokens:
-        return [], None
-    _check_prefills_fit(tokens, token_budget, capacity)
-    device = model_device(model)
-    # identical prompts share one prefill: `rows` maps each output row to its distinct prompt
-    distinct: dict[bytes, int] = {}
-    which = np.array([distinct.setdefault(t.tobytes(), len(distinct)) for t in tokens], np.int64)
-    unique = [None] * len(distinct)
-    for t, d in zip(tokens, which):
-        unique[d] = t
-    rows = np.repeat(which, samples)
-    longest = max(len(t) for t in tokens)
-    input_ids, attention_mask = left_pad([unique[d] for d in rows], pad_id, device)
-    kwargs = dict(generate_kwargs)
-    ran = None
-    if longest > 1:
-        prefixes = [t[:-1] for t in unique]
-        result = prefill_tokens(model, prefixes, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
-        kwargs[cache_kwarg(model)], _ = result.left_padded_cache(pad_to=longest - 1, rows=rows)
-        ran = result.backend
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return _strip(out[:, longest:], eos), ran
-
-
-def _check_prefills_fit(tokens, token_budget, capacity) -> None:
-    """Each prompt's prefill (all but its last token) fits the caller's limits. Checked here, so that an error
-    numbers the wave's requests, not the distinct prompts that the prefill runs."""
-    prefill = np.array([len(t) - 1 for t in tokens], np.int64)
-    for name, limit in (("token_budget", token_budget), ("capacity", capacity)):
-        if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool):
-            continue  # None, or a value the prefill refuses itself
-        over = np.flatnonzero(prefill > limit)
-        if len(over):
-            i = int(over[0])
-            raise ValueError(
-                f"request {i} has {len(tokens[i])} tokens, {prefill[i]} to prefill (all but the last), but {name} is "
-                f"{limit} (raise {name})"
-            )
+def _check_stream(model, prompts: Iterable, tokenizer) -> Iterator:
+    """Check a stream's prompts one by one, as they are read; an error names the request by its stream position."""
+    for i, p in enumerate(prompts):
+        try:
+            yield check_prompts(model, [p], tokenizer=tokenizer).tokens[0]
+        except ValueError as e:
+            raise ValueError(re.sub(r"\brequest 0\b", f"request {i}", str(e))) from e
 
 
 def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,11 +190,3 @@ def left_pad(prompts: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-def _strip(new: torch.Tensor, eos) -> list[torch.Tensor]:
-    """Cut each row after its first EOS (``generate`` pads finished rows with the pad token)."""
-    eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=new.device)
-    rows = []
-    for row in new:
-        hit = torch.isin(row, eos_ids).nonzero()
-        rows.append(row[: int(hit[0]) + 1] if len(hit) else row)
-    return rows

@@ -214,13 +214,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
                 dropout_p=dropout, sinks=sem.sinks,
             )
             return out.transpose(1, 2), None
-        if call.prefix is not None:  # the queries continue earlier keys: those go in front
+        earlier = call.prefix if call.prefix is not None else call.kv_store
+        if earlier is not None:  # the queries continue earlier keys (a shared prefix, a decode step's cache)
             layer_idx = getattr(module, "layer_idx", None)
             if layer_idx is None:
                 raise UnsupportedModelError(
                     f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's earlier keys"
                 )
-            key, value = call.prefix.extend(layer_idx, key, value)
+            key, value = earlier.extend(layer_idx, key, value)
         cu_q, cu_k, max_q, max_k = call.layout.varlen_args(sem.chunk)
     refusal = kernel.refusal(Needs(softcap=sem.softcap, sinks=sem.sinks is not None, window=bool(sem.window or sem.chunk)))
     if refusal:

@@ -7,8 +7,8 @@ types routed through prepack:
 * ``loglikelihood`` -> :func:`prepack.score` (no padding; a context shared by
   the choices of a question is prefilled once), with ``hf``'s left truncation;
 * ``loglikelihood_rolling`` -> :func:`prepack.score_rolling`, lm-eval's windows;
-* ``generate_until`` -> :func:`prepack.generate` (packed prefill, then
-  ``model.generate`` with lm-eval's stop sequences).
+* ``generate_until`` -> :func:`prepack.generate` (prepack's decode engine, each
+  request as if alone, stopping at lm-eval's stop sequences as stop strings).
 
 Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, same
 greedy flags and generations), so the metrics are too.
@@ -36,7 +36,6 @@ import torch
 try:
     from lm_eval.api.registry import model_registry
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.models.utils_hf import stop_sequences_criteria
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("prepack.lm_eval needs lm-evaluation-harness: pip install 'prepack[lm_eval]'") from e
 
@@ -121,10 +120,12 @@ class PrepackLM(HFLM):
             generation_kwargs.pop("temperature", None)
         mask = generation_kwargs.pop("attention_mask", None)
         prompts = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]
-        criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        # every request as if alone: hf's max_length counts the padded context, so each request gets the same
+        # number of new tokens instead; its stop strings stop it (lm-eval cuts the text at them afterwards)
         new = generate(
-            self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget, max_length=max_length,
-            stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
+            self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget,
+            max_new_tokens=max_length - context.shape[1], stop_strings=list(stop) or None, tokenizer=self.tokenizer,
+            pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
         )
         width = max((len(x) for x in new), default=0)
         out = context.new_full((len(new), context.shape[1] + width), self.tokenizer.pad_token_id)

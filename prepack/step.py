@@ -105,6 +105,9 @@ class PackedCall:
         prefix: keys and values that precede each segment's new ones (:class:`PrefixKV`), or None.
         row_mask: for a row backend (``sdpa_masked``): ``row_mask(window, chunk)`` -> the rows' dense
             (R, 1, C, C) bool masks.
+        kv_store: a decode step's KV store (:class:`prepack.kvstore.StepKV`), or None: each layer hands it
+            its new keys/values, ``kv_store.extend(layer_idx, key, value) -> (keys, values)``, and attends
+            to what it returns (each segment's cached keys and its new ones, in the varlen key layout).
     """
 
     layout: StepLayout
@@ -112,6 +115,7 @@ class PackedCall:
     kv: list | None = None
     prefix: "PrefixKV | None" = None
     row_mask: Callable | None = field(default=None)
+    kv_store: "object | None" = None
 
 
 class PrefixKV:

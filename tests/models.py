@@ -108,3 +108,24 @@ def tokenizer(vocab_size: int = VOCAB):
     out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     out.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     return out
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer (about 300 ids) whose tokens decode to text on their own, as stop strings need."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["the quick brown fox jumps over the lazy dog", "hello world how are you today"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]")
+
+
+def build_llama_vocab(vocab_size: int, seed: int = 0):
+    """The tiny llama with a vocabulary of ``vocab_size`` ids (for :func:`byte_tokenizer`)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": vocab_size})).eval()

@@ -138,19 +138,21 @@ def test_each_row_names_the_attention_backend_that_ran(tiny):
     }
 
 
-def test_generate_rows_name_the_backend_the_packed_prefill_reported(tiny):
+def test_generate_rows_name_the_backend_the_decode_engine_ran(tiny):
     rows = bench.run_bench(tiny, [[1, 2, 3], [4, 5]], metrics=("generate",), new_tokens=2,
-                           methods=("padded", "prepack:sdpa_masked", "prepack:reference"), repeat=1, warmup=0)
-    assert {r["method"]: r["backend"] for r in rows} == {
-        "padded": "sdpa", "prepack:sdpa_masked": "sdpa_masked", "prepack:reference": "reference",
-    }
+                           methods=("padded", "prepack:reference"), repeat=1, warmup=0)
+    assert {r["method"]: r["backend"] for r in rows} == {"padded": "sdpa", "prepack:reference": "reference"}
 
 
-def test_generate_with_backends_reports_each_waves_prefill_and_none_without_one(tiny):
+def test_the_row_backend_prefills_but_does_not_decode():
+    assert bench.supports("prepack:sdpa_masked", "prefill") and not bench.supports("prepack:sdpa_masked", "generate")
+
+
+def test_generate_with_backends_reports_the_engines_backend(tiny):
     from prepack.generation import generate_with_backends
 
-    ran = generate_with_backends(tiny, [[1, 2, 3], [4, 5], [6]], backend="reference", wave_size=2, max_new_tokens=1)
-    assert len(ran.results) == 3 and ran.backends == ("reference", None)  # the second wave has one 1-token prompt
+    ran = generate_with_backends(tiny, [[1, 2, 3], [4, 5], [6]], backend="reference", max_new_tokens=1)
+    assert len(ran.results) == 3 and ran.backends == ("reference",)
 
 
 def test_check_agreement_names_the_request_and_both_methods():

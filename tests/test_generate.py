@@ -1,57 +1,219 @@
-"""prepack.generate: the same tokens model.generate gives for the same prompts, left-padded."""
+"""prepack.generate: every request gets what model.generate gives its prompt alone."""
 
+import numpy as np
 import pytest
 import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import prepack
+from prepack.generation import generate_with_backends
+from prepack.kvstore import KVStore
 
-from .models import build, left_pad, prompts
+from .models import ARCHITECTURES, build, prompts
 
-# architecture x case exactness lives in test_exactness.py; these are generate's own behaviours
-from .test_exactness import CASES
+MIXED = [1, 5, 17, 3, 30, 12]
 
 
-def padded_generate(model, seqs, **kwargs) -> list[list[int]]:
-    """model.generate on left-padded prompts; each row cut after its first EOS, as prepack.generate returns it."""
-    ids, mask = left_pad(seqs)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
-    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    eos = {eos} if isinstance(eos, int) else set(eos or ())
+def alone(model, seqs, *, seed=None, **kwargs) -> list[list[int]]:
+    """The oracle: model.generate on each prompt by itself (no padding, no neighbours), new tokens only."""
     rows = []
-    for row in out[:, ids.shape[1]:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        assert all(t == 0 for t in row[cut:])  # generate pads finished rows
-        rows.append(row[:cut])
+    for i, s in enumerate(seqs):
+        if seed is not None:
+            torch.manual_seed(seed + i)
+        with torch.no_grad():
+            out = model.generate(s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), **kwargs)
+        rows.append(out[0, len(s):].tolist())
     return rows
 
 
-@pytest.mark.parametrize("backend, kwargs", [("sdpa_masked", {"capacity": 40}), ("sdpa_varlen", {"token_budget": 40})])
-def test_generate_matches_padded_greedy_with_micro_batches(backend, kwargs):
-    model, seqs = build("llama"), prompts(CASES["mixed"])
-    want = padded_generate(model, seqs, max_new_tokens=16, do_sample=False)
-    got = prepack.generate(model, seqs, backend=backend, max_new_tokens=16, do_sample=False, pad_token_id=0, **kwargs)
-    assert [g.tolist() for g in got] == want
+def tokens(results) -> list[list[int]]:
+    return [r.tolist() for r in results]
 
 
-def test_sampling_kwargs_pass_through_to_model_generate():
-    model, seqs = build("qwen2"), prompts([4, 7, 2])
-    torch.manual_seed(123)
-    want = padded_generate(model, seqs, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.7)
-    torch.manual_seed(123)
-    got = prepack.generate(model, seqs, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.7, pad_token_id=0)
-    assert [g.tolist() for g in got] == want
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_tokens_equal_generate_on_each_prompt_alone(arch):
+    model, seqs = build(arch), prompts(MIXED)
+    got = prepack.generate(model, seqs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert tokens(got) == alone(model, seqs, max_new_tokens=12, do_sample=False, pad_token_id=0)
 
 
-def test_generation_stops_at_eos_and_drops_the_padding_after_it():
-    model, seqs = build("llama"), prompts([5, 8])
-    first = prepack.generate(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    eos = int(first[0][2])  # make the third token of request 0 its EOS
-    got = prepack.generate(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
-    # every request as if alone: model.generate on that one prompt, cut after its first EOS
-    want = [padded_generate(model, [s], max_new_tokens=6, do_sample=False, eos_token_id=eos)[0] for s in seqs]
-    assert [g.tolist() for g in got] == want
-    assert want[0] == first[0][:3].tolist()  # request 0 really stopped at its EOS
+def test_more_prompts_than_the_kv_budget_holds_are_admitted_as_others_finish():
+    model, seqs = build("mistral"), prompts(MIXED * 2)
+    got = generate_with_backends(model, seqs, kv_budget=64, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stats = got.stats
+    assert tokens(got.results) == alone(model, seqs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert max(stats.batch_sizes) < len(seqs)  # never all at once ...
+    assert stats.peak_live_tokens <= 64  # ... and the cached keys stayed within the budget
+
+
+def test_a_finished_requests_keys_are_freed_and_their_rows_reused():
+    store = KVStore("cpu")
+    step = store.plan({0: 5, 1: 3})
+    for layer in range(2):
+        step.extend(layer, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))
+    size = store.size
+    store.free(0)
+    assert store.live_tokens() == 3 and 0 not in store.start
+    step = store.plan({1: 1, 2: 5})  # a new request fits in what request 0 left
+    for layer in range(2):
+        step.extend(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    assert store.size == size and store.live_tokens() == 9
+
+
+def test_each_segment_reads_exactly_its_own_keys_from_the_store():
+    store = KVStore("cpu", slack=0)
+    first = store.plan({0: 3, 1: 2})
+    k = torch.arange(5.0).view(1, 1, 5, 1)
+    first.extend(0, k, k)
+    step = store.plan({0: 1, 1: 1})  # request 0 outgrows its region and moves above request 1
+    keys, _ = step.extend(0, torch.full((1, 1, 2, 1), 9.0), torch.full((1, 1, 2, 1), 9.0))
+    cu_q, cu_k = (torch.cumsum(torch.from_numpy(np.r_[0, x]), 0) for x in (step.layout.q_lengths, step.layout.k_lengths))
+    seen = {r: keys[0, 0, cu_k[j + 1] - n: cu_k[j + 1], 0].tolist()
+            for r, j, n in zip(step.order, np.flatnonzero(step.layout.q_lengths), step.cached + step.q, strict=True)}
+    assert seen == {0: [0.0, 1.0, 2.0, 9.0], 1: [3.0, 4.0, 9.0]}
+
+
+@pytest.mark.parametrize("where", ["kwargs", "generation_config", "model"])
+def test_use_cache_false_gives_the_tokens_generate_gives(where):
+    model, seqs = build("llama"), prompts(MIXED)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if where == "kwargs":
+        kwargs["use_cache"] = False
+    elif where == "generation_config":
+        kwargs = {"generation_config": GenerationConfig(**kwargs, use_cache=False)}
+    else:
+        model.generation_config.use_cache = False
+    assert tokens(prepack.generate(model, seqs, **kwargs)) == alone(model, seqs, **kwargs)
+
+
+def test_eos_as_a_list_stops_each_request_at_its_first_eos():
+    model, seqs = build("qwen2"), prompts(MIXED)
+    free = alone(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    eos = [free[0][2], free[3][1]]
+    got = prepack.generate(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=eos, return_logprobs=True)
+    assert [g.tokens.tolist() for g in got] == alone(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    assert got[0].finish_reason == "eos" and len(got[0].tokens) == 3
+
+
+class StopAfter(StoppingCriteria):
+    """Stops a sequence once it holds ``n`` tokens (prompt included): a length known only per request."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.n, dtype=torch.bool)
+
+
+def test_a_stopping_criterion_that_fires_returns_the_tokens_up_to_it_and_no_padding():
+    model, seqs = build("llama"), prompts(MIXED)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAfter(14)]))
+    got = prepack.generate(model, seqs, return_logprobs=True, **kwargs)
+    assert [g.tokens.tolist() for g in got] == alone(model, seqs, **kwargs)
+    assert [g.finish_reason for g in got] == ["length", "length", "stop", "length", "stop", "stop"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_length": 20}, {"min_length": 18, "eos_token_id": 5}, {"min_new_tokens": 4, "eos_token_id": 5},
+    {"max_new_tokens": [3, 1, 5, 2, 4, 6]},
+])
+def test_length_limits_count_each_requests_own_prompt(kwargs):
+    model, seqs = build("llama"), prompts(MIXED)
+    model.generation_config.eos_token_id = None
+    got = prepack.generate(model, seqs, do_sample=False, pad_token_id=0, **{"max_new_tokens": 8, **kwargs})
+    if isinstance(kwargs.get("max_new_tokens"), list):
+        want = [alone(model, [s], do_sample=False, pad_token_id=0, max_new_tokens=n)[0]
+                for s, n in zip(seqs, kwargs["max_new_tokens"], strict=True)]
+    else:
+        want = alone(model, seqs, do_sample=False, pad_token_id=0, **{"max_new_tokens": 8, **kwargs})
+    assert tokens(got) == want
+
+
+def test_stop_strings_with_the_tokenizer_stop_as_generate_does():
+    from .models import build_llama_vocab, byte_tokenizer
+
+    tok, model = byte_tokenizer(), build_llama_vocab(512)
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in ["hello world", "the quick brown fox", "a user asks"]]
+    free = alone(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    # the first printable token request 1 produces after its first one
+    stop = next(t for t in (tok.decode([x]) for x in free[1][1:]) if t.isascii() and t.strip())
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, stop_strings=[stop])
+    got = prepack.generate(model, seqs, tokenizer=tok, return_logprobs=True, **kwargs)
+    assert [g.tokens.tolist() for g in got] == alone(model, seqs, tokenizer=tok, **kwargs)
+    assert got[1].finish_reason == "stop" and len(got[1].tokens) < 8
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"bad_words_ids": [[7], [9, 11]]},
+    {"suppress_tokens": [1, 2, 3]}, {"begin_suppress_tokens": [5]},
+])
+def test_transformers_logits_processors_apply_per_request(kwargs):
+    model, seqs = build("qwen2"), prompts(MIXED)
+    got = prepack.generate(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+    assert tokens(got) == alone(model, seqs, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_seeded_sampling_equals_generate_alone_seeded_per_request():
+    model, seqs = build("llama"), prompts(MIXED)
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.7, pad_token_id=0)
+    got = prepack.generate(model, seqs, seed=1000, **kwargs)
+    assert tokens(got) == alone(model, seqs, seed=1000, **kwargs)
+
+
+def test_a_requests_samples_do_not_depend_on_its_neighbours_or_the_budget():
+    model, seqs = build("llama"), prompts(MIXED)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.3, pad_token_id=0, seed=7)
+    everyone = prepack.generate(model, seqs, **kwargs)
+    one_by_one = prepack.generate(model, seqs, max_batch=1, **kwargs)
+    assert tokens(everyone) == tokens(one_by_one)
+
+
+def test_top_k_1_sampling_equals_greedy_for_every_sample():
+    model, seqs = build("qwen2"), prompts(MIXED)
+    greedy = alone(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = prepack.generate(model, seqs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3, pad_token_id=0)
+    assert tokens(out) == [g for g in greedy for _ in range(3)]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_logprobs_equal_a_teacher_forced_packed_forward(do_sample):
+    model, seqs = build("gemma2"), prompts(MIXED)
+    temperature = 0.8 if do_sample else 1.0
+    got = prepack.generate(model, seqs, max_new_tokens=6, do_sample=do_sample, temperature=temperature,
+                           pad_token_id=0, return_logprobs=True, seed=3)
+    full = [torch.cat([s, g.tokens]) for s, g in zip(seqs, got, strict=True)]
+    spans = [(len(s) - 1, len(f) - 1) for s, f in zip(seqs, full, strict=True)]
+    logits = prepack.forward_at(model, full, spans)
+    assert len(logits) == len(got)
+    for lg, g in zip(logits, got, strict=True):
+        want = torch.log_softmax(lg.float() / temperature, -1).gather(1, g.tokens[:, None])[:, 0]
+        torch.testing.assert_close(g.logprobs, want, atol=1e-4, rtol=0)
+
+
+def test_generate_iter_yields_in_completion_order_when_asked():
+    model, seqs = build("llama"), prompts([4, 4, 4])
+    kwargs = dict(max_new_tokens=[6, 2, 4], do_sample=False, pad_token_id=0, return_logprobs=True)
+    done = list(prepack.generate_iter(model, seqs, order="completion", **kwargs))
+    assert [d.index for d in done] == [1, 2, 0]
+    assert [d.index for d in prepack.generate_iter(model, seqs, **kwargs)] == [0, 1, 2]
+
+
+def test_a_forward_wrapped_without_a_signature_decodes_the_same_tokens():
+    model, seqs = build("llama"), prompts(MIXED)
+    want = alone(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    own = model.forward
+    model.forward = lambda *a, **k: own(*a, **k)
+    assert tokens(prepack.generate(model, seqs, max_new_tokens=6, do_sample=False, pad_token_id=0)) == want
+
+
+def test_decoding_never_calls_model_generate():
+    model, seqs = build("llama"), prompts([3, 4])
+
+    def refuse(*a, **k):
+        raise AssertionError("model.generate was called")
+
+    model.generate = refuse
+    assert len(prepack.generate(model, seqs, max_new_tokens=2, do_sample=False)) == 2
 
 
 def test_generate_wraps_the_models_attention_implementation_visibly():
@@ -61,66 +223,10 @@ def test_generate_wraps_the_models_attention_implementation_visibly():
     assert model.config._attn_implementation == "prepack|eager"
 
 
-def test_passing_input_ids_to_generate_is_rejected():
-    with pytest.raises(ValueError, match="builds 'attention_mask' itself"):
-        prepack.generate(build("llama"), prompts([3]), attention_mask=torch.ones(1, 3))
-
-
-def test_empty_prompt_error_names_the_request():
-    with pytest.raises(ValueError, match="request 2 is empty"):
-        prepack.generate(build("llama"), [[1], [2, 3], []], max_new_tokens=2)
-
-
-def _count_prompt_tokens(model):
-    """Tokens each forward feeds the model (prefill forwards carry many, decode steps one per row)."""
-    seen = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    return seen, hook
-
-
-def test_several_samples_per_prompt_with_top_k_1_equal_each_prompts_greedy_continuation():
-    model, seqs = build("qwen2"), prompts(CASES["mixed"])
-    greedy = padded_generate(model, seqs, max_new_tokens=6, do_sample=False)
-    out = prepack.generate(model, seqs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3)
-    assert len(out) == 3 * len(seqs)
-    assert [o.tolist() for o in out] == [g for g in greedy for _ in range(3)]
-
-
-def test_seeded_samples_equal_model_generate_with_num_return_sequences():
-    model, seqs = build("llama"), prompts([4, 11, 7])
-    ids, mask = left_pad(seqs)
-    torch.manual_seed(123)
-    with torch.no_grad():
-        want = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, do_sample=True,
-                              max_new_tokens=5, num_return_sequences=4)[:, ids.shape[1]:]
-    torch.manual_seed(123)
-    got = prepack.generate(model, seqs, do_sample=True, max_new_tokens=5, num_return_sequences=4)
-    eos = model.generation_config.eos_token_id
-    cut = [row[: row.index(eos) + 1] if eos in row else row for row in want.tolist()]
-    assert [g.tolist() for g in got] == cut
-
-
-def test_each_distinct_prompt_is_prefilled_once_however_many_samples_and_copies():
-    model = build("llama")
-    a, b = prompts([20, 9])
-    seen, hook = _count_prompt_tokens(model)
-    prepack.generate(model, [a, b, a], max_new_tokens=2, do_sample=True, num_return_sequences=4)
-    hook.remove()
-    prefill_tokens = sum(s.numel() for s in seen if s[0] == 1 and s[1] > 1)
-    assert prefill_tokens == (20 - 1) + (9 - 1)  # all but the last token of each distinct prompt, once
-
-
-def test_waves_give_the_same_tokens_as_one_wave():
-    model, seqs = build("mistral"), prompts(CASES["one_long_many_short"])
-    one = prepack.generate(model, seqs, max_new_tokens=4, do_sample=False)
-    waves = prepack.generate(model, seqs, max_new_tokens=4, do_sample=False, wave_size=3, progress=False)
-    assert [w.tolist() for w in waves] == [o.tolist() for o in one] == padded_generate(model, seqs, max_new_tokens=4)
-
-
 def test_generate_iter_streams_any_iterable_in_input_order():
     model, seqs = build("llama"), prompts([5, 2, 8, 3, 6])
-    streamed = list(prepack.generate_iter(model, (s for s in seqs), wave_size=2, max_new_tokens=3, do_sample=False))
-    assert [s.tolist() for s in streamed] == padded_generate(model, seqs, max_new_tokens=3)
+    streamed = list(prepack.generate_iter(model, (s for s in seqs), max_batch=2, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert tokens(streamed) == alone(model, seqs, max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
 def test_generate_iter_refuses_a_2d_tensor_without_its_mask_as_generate_does():
@@ -130,7 +236,7 @@ def test_generate_iter_refuses_a_2d_tensor_without_its_mask_as_generate_does():
             call(model, ids, max_new_tokens=2)
 
 
-def test_generate_iter_takes_tokenizer_output_as_generate_does():
+def test_generate_takes_left_padded_tokenizer_output():
     from .models import tokenizer
 
     tok = tokenizer()
@@ -138,10 +244,8 @@ def test_generate_iter_takes_tokenizer_output_as_generate_does():
     texts = ["hello world", "the quick brown fox jumps", "a user asks"]
     model, enc = build("llama"), tok(texts, padding=True, return_tensors="pt")
     seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]
-    want = padded_generate(model, seqs, max_new_tokens=3, do_sample=False)
-    streamed = list(prepack.generate_iter(model, enc, wave_size=2, max_new_tokens=3, do_sample=False, pad_token_id=0))
-    assert [s.tolist() for s in streamed] == want
-    assert [g.tolist() for g in prepack.generate(model, enc, max_new_tokens=3, do_sample=False, pad_token_id=0)] == want
+    want = alone(model, seqs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert tokens(prepack.generate(model, enc, max_new_tokens=3, do_sample=False, pad_token_id=0)) == want
 
 
 def test_generate_refuses_an_iterator_and_names_generate_iter():
@@ -149,30 +253,43 @@ def test_generate_refuses_an_iterator_and_names_generate_iter():
         prepack.generate(build("llama"), (p for p in prompts([3, 4])), max_new_tokens=2)
 
 
-def test_a_prompt_over_the_token_budget_is_named_by_its_request_number_not_its_distinct_prompt_number():
-    with pytest.raises(ValueError, match=r"request 2 has 20 tokens, 19 to prefill \(all but the last\), but token_budget is 8"):
+def test_a_request_over_the_budgets_is_named_with_the_limit():
+    with pytest.raises(ValueError, match=r"request 2 needs 20 tokens \(20 prompt, at most 2 new\) but token_budget is 8"):
         prepack.generate(build("llama"), [[5, 6], [5, 6], [7] * 20], token_budget=8, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"request 1 needs 24 tokens \(20 prompt, at most 5 new\) but kv_budget is 16"):
+        prepack.generate(build("llama"), [[5, 6], [7] * 20], kv_budget=16, max_new_tokens=5)
 
 
-def test_an_error_that_names_no_request_gets_no_request_numbering_note():
-    with pytest.raises(ValueError, match="max_new_tokns") as err:
-        prepack.generate(build("llama"), prompts([3, 4, 5]), wave_size=1, max_new_tokns=2)
-    assert "request numbers" not in str(err.value)
-
-
-def test_an_error_in_a_later_wave_of_a_stream_says_where_the_wave_starts():
+def test_an_empty_prompt_in_a_stream_is_named_by_its_position():
     seqs = [p.tolist() for p in prompts([3, 4, 5])] + [[]]
-    with pytest.raises(ValueError, match=r"request 1 is empty.*\(request numbers count from 2, the start of this wave\)"):
-        list(prepack.generate_iter(build("llama"), iter(seqs), wave_size=2, max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"request 3 is empty"):
+        list(prepack.generate_iter(build("llama"), iter(seqs), max_new_tokens=2))
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1"),
     ({"num_beams": 2}, "does not support num_beams=2"),
-    ({"return_dict_in_generate": True}, "does not support return_dict_in_generate=True"),
-    ({"wave_size": 0}, "wave_size must be an integer >= 1"),
+    ({"return_dict_in_generate": True}, "does not support return_dict_in_generate=True.*return_logprobs=True"),
+    ({"output_scores": True}, "does not support output_scores=True.*return_logprobs=True"),
+    ({"attention_mask": torch.ones(2, 3)}, "builds 'attention_mask' itself"),
+    ({"max_new_tokns": 2}, "does not take max_new_tokns"),
+    ({"backend": "sdpa_masked"}, "cannot continue earlier keys; use a varlen backend"),
     ({"decode": True}, "decode=True needs tokenizer="),
 ])
 def test_unsupported_generate_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepack.generate(build("llama"), prompts([3, 4]), max_new_tokens=2, **kwargs)
+
+
+def test_the_documented_cache_route_gives_ordinary_generates_tokens():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kv_scatter.md").read_text()
+    block = re.search(r"## Continuing a prefill.*?```python\n(.*?)```", text, re.S).group(1)
+    model, seqs = build("mistral"), prompts([1, 5, 17, 3])
+    scope = {"prepack": prepack, "torch": torch, "model": model, "prompts": seqs}
+    exec(block, scope)
+    ids, mask = prepack.generation.left_pad(seqs, 0, "cpu")
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(scope["new_tokens"], want[:, ids.shape[1]:])

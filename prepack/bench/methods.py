@@ -45,6 +45,8 @@ SUPPORTS = {
     "prepack": METRICS,
     "hf-packed-nocache": ("prefill",),
     "hf-cb": ("ttft", "generate"),
+    # prepack's decode engine runs varlen backends only: the row layout prefills, it does not decode
+    "prepack:sdpa_masked": ("prefill", "ttft"),
 }
 
 
@@ -153,12 +155,11 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
             # model.generate continues from, so the result is as usable as padded's.
             cache = r.left_padded_cache()
             return Outcome(r.logits.argmax(-1), cache, r.backend)
-        new, backends = generate_with_backends(
+        out = generate_with_backends(
             model, c.prompts, backend=backend, generation_config=_generation_config(model, c), progress=False,
         )
-        # the backend the packed prefill reported, never a second resolution of `backend`;
-        # with only one-token prompts nothing was prefilled and the model's own attention ran
-        ran = ", ".join(sorted({b for b in backends if b is not None})) or _hf_attention(model)
+        new = out.results
+        ran = ", ".join(out.backends)  # the kernel the decode engine ran
         return Outcome(torch.stack([t[0] for t in new]), new, ran)
 
     return run
@@ -237,7 +238,7 @@ def method_fn(method: str) -> Callable[..., Outcome]:
 
 
 def supports(method: str, metric: str) -> bool:
-    """Whether ``method`` can run ``metric`` (every ``prepack:<backend>`` runs all three)."""
+    """Whether ``method`` can run ``metric`` (every other ``prepack:<backend>`` runs all three)."""
     return metric in SUPPORTS.get(method, METRICS if _backend_of(method) else ())
 
 

@@ -1,0 +1,159 @@
+"""Per-request decoding rules, built by transformers itself for each prompt as if it were alone.
+
+``model.generate`` turns its keywords and ``GenerationConfig`` into a ``LogitsProcessorList``
+(repetition penalty, no-repeat n-grams, bad words, min length, temperature, top-k/p, ...) and a
+``StoppingCriteriaList`` (max length, EOS, stop strings, max time, the caller's own), with the
+lengths counted from the prompt. :class:`Rules` runs the same GenerationMixin steps once per
+request, with that request's prompt, so every length limit is the request's own, never a padded
+batch's. What the engine cannot honour (beam search, assisted decoding, streamers, score outputs)
+is refused, never dropped.
+
+Two pieces of the lists are read rather than called, because they are per-row arithmetic the engine
+does for all rows at once: ``MaxLengthCriteria`` (a request stops when its prompt plus new tokens
+reach ``max_length``) and ``EosTokenCriteria`` (stops on any of its EOS ids). Everything else is
+called exactly as ``generate`` calls it, on the request's own (1, L) ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# keywords of model.generate that prepack's engine cannot honour: refused, never dropped
+REFUSED = {
+    "num_beams": "beam search is not implemented by prepack's engine; use model.generate for it",
+    "num_beam_groups": "beam search is not implemented by prepack's engine; use model.generate for it",
+    "assistant_model": "assisted decoding is not implemented by prepack's engine; use model.generate for it",
+    "streamer": "prepack's engine yields whole requests (generate_iter); a token streamer is not supported",
+    "return_dict_in_generate": "prepack returns one result per request; pass return_logprobs=True for tokens, log-probabilities and finish reasons",
+    "output_scores": "pass return_logprobs=True for each chosen token's log-probability",
+    "output_logits": "pass return_logprobs=True for each chosen token's log-probability",
+    "output_attentions": "prepack's engine does not return attentions",
+    "output_hidden_states": "prepack's engine does not return hidden states",
+    "negative_prompt_ids": "classifier-free guidance is not implemented by prepack's engine",
+    "guidance_scale": "classifier-free guidance is not implemented by prepack's engine",
+    "synced_gpus": "prepack's engine runs on one device",
+    "custom_generate": "prepack's engine runs its own decoding loop; call model.generate for a custom one",
+}
+# our own keywords handed to GenerationMixin's builders, not to the GenerationConfig
+_BUILDER_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
+
+
+@dataclass
+class RequestRules:
+    """How one request decodes and stops, as ``model.generate`` would for its prompt alone.
+
+    Attributes:
+        max_length: prompt + new tokens at which it stops (``finish_reason="length"``).
+        eos: its EOS ids (a stop with ``finish_reason="eos"``).
+        processors: the ``LogitsProcessorList`` generate builds for it (empty: raw logits).
+        criteria: the stopping criteria other than max length and EOS (stop strings, max time, custom).
+        do_sample: multinomial sampling (else greedy argmax).
+        temperature: what the chosen token's log-probability divides the logits by.
+    """
+
+    max_length: int
+    eos: frozenset
+    processors: object
+    criteria: object
+    do_sample: bool
+    temperature: float
+
+
+class Rules:
+    """The call's generation keywords, checked once; :meth:`for_request` builds one request's rules.
+
+    Args:
+        model: a transformers ``GenerationMixin`` model.
+        kwargs: ``model.generate``'s keywords (``max_new_tokens``, ``do_sample``, ``generation_config``,
+            ``logits_processor``, ``stopping_criteria``, ...). ``num_return_sequences`` is read by
+            :attr:`samples`.
+        tokenizer: handed to the stopping criteria (stop strings need it).
+    """
+
+    def __init__(self, model, kwargs: dict, tokenizer=None):
+        kwargs = dict(kwargs)
+        generation_config = kwargs.pop("generation_config", None)
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        self.builders = {k: kwargs.pop(k, None) for k in _BUILDER_KWARGS}
+        # generate's own defaults for the lists the caller did not pass
+        self.builders["logits_processor"] = self.builders["logits_processor"] or LogitsProcessorList()
+        self.builders["stopping_criteria"] = self.builders["stopping_criteria"] or StoppingCriteriaList()
+        for key, why in REFUSED.items():
+            value = kwargs.get(key, getattr(generation_config, key, None))
+            if value is not None and value is not False and not (key in ("num_beams", "num_beam_groups") and value == 1) and not (
+                key == "guidance_scale" and value == 1
+            ):
+                raise ValueError(f"prepack.generate does not support {key}={value!r}: {why}")
+        self.model, self.tokenizer = model, tokenizer
+        self.default_max = kwargs.get("max_length") is None and (
+            generation_config is None or generation_config.max_length is None
+        ) and model.generation_config.max_length is None
+        self.default_min = kwargs.get("min_length") is None and (
+            generation_config is None or generation_config.min_length is None
+        ) and model.generation_config.min_length is None
+        self.max_new = None  # per-prompt max_new_tokens, when a sequence is given
+        if isinstance(kwargs.get("max_new_tokens"), (list, tuple, np.ndarray, torch.Tensor)):
+            self.max_new = [int(n) for n in kwargs["max_new_tokens"]]
+            if not self.max_new or min(self.max_new) < 1:
+                raise ValueError(f"max_new_tokens must hold one integer >= 1 per prompt, got {kwargs['max_new_tokens']!r}")
+            kwargs["max_new_tokens"] = max(self.max_new)  # checked by transformers; each prompt's is set per request
+        config, unused = model._prepare_generation_config(generation_config, **kwargs)
+        if unused:
+            raise ValueError(
+                f"prepack.generate does not take {', '.join(sorted(unused))}: not a generation option it can honour "
+                "(prepack builds the model inputs itself)"
+            )
+        mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
+        if mode not in ("greedy_search", "sample"):
+            raise ValueError(f"prepack.generate decodes greedily or by sampling; this configuration asks for {mode!r}")
+        samples = kwargs.get("num_return_sequences", config.num_return_sequences)
+        samples = 1 if samples is None else samples
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {samples!r}")
+        self.samples = int(samples)
+        config.num_return_sequences = 1  # each sample is a request of its own
+        self.config = config
+
+    def for_request(self, prompt: torch.Tensor, device, *, index: int = 0, quiet: bool = False) -> RequestRules:
+        """The rules of prompt ``index``, ``prompt`` ((L,) int64), built as ``generate`` builds them for it alone."""
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+        model, n = self.model, int(prompt.shape[0])
+        config = copy.deepcopy(self.config)
+        if self.max_new is not None:
+            if index >= len(self.max_new):
+                raise ValueError(f"request {index} has no max_new_tokens: {len(self.max_new)} were given, one per prompt")
+            config.max_new_tokens = self.max_new[index]
+        with warnings.catch_warnings():
+            if quiet:  # the call's first request already warned about the same configuration
+                warnings.simplefilter("ignore")
+            config = model._prepare_generated_length(config, self.default_max, self.default_min, "input_ids", n, None)
+            model._validate_generated_length(config, n, self.default_max)
+            model._prepare_special_tokens(config, False, device=device)
+            ids = prompt[None].to(device)
+            processors = model._get_logits_processor(
+                generation_config=config, input_ids_seq_length=n, encoder_input_ids=ids,
+                prefix_allowed_tokens_fn=self.builders["prefix_allowed_tokens_fn"],
+                logits_processor=self.builders["logits_processor"], device=device, model_kwargs={},
+            )
+            criteria = model._get_stopping_criteria(config, self.builders["stopping_criteria"], self.tokenizer)
+        max_length, eos, other = None, frozenset(), StoppingCriteriaList()
+        for c in criteria:
+            if type(c) is MaxLengthCriteria:
+                max_length = c.max_length if max_length is None else min(max_length, c.max_length)
+            elif type(c) is EosTokenCriteria:
+                eos = eos | frozenset(int(t) for t in c.eos_token_id.reshape(-1).tolist())
+            else:
+                other.append(c)
+        if max_length is None:
+            raise ValueError("prepack.generate needs a length limit (max_new_tokens or max_length)")
+        return RequestRules(
+            max_length=int(max_length), eos=eos, processors=processors, criteria=other,
+            do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0) if config.do_sample else 1.0,
+        )

@@ -1,0 +1,325 @@
+"""Step 7 of the data flow: prepack's own decode loop, one packed forward per step.
+
+Each step is one forward of the model whose segments are the running requests' new tokens (one
+each: query length 1, key length = cached + 1) plus the whole prompts of requests admitted this
+step (query length = key length = the prompt). Every segment attends to its own request's keys
+only, read from the :class:`~prepack.kvstore.KVStore` (no padding, no per-step copy of the cache).
+A finished request frees its keys at once and waiting prompts are admitted in the same step
+(continuous refill), as long as the step's tokens fit ``token_budget`` and the reserved keys
+(each admitted request's prompt plus its most new tokens) fit ``kv_budget``.
+
+What a request decodes and when it stops is what ``model.generate`` does for that prompt alone:
+transformers builds its logits processors and stopping criteria from its own prompt
+(:mod:`prepack.decoding`). One step, in short::
+
+    kv = store.plan({r: len(feed[r]) for r in running})            # room for the new keys; segment order
+    ids, pos = concat(feed[r] for r in kv.order), ranges(kv.cached, kv.q)  # (T,), (T,)
+    call = PackedCall(kv.layout, kernel, kv_store=kv)              # every layer appends and reads via kv
+    logits = model(ids[None], position_ids=pos[None], prepack=call,
+                   use_cache=False, logits_to_keep=last_of_each_segment).logits[0]   # (n, V)
+    tokens = choose(logits, rules)                                  # per request: processors, argmax / sample
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from . import layout
+from .backends import choose
+from .decoding import RequestRules, Rules
+from .hf import attention_needs, enable, model_device
+from .step import PackedCall
+from .kvstore import KVStore
+from .support import UnsupportedModelError
+
+FINISH_REASONS = ("eos", "length", "stop")
+_ATTENTION_LAYERS = ("full_attention", "sliding_attention")
+
+
+class Completion(NamedTuple):
+    """One request's result.
+
+    Attributes:
+        index: the request's number in the call (prompt-major: prompt i's sample g is ``i * G + g``).
+        tokens: (n,) int64, the new tokens, ending at its EOS when it produced one.
+        logprobs: (n,) float32, ``log_softmax(logits / temperature)`` of each chosen token (the raw
+            logits, before any processor; ``temperature`` 1 for greedy), or None unless asked for.
+        finish_reason: ``"eos"``, ``"length"`` (max_new_tokens / max_length) or ``"stop"`` (stop
+            strings, max time or the caller's stopping criteria).
+    """
+
+    index: int
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None
+    finish_reason: str
+
+
+@dataclass
+class EngineStats:
+    """What a run measured, filled in as it runs (pass one to :func:`decode` to read it).
+
+    Attributes:
+        steps: forwards run. tokens: new tokens generated.
+        peak_kv_bytes: the most bytes the KV pools held. peak_live_tokens: the most keys cached at once.
+        kv_bytes_per_token: bytes one cached token takes (all layers, keys and values).
+        first_token_s: per request index, seconds from the call's start to its first new token.
+        batch_sizes: per step, the requests it ran.
+    """
+
+    steps: int = 0
+    tokens: int = 0
+    peak_kv_bytes: int = 0
+    peak_live_tokens: int = 0
+    kv_bytes_per_token: int = 0
+    first_token_s: dict = field(default_factory=dict)
+    batch_sizes: list = field(default_factory=list)
+
+
+class _Request:
+    """A running request: its prompt, rules, what it generated and what the next step feeds."""
+
+    __slots__ = ("index", "prompt", "rules", "generator", "tokens", "logprobs", "feed")
+
+    def __init__(self, index: int, prompt: np.ndarray, rules: RequestRules, generator):
+        self.index, self.prompt, self.rules, self.generator = index, prompt, rules, generator
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.feed = prompt  # the whole prompt first, then the last new token each step
+
+    def ids(self, device) -> torch.Tensor:
+        """(1, L) the prompt and the new tokens so far: what generate's processors and criteria see."""
+        return torch.from_numpy(np.concatenate([self.prompt, np.asarray(self.tokens, np.int64)]))[None].to(device)
+
+
+def decode(
+    model,
+    prompts: Iterable[np.ndarray],
+    rules: Rules,
+    *,
+    backend: str = "auto",
+    token_budget: int | None = None,
+    kv_budget: int | None = None,
+    max_batch: int | None = None,
+    seed: int | None = None,
+    logprobs: bool = False,
+    order: str = "input",
+    stats: EngineStats | None = None,
+    progress=None,
+) -> Iterator[Completion]:
+    """Decode checked prompts ((L,) int64 arrays, read lazily) with continuous refill; yield :class:`Completion`.
+
+    Args:
+        rules: the call's generation keywords (:class:`~prepack.decoding.Rules`); each prompt yields
+            ``rules.samples`` requests.
+        token_budget: most tokens one forward runs (decode rows plus admitted prompts).
+        kv_budget: most keys reserved at once: each running request reserves its prompt plus its most
+            new tokens, so the store never needs more than this.
+        max_batch: most requests running at once (None: as the budgets allow).
+        seed: seeds sampling; request ``i`` draws from its own generator seeded ``seed + i``, so its
+            samples do not depend on its neighbours (None: a seed drawn from torch's global RNG).
+        order: ``"input"`` (request order) or ``"completion"`` (as they finish).
+        progress: a tqdm bar to update per finished request, or None.
+    """
+    if order not in ("input", "completion"):
+        raise ValueError(f"order must be 'input' or 'completion', got {order!r}")
+    device = model_device(model)
+    check_engine_model(model)
+    kernel = choose(backend, device=device, dtype=next(model.parameters()).dtype,
+                    needs=attention_needs(model, continues_keys=True))
+    if kernel.rows:
+        raise ValueError(f"backend {kernel.name!r} lays requests out in rows; the decode engine needs a varlen backend")
+    token_budget = _budget(token_budget, "token_budget", _default_token_budget(model))
+    kv_budget = _budget(kv_budget, "kv_budget", default_kv_budget(model))
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    stats = EngineStats() if stats is None else stats
+    enable(model)
+    start_time = time.perf_counter()
+    requests = _requests(prompts, rules, device, seed)
+    store, waiting, running, reserved = KVStore(device), deque(), {}, {}
+    done, next_out = {}, 0
+    exhausted = False
+    while True:
+        while not exhausted and len(waiting) < 2 * (max_batch or 64):  # read ahead, lazily
+            nxt = next(requests, None)
+            if nxt is None:
+                exhausted = True
+            else:
+                waiting.append(nxt)
+        step_tokens = len(running)
+        while waiting and (max_batch is None or len(running) < max_batch):
+            r = waiting[0]
+            need_kv, need_q = r.rules.max_length - 1, len(r.prompt)
+            if need_kv > kv_budget or need_q > token_budget:
+                name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, need_q)
+                raise ValueError(
+                    f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
+                    f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name})"
+                )
+            if sum(reserved.values()) + need_kv > kv_budget or step_tokens + need_q > token_budget:
+                break
+            waiting.popleft()
+            running[r.index], reserved[r.index] = r, need_kv
+            step_tokens += need_q
+        if not running:
+            break
+        reqs, logits = _step(model, kernel, store, running)
+        stats.steps += 1
+        stats.batch_sizes.append(len(reqs))
+        stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
+        chosen, chosen_lp = _choose(reqs, logits, device, logprobs)
+        now = time.perf_counter() - start_time
+        for r, tok, lp in zip(reqs, chosen, chosen_lp, strict=True):
+            if not r.tokens:
+                stats.first_token_s[r.index] = now
+            r.tokens.append(tok)
+            if logprobs:
+                r.logprobs.append(lp)
+            r.feed = np.array([tok], np.int64)
+            reason = _finished(r, logits, device)
+            if reason is not None:
+                store.free(r.index)
+                del running[r.index], reserved[r.index]
+                done[r.index] = Completion(
+                    r.index, torch.tensor(r.tokens, dtype=torch.long),
+                    torch.tensor(r.logprobs, dtype=torch.float32) if logprobs else None, reason,
+                )
+                if progress is not None:
+                    progress.update(1)
+        stats.tokens += len(reqs)
+        stats.peak_kv_bytes, stats.kv_bytes_per_token = store.peak_bytes, store.bytes_per_token()
+        if progress is not None:
+            progress.set_postfix(tokens=stats.tokens, refresh=False)
+        if order == "completion":
+            for i in sorted(done):
+                yield done.pop(i)
+        else:
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+    for i in sorted(done):  # input order: nothing is left unless a request was never ready
+        yield done.pop(i)
+
+
+def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) -> Iterator[_Request]:
+    """Each prompt's ``rules.samples`` requests, numbered prompt-major, each with its rules and generator."""
+    index = itertools.count()
+    for p, prompt in enumerate(prompts):
+        one = rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=p > 0)
+        for _ in range(rules.samples):
+            i = next(index)
+            gen = None
+            if one.do_sample:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(seed + i)
+            # each sample gets rules of its own: some processors and criteria keep per-sequence state
+            own = one if i % rules.samples == 0 else rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=True)
+            yield _Request(i, prompt, own, gen)
+
+
+def _step(model, kernel, store: KVStore, running: dict) -> tuple[list, torch.Tensor]:
+    """One packed forward over every running request; returns them in stream order and their (n, V) float32 logits."""
+    kv = store.plan({i: len(r.feed) for i, r in running.items()})
+    reqs = [running[i] for i in kv.order]
+    device = store.device
+    ids = torch.from_numpy(np.concatenate([r.feed for r in reqs]))[None].to(device)  # (1, T)
+    pos = torch.from_numpy(layout.ranges(kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
+    last = torch.from_numpy(np.cumsum(kv.q) - 1).to(device)  # (n,) each segment's last token
+    call = PackedCall(kv.layout, kernel, kv_store=kv)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=pos, prepack=call, use_cache=False, logits_to_keep=last)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if len(kv.layers_seen) != layers:
+        missing = sorted(set(range(layers)) - kv.layers_seen)
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
+            "state cannot be cached by the decode engine; it cannot decode this model exactly"
+        )
+    return reqs, out.logits[0].float()
+
+
+def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[list[int], list]:
+    """Each request's next token (its processors, then argmax or a draw from its own generator), and its log-prob."""
+    plain = [i for i, r in enumerate(reqs) if not r.rules.do_sample and not len(r.rules.processors)]
+    chosen = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+    if plain:
+        at = torch.tensor(plain, device=logits.device)
+        chosen[at] = logits.index_select(0, at).argmax(-1)
+    skip = set(plain)
+    for i, r in enumerate(reqs):
+        if i in skip:
+            continue
+        scores = logits[i : i + 1]
+        if len(r.rules.processors):
+            scores = r.rules.processors(r.ids(device), scores.clone())
+        if r.rules.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            chosen[i] = torch.multinomial(probs, 1, generator=r.generator)[0, 0]
+        else:
+            chosen[i] = scores.argmax(-1)[0]
+    lps = [None] * len(reqs)
+    if logprobs:
+        temp = torch.tensor([r.rules.temperature for r in reqs], device=logits.device)[:, None]
+        lps = torch.log_softmax(logits / temp, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+    return chosen.tolist(), lps
+
+
+def _finished(r: _Request, logits, device) -> str | None:
+    """Why ``r`` stops after its newest token (generate's criteria, on its own ids), or None."""
+    if r.tokens[-1] in r.rules.eos:
+        return "eos"
+    if len(r.prompt) + len(r.tokens) >= r.rules.max_length:
+        return "length"
+    if len(r.rules.criteria) and bool(r.rules.criteria(r.ids(device), None).any()):
+        return "stop"
+    return None
+
+
+def check_engine_model(model) -> None:
+    """Refuse a model whose per-layer state is not plain attention keys and values, naming the model and why."""
+    config = model.config.get_text_config(decoder=True)
+    name = type(model).__name__
+    other = sorted({t for t in getattr(config, "layer_types", None) or () if t not in _ATTENTION_LAYERS})
+    if other:
+        raise UnsupportedModelError(
+            f"{name} has {', '.join(other)} layers; prepack's decode engine caches attention keys and values only "
+            "(chunked attention, recurrent or linear-attention state are not implemented)"
+        )
+    if getattr(config, "num_kv_shared_layers", 0):
+        raise UnsupportedModelError(f"{name} shares keys and values between layers; prepack's decode engine cannot cache them")
+
+
+def _budget(value, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _default_token_budget(model) -> int:
+    from .forward import default_token_budget
+
+    return default_token_budget(model)
+
+
+def default_kv_budget(model) -> int:
+    """Keys the store may reserve when the caller sets no ``kv_budget``: 262144 on CPU; on CUDA what half
+    the free memory holds at the config's bytes per cached token."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return 262144
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_attention_heads", 32)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    per_token = 2 * config.num_hidden_layers * kv_dim * next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(free // 2 // per_token, 4096))

@@ -1,0 +1,206 @@
+"""The decode engine's KV store: one growing, contiguous region per request in per-layer pools.
+
+Every layer keeps one pool of keys and one of values, each (P, H_kv, D) on the model's device.
+Request ``r`` owns the pool rows ``[start_r, start_r + capacity_r)``; its ``length_r`` real
+keys fill the front of that region. A step appends the new tokens' keys after each request's
+real ones (one ``index_copy_`` per layer and tensor) and hands attention the pool itself, a
+view: the stream of keys is cut into segments so that each request's queries see exactly its
+own real keys, and every stretch of pool that belongs to no query (spare capacity, freed
+regions) is a segment with no queries, which a varlen kernel never reads. So no step copies
+the cache, and attention reads no padding.
+
+Memory follows live tokens: a region grows by ``growth`` (relocated to the top of the pool when
+its neighbour is in the way, an amortised O(1) copy per token), a finished request's region is
+free at once, and when the top of the pool is reached the live regions are compacted to the
+bottom before the pool itself grows (by ``growth``). Host-side bookkeeping is numpy/Python only;
+the per-step plan (:class:`StepKV`) is built once and read by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import layout
+from .step import StepLayout
+from .support import UnsupportedModelError
+
+
+class KVStore:
+    """Per-layer key/value pools with one growing region per request.
+
+    Args:
+        device: where the pools live (the model's device).
+        growth: a region, and the pool, grow to ``growth`` times what they must hold (> 1).
+        slack: tokens of spare capacity a new region gets beyond what it must hold.
+    """
+
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16):
+        if not growth > 1:
+            raise ValueError(f"growth must be > 1, got {growth!r}")
+        self.device, self.growth, self.slack = torch.device(device), growth, slack
+        self.start: dict[int, int] = {}  # request -> first pool row of its region
+        self.capacity: dict[int, int] = {}  # request -> rows of its region
+        self.length: dict[int, int] = {}  # request -> real keys cached
+        self.top = 0  # pool rows in use or garbage below this row; free above it
+        self.size = 0  # pool rows allocated per layer
+        self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> (keys, values), (P, H_kv, D)
+        self.peak_bytes = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def live_tokens(self) -> int:
+        return sum(self.length.values())
+
+    def bytes(self) -> int:
+        """Bytes the pools hold now (every layer, keys and values)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.pools.values())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token takes over all layers (0 before the first step)."""
+        return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in self.pools.values())
+
+    def free(self, request: int) -> None:
+        """Release ``request``'s region at once (its rows become garbage until the next compaction)."""
+        for d in (self.start, self.capacity, self.length):
+            d.pop(request, None)
+        if not self.start:  # nothing live: the whole pool is free again
+            self.top = 0
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def plan(self, new: dict[int, int]) -> "StepKV":
+        """Make room for ``new[r]`` more keys of each request ``r`` and lay out the step.
+
+        ``new`` holds every live request (a request not yet in the store starts empty). Returns the
+        step's :class:`StepKV`; its ``order`` is the order the step's query stream must follow.
+        """
+        for r, q in new.items():
+            if r not in self.start:  # a new request: an empty region at the top, grown below
+                self.start[r], self.capacity[r], self.length[r] = self.top, 0, 0
+            if self.length[r] + q > self.capacity[r]:
+                self._grow_region(r, self.length[r] + q)
+        order = sorted(new, key=self.start.__getitem__)
+        return self._layout(order, new)
+
+    def _grow_region(self, r: int, need: int) -> None:
+        """Give request ``r`` a region of at least ``need`` rows (``growth`` times it, plus ``slack``)."""
+        cap = int(math.ceil(need * self.growth)) + self.slack
+        extra = cap - self.capacity[r] if self._is_last(r) else cap
+        if self.top + extra > self.size:
+            self._compact()  # reuse freed rows before growing the pool; ``r`` may end up last
+        if self._is_last(r):  # nothing above it: grow in place
+            if self.start[r] + cap > self.size:
+                self._resize(max(int(math.ceil(self.size * self.growth)), self.start[r] + cap))
+            self.capacity[r] = cap
+            self.top = self.start[r] + cap
+            return
+        if self.top + cap > self.size:
+            self._resize(max(int(math.ceil(self.size * self.growth)), self.top + cap))
+        old, n = self.start[r], self.length[r]
+        self.start[r], self.capacity[r] = self.top, cap
+        self.top += cap
+        if n:
+            self._move(np.arange(old, old + n), np.arange(self.start[r], self.start[r] + n))
+
+    def _is_last(self, r: int) -> bool:
+        return self.start[r] + self.capacity[r] == self.top
+
+    def _compact(self) -> None:
+        """Move every live region down to the bottom of the pool, in pool order (freed rows reused)."""
+        keep = sorted(self.start, key=self.start.__getitem__)
+        src, dst, cursor = [], [], 0
+        for r in keep:
+            n = self.length[r]
+            if self.start[r] != cursor and n:
+                src.append(np.arange(self.start[r], self.start[r] + n))
+                dst.append(np.arange(cursor, cursor + n))
+            self.start[r] = cursor
+            cursor += self.capacity[r]
+        if src:
+            self._move(np.concatenate(src), np.concatenate(dst))
+        self.top = cursor
+
+    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy pool rows ``src`` to ``dst`` in every layer (gathered first, so overlaps are safe)."""
+        s = torch.from_numpy(src).to(self.device)
+        d = torch.from_numpy(dst).to(self.device)
+        for k, v in self.pools.values():
+            k.index_copy_(0, d, k.index_select(0, s))
+            v.index_copy_(0, d, v.index_select(0, s))
+
+    def _resize(self, size: int) -> None:
+        for i, (k, v) in list(self.pools.items()):
+            self.pools[i] = tuple(_grown(x, size, self.top) for x in (k, v))
+        self.size = size
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.bytes())
+
+    def _layout(self, order: list[int], new: dict[int, int]) -> "StepKV":
+        starts = np.array([self.start[r] for r in order], np.int64)
+        cached = np.array([self.length[r] for r in order], np.int64)
+        q = np.array([new[r] for r in order], np.int64)
+        dst = layout.ranges(starts + cached, q)  # where the new keys go, in query-stream order
+        # segments: a keyless-query gap before each request's region, then its real keys
+        gap = starts - np.concatenate([[0], (starts + cached + q)[:-1]])
+        q_lengths = np.stack([np.zeros_like(q), q], 1).reshape(-1)
+        k_lengths = np.stack([gap, cached + q], 1).reshape(-1)
+        real = np.arange(1, 2 * len(order), 2)
+        keep = (k_lengths > 0) | (q_lengths > 0)  # drop empty gaps: fewer segments for the kernel
+        keep[real] = True
+        for r, n in new.items():
+            self.length[r] += n
+        end = int((starts + cached + q).max()) if len(order) else 0
+        return StepKV(self, order, q, cached, dst, q_lengths[keep], k_lengths[keep], end)
+
+
+def _grown(x: torch.Tensor, size: int, used: int) -> torch.Tensor:
+    out = x.new_zeros(size, *x.shape[1:])
+    out[:used] = x[:used]
+    return out
+
+
+class StepKV:
+    """One step's view of the store: what each layer appends and which keys each segment reads.
+
+    Attributes:
+        order: the step's requests in query-stream order.
+        q: (n,) int64, new tokens per request; cached: (n,) int64, keys each had before the step.
+        layout: the :class:`~prepack.step.StepLayout` over the pool (gap segments have 0 queries).
+    """
+
+    def __init__(self, store: KVStore, order, q, cached, dst, q_lengths, k_lengths, end: int):
+        self.store, self.order, self.q, self.cached, self.end = store, order, q, cached, end
+        self.dst = torch.from_numpy(dst).to(store.device)
+        self.layout = StepLayout(q_lengths, k_lengths, store.device)
+        self.layers_seen: set[int] = set()
+
+    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
+
+        The new keys are written after each request's cached ones; the returned stream is the pool up
+        to the last real key, cut into segments by :attr:`layout`.
+        """
+        if key.shape[0] != 1:
+            raise UnsupportedModelError(f"layer {layer_idx} got keys of batch {key.shape[0]}; the engine runs one packed stream")
+        if layer_idx in self.layers_seen:
+            raise UnsupportedModelError(
+                f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
+                "key/value stream per layer and cannot decode this model exactly"
+            )
+        self.layers_seen.add(layer_idx)
+        store = self.store
+        if layer_idx not in store.pools:  # the first step: every layer's pool at the size planned
+            store.pools[layer_idx] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
+        pool_k, pool_v = store.pools[layer_idx]
+        if pool_k.shape[1:] != (key.shape[1], key.shape[3]) or pool_v.shape[1:] != (value.shape[1], value.shape[3]):
+            raise UnsupportedModelError(
+                f"layer {layer_idx}'s keys/values changed shape between steps ({tuple(pool_k.shape[1:])} cached, "
+                f"{(key.shape[1], key.shape[3])} new); prepack's engine cannot decode this model exactly"
+            )
+        pool_k.index_copy_(0, self.dst, key[0].transpose(0, 1))
+        pool_v.index_copy_(0, self.dst, value[0].transpose(0, 1))
+        store._note_peak()
+        return pool_k[: self.end].transpose(0, 1)[None], pool_v[: self.end].transpose(0, 1)[None]
