@@ -40,7 +40,7 @@ from .kvstore import KVStore
 from .support import UnsupportedModelError
 
 FINISH_REASONS = ("eos", "length", "stop")
-_ATTENTION_LAYERS = ("full_attention", "sliding_attention")
+_ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class Completion(NamedTuple):
@@ -290,7 +290,7 @@ def check_engine_model(model) -> None:
     if other:
         raise UnsupportedModelError(
             f"{name} has {', '.join(other)} layers; prepack's decode engine caches attention keys and values only "
-            "(chunked attention, recurrent or linear-attention state are not implemented)"
+            "(recurrent or linear-attention state is not implemented)"
         )
     if getattr(config, "num_kv_shared_layers", 0):
         raise UnsupportedModelError(f"{name} shares keys and values between layers; prepack's decode engine cannot cache them")

@@ -83,15 +83,38 @@ class StepLayout:
         return {}
 
     def _cut(self, chunk: int):
-        if not self.queries_are_keys:
-            raise UnsupportedModelError(
-                "chunked attention is implemented only when queries are the keys (a prefill with no earlier keys); "
-                "this call continues earlier keys"
-            )
-        pieces = layout.chunked(self.q_lengths, chunk)
-        cu = torch.from_numpy(layout.cu_seqlens(pieces)).to(self.device)
-        longest = int(pieces.max()) if len(pieces) else 0
-        return cu, cu, longest, longest
+        q, k = _chunk_pieces(self.q_lengths, self.k_lengths, chunk)
+        cu_q = torch.from_numpy(layout.cu_seqlens(q)).to(self.device)
+        cu_k = cu_q if np.array_equal(q, k) else torch.from_numpy(layout.cu_seqlens(k)).to(self.device)
+        return cu_q, cu_k, int(q.max()) if len(q) else 0, int(k.max()) if len(k) else 0
+
+
+def _chunk_pieces(q_lengths: np.ndarray, k_lengths: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segments cut for chunked attention: (m,) query and (m,) key lengths of the pieces, back to back.
+
+    A segment's keys are its request's positions 0..k-1 and its queries the last q of them. A query at
+    position p sees the keys of its own chunk, ``chunk * (p // chunk)`` up to p: each chunk the queries
+    touch becomes a piece (its queries, the chunk's keys up to the last query, bottom-right aligned), and
+    the keys before the first such chunk become a piece with no queries. With q == k this is
+    :func:`prepack.layout.chunked`::
+
+        _chunk_pieces([2], [7], 3) -> q [0, 1, 1], k [3, 3, 1]   # queries at 5 and 6
+    """
+    qs, ks = [], []
+    for q, k in zip(q_lengths.tolist(), k_lengths.tolist(), strict=True):
+        if q == 0:
+            qs.append(0)
+            ks.append(k)
+            continue
+        first = (k - q) // chunk * chunk  # start of the chunk of the first query
+        if first:
+            qs.append(0)
+            ks.append(first)
+        for start in range(first, k, chunk):
+            end = min(start + chunk, k)
+            qs.append(end - max(start, k - q))
+            ks.append(end - start)
+    return np.asarray(qs, np.int64), np.asarray(ks, np.int64)
 
 
 @dataclass(frozen=True, eq=False)

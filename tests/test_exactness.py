@@ -84,3 +84,16 @@ def test_the_oracle_sees_a_wrong_answer():
     with torch.no_grad():
         together = model(torch.cat(seqs)[None]).logits[0, -1]
     assert (together - oracle.alone_last_logits(model, seqs)[1]).abs().max() > 1e-2
+
+
+def test_chunked_attention_cuts_segments_that_continue_earlier_keys_at_chunk_boundaries():
+    """A decode step's query sees its own chunk's keys only, however many keys the segment continues."""
+    import numpy as np
+
+    from prepack.step import _chunk_pieces
+
+    q, k = _chunk_pieces(np.array([2, 4, 0, 1]), np.array([7, 4, 5, 6]), 3)
+    # [2 of 7]: keys 0-2 unseen, query 5 sees 3-5, query 6 sees 6; [4 of 4]: chunks 0-2 and 3;
+    # [0 of 5]: a stretch of no request's keys; [1 of 6]: query 5 sees 3-5
+    assert q.tolist() == [0, 1, 1, 3, 1, 0, 0, 1]
+    assert k.tolist() == [3, 3, 1, 3, 1, 5, 3, 3]
