@@ -288,7 +288,7 @@ def test_the_documented_cache_route_gives_ordinary_generates_tokens():
     text = (Path(__file__).resolve().parents[1] / "docs" / "kv_scatter.md").read_text()
     block = re.search(r"## Continuing a prefill.*?```python\n(.*?)```", text, re.S).group(1)
     model, seqs = build("mistral"), prompts([1, 5, 17, 3])
-    scope = {"prepack": prepack, "torch": torch, "model": model, "prompts": seqs}
+    scope = {"model": model, "token_lists": [s.tolist() for s in seqs]}
     exec(block, scope)
     ids, mask = prepack.generation.left_pad(seqs, 0, "cpu")
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
