@@ -381,17 +381,25 @@ def _gather(flat: dict[str, np.ndarray], dtypes: dict[str, np.dtype], starts: np
 
 
 def _empty(n: int, dtype) -> np.ndarray:
-    """An uninitialised (n,) array; a large one is a fresh anonymous mapping with ordinary 4 KiB pages.
+    """An uninitialised (n,) array; a large one is a fresh anonymous mapping with ordinary 4 KiB pages, populated.
 
     numpy asks for transparent huge pages on arrays of 4 MiB and more; a one-shot packing job
     writes its output once, into memory the process never touched, and on VMs faulting that in
     as huge pages cost 4x the kernel time of ordinary pages (0.40 s against 0.10 s for 180 MiB on
-    the development VM). Arrow wraps the array without a copy and keeps the mapping alive.
+    the development VM). The output is written whole, so the mapping is populated when it is made
+    (``MAP_POPULATE``, Linux): one pass in the kernel instead of a page fault per 4 KiB, half the
+    kernel time (0.08 s against 0.15 s for 226 MiB there). Arrow wraps the array without a copy
+    and keeps the mapping alive.
     """
     dtype = np.dtype(dtype)
-    if n * dtype.itemsize < _MMAP_BYTES:
+    size = n * dtype.itemsize
+    if size < _MMAP_BYTES:
         return np.empty(n, dtype)
-    return np.frombuffer(mmap.mmap(-1, n * dtype.itemsize), dtype)
+    if hasattr(mmap, "MAP_POPULATE"):
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    else:  # other systems fault the pages in as they are written
+        buf = mmap.mmap(-1, size)
+    return np.frombuffer(buf, dtype)
 
 
 def _scatter(real: np.ndarray, stream: np.ndarray, fill, name: str) -> np.ndarray:
