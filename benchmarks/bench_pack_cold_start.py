@@ -160,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.disk:
-            disk_dir = os.path.join(tmp, "source")
             datasets.disable_progress_bars()
-            ds.save_to_disk(disk_dir)
             names += ["lean_disk", "lean_disk_cached"]
         runs = {name: [] for name in names}
-        for _ in range(args.repeat):  # interleaved, so a noisy spell hits every packer alike
+        for k in range(args.repeat):  # interleaved, so a noisy spell hits every packer alike
+            if args.disk:  # a fresh copy each time, so "cache written" writes it and "cache hit" loads it
+                disk_dir = os.path.join(tmp, f"source{k}")
+                ds.save_to_disk(disk_dir)
             for name in names:
                 r = run_child(name, args, disk_dir if name.startswith("lean_disk") else None)
                 assert r["sequences"] == args.rows, (name, r)

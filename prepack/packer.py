@@ -264,7 +264,8 @@ def _truncate(lengths: np.ndarray, flat: dict[str, np.ndarray], ids: np.ndarray,
         return lengths, flat, cuts
     if options.overflow == "error":
         layout.check_fits(
-            lengths, C, what="example", ids=ids, hint='pass overflow="truncate_left" or "truncate_right", or raise capacity'
+            lengths, C, what="example", ids=ids,
+            hint='pass overflow="truncate_left" or "truncate_right", or raise capacity',
         )
     over = np.flatnonzero(cuts)
     # Cut only the overflow: the index work is proportional to the tokens dropped, not to the dataset.
