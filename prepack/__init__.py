@@ -9,14 +9,15 @@ The data flow, one module per step::
     prefill-only jobs: forward.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
                                                                         --heads--> classify, embed
 
-``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training,
+``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training (the
+packer itself is ``prepack.packer``, its Arrow conversion ``prepack.arrow``),
 ``prepack.collate`` turns packed rows into ``Trainer`` batches, and ``prepack.ray_data`` runs both
 packing and batch inference on Ray Data.
 """
 
 from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
-from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_stats, pack_table
+from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .forward import forward_at
 from .generation import generate, generate_iter
 from .heads import classify, embed
@@ -60,6 +61,7 @@ __all__ = [
     "pack_dataset",
     "pack_examples",
     "pack_iterable",
+    "pack_iterable_dataset",
     "pack_stats",
     "pack_table",
     "plan",

@@ -1,7 +1,8 @@
 """Ray Data stages: packing over a cluster's blocks, and batch inference in an actor pool that holds the model.
 
-Packing is one ``map_batches`` stage running :func:`prepack.data.pack_table`
-on each batch of ``pool_size`` consecutive rows::
+Packing is one ``map_batches`` stage running the packer (:mod:`prepack.packer`,
+with its options validated once when the stage is built) on each batch of
+``pool_size`` consecutive rows::
 
     ds = ray.data.read_parquet("s3://bucket/tokenized/")           # any Ray dataset with an input_ids column
     packed = pack_ray_dataset(ds, 4096, pool_size=100_000)         # lazy, like every Ray Data stage
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import Schema, ScalarColumns, pack_table
+from .packer import PackOptions, ScalarColumns, Schema, check_pool_size, log_cuts, pack_with_cuts
 from .packing import Overflow
 from .planner import Algorithm
 
@@ -74,38 +75,46 @@ def pack_ray_dataset(
         id_column: a column naming each example (e.g. its index in the corpus): errors name
             examples by it and the full schema's ``example_ids`` hold it. Without it, examples are
             numbered from 0 within each pool.
-        schema, scalar_columns, algorithm, overflow, pad_id, max_per_row: as in :func:`prepack.pack_dataset`.
+        schema, scalar_columns, algorithm, overflow, pad_id, max_per_row: the packer's options, see
+            :class:`prepack.packer.PackOptions`; checked when the stage is built.
         **map_batches_kwargs: passed to ``map_batches`` (``concurrency``, ``num_cpus``, ...).
 
     Returns:
         The packed rows, a lazy ``ray.data.Dataset`` with the columns of :mod:`prepack.data`.
 
     Raises:
-        ValueError: at once when ``column`` or ``id_column`` is not in the dataset (naming the
-            available ones); while the stage runs, naming the first bad example.
+        ValueError: at once for a bad option, or when ``column`` or ``id_column`` is not in the
+            dataset (naming the available ones); while the stage runs, naming the first bad example.
     """
+    options = PackOptions(capacity, column, schema, scalar_columns, algorithm, overflow, pad_id, max_per_row)
+    if check_pool_size(pool_size) is None:
+        raise ValueError("pool_size must be an integer >= 1 (Ray's batch_size), got None")
     names = ds.schema().names
     for name in (column, id_column):
         if name is not None and name not in names:
             raise ValueError(f"the Ray dataset has no column {name!r}; available columns: {names}")
-    options = dict(
-        capacity=capacity, column=column, id_column=id_column, schema=schema, scalar_columns=scalar_columns,
-        algorithm=algorithm, overflow=overflow, pad_id=pad_id, max_per_row=max_per_row,
-    )
     return ds.map_batches(
-        pack_pool, batch_size=pool_size, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs=options,
-        **map_batches_kwargs,
+        pack_pool, batch_size=pool_size, batch_format="pyarrow", zero_copy_batch=True,
+        fn_kwargs={"options": options, "id_column": id_column}, **map_batches_kwargs,
     )
 
 
-def pack_pool(table: pa.Table, *, capacity: int, column: str, id_column: str | None, **options) -> pa.Table:
-    """One Ray batch (a pool of examples, a ``pyarrow.Table``) -> its packed rows; the function the stage maps."""
+def pack_pool(table: pa.Table, *, options: PackOptions, id_column: str | None = None) -> pa.Table:
+    """One Ray batch (a pool of examples, a ``pyarrow.Table``) -> its packed rows; the function the stage maps.
+
+    Args:
+        table: the pool, N rows.
+        options: how to pack (validated when the stage was built).
+        id_column: the column naming each example, dropped from the rows (None: number them from 0).
+    """
     ids = None
     if id_column is not None:
         ids = table.column(id_column).to_numpy()
         table = table.drop_columns([id_column])
     try:
-        return pack_table(table, capacity, column, example_ids=ids, **options)
+        packed, cuts = pack_with_cuts(table, options, example_ids=ids)
+        log_cuts(cuts, options)
+        return packed
     except ValueError as e:
         where = f"in a pool of {table.num_rows} examples"
         hint = "" if id_column else " numbered from 0 in this pool (pass id_column= to name them by a column)"

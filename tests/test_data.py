@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 import prepack
 from prepack.collate import to_flash_kwargs
-from prepack.data import FULL_COLUMNS, LEAN_COLUMNS, pack_dataset, pack_examples, pack_iterable, pack_stats
+from prepack.data import (
+    FULL_COLUMNS,
+    LEAN_COLUMNS,
+    pack_dataset,
+    pack_examples,
+    pack_iterable,
+    pack_iterable_dataset,
+    pack_stats,
+)
 
 from .models import build
 
@@ -20,6 +28,30 @@ from .models import build
 def token_lists(lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 100, n).tolist() for n in lengths]
+
+
+def brute_force_row(seqs, example_ids):
+    """The full-schema row holding these examples, built one token at a time: the oracle for packed rows."""
+    row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": [], "cu_seqlens": [0]}
+    for e in example_ids:
+        for position, token in enumerate(seqs[e]):
+            row["input_ids"].append(token)
+            row["labels"].append(-100 if position == 0 else token)  # -100 where a sequence starts
+            row["position_ids"].append(position)
+        row["seq_lengths"].append(len(seqs[e]))
+        row["cu_seqlens"].append(row["cu_seqlens"][-1] + len(seqs[e]))
+    return row
+
+
+def assert_packs_exactly(rows, seqs, capacity):
+    """Every example in exactly one row, and every row (full schema) equal to its brute-force layout."""
+    placed = sorted(e for row in rows for e in row["example_ids"])
+    assert placed == list(range(len(seqs)))
+    for row in rows:
+        want = brute_force_row(seqs, row["example_ids"])
+        assert {k: row[k] for k in want} == want  # list equality: lengths and every value
+        assert row["truncated"] == [0] * len(row["example_ids"])
+        assert len(row["input_ids"]) <= capacity
 
 
 @st.composite
@@ -96,35 +128,79 @@ def test_padded_rows_are_exactly_capacity_long():
 
 
 def test_dataset_map_batched_with_indices_and_two_processes():
-    ds = datasets.Dataset.from_dict({"input_ids": token_lists(np.arange(1, 41) % 13 + 1), "text": ["x"] * 40})
+    seqs = token_lists(np.arange(1, 41) % 13 + 1)
+    ds = datasets.Dataset.from_dict({"input_ids": seqs, "text": ["x"] * 40})
     fn = functools.partial(pack_examples, capacity=16, schema="full", scalar_columns="error")
     out = ds.remove_columns("text").map(
         fn, batched=True, batch_size=10, with_indices=True, remove_columns=["input_ids"], num_proc=2
     )
     assert set(out.column_names) == set(FULL_COLUMNS)
-    ids = sorted(i for row in out["example_ids"] for i in row)
-    assert ids == list(range(40))
+    rows = list(out)
+    assert_packs_exactly(rows, seqs, 16)
+    # each map batch of 10 examples is planned alone: a row never mixes two batches
+    assert all(len({e // 10 for e in row["example_ids"]}) == 1 for row in rows)
 
 
 def test_map_function_accepts_arrow_batches():
-    ds = datasets.Dataset.from_dict({"input_ids": token_lists([2, 3, 4])}).with_format("arrow")
+    seqs = token_lists([2, 3, 4])
+    ds = datasets.Dataset.from_dict({"input_ids": seqs}).with_format("arrow")
     out = ds.map(functools.partial(pack_examples, capacity=5, schema="full"), batched=True)
-    assert sum(len(r) for r in out.with_format(None)["example_ids"]) == 3
+    assert_packs_exactly(list(out.with_format(None)), seqs, 5)
 
 
 def test_streaming_packs_each_bounded_pool():
-    ds = datasets.Dataset.from_dict({"input_ids": token_lists(np.arange(1, 26) % 7 + 1)}).to_iterable_dataset()
+    seqs = token_lists(np.arange(1, 26) % 7 + 1)
+    ds = datasets.Dataset.from_dict({"input_ids": seqs}).to_iterable_dataset()
     rows = list(pack_iterable(ds, 10, pool_size=8, schema="full"))
-    ids = [i for r in rows for i in r["example_ids"]]
-    assert sorted(ids) == list(range(25))
+    assert_packs_exactly(rows, seqs, 10)
     # a row never mixes examples from two pools
     assert all(len({i // 8 for i in r["example_ids"]}) == 1 for r in rows)
 
 
 def test_streaming_output_feeds_an_iterable_dataset():
-    source = datasets.Dataset.from_dict({"input_ids": token_lists([3, 5, 2, 6])}).to_iterable_dataset()
-    ds = datasets.IterableDataset.from_generator(lambda: pack_iterable(source, 8, pool_size=2))
-    assert sum(len(r["seq_lengths"]) for r in ds) == 4
+    seqs = token_lists([3, 5, 2, 6])
+    source = datasets.Dataset.from_dict({"input_ids": seqs}).to_iterable_dataset()
+    ds = datasets.IterableDataset.from_generator(lambda: pack_iterable(source, 8, pool_size=2, schema="full"))
+    assert_packs_exactly(list(ds), seqs, 8)
+
+
+def test_pack_iterable_dataset_streams_the_rows_of_pack_iterable():
+    seqs = token_lists(np.arange(1, 26) % 7 + 1, seed=3)
+    source = datasets.Dataset.from_dict({"input_ids": seqs}).to_iterable_dataset()
+    packed = pack_iterable_dataset(source, 10, pool_size=8, schema="full")
+    assert isinstance(packed, datasets.IterableDataset)
+    rows = list(packed)
+    assert_packs_exactly(rows, seqs, 10)
+    assert rows == list(pack_iterable(source, 10, pool_size=8, schema="full"))
+
+
+def test_pack_iterable_dataset_refuses_a_list_and_says_what_to_pass():
+    # IterableDataset.from_generator would cut a list into one shard per example: one example per row
+    stream = [{"input_ids": [1, 2, 3]}] * 20
+    with pytest.raises(TypeError, match=r"got a list, .*one shard per example.*pass a datasets\.IterableDataset"):
+        pack_iterable_dataset(stream, 8)
+
+
+def test_pack_iterable_dataset_refuses_a_generator_and_says_what_to_pass():
+    stream = ({"input_ids": [1, 2, 3]} for _ in range(20))
+    with pytest.raises(TypeError, match=r"got a generator, which .* cannot pickle; pass a datasets\.IterableDataset"):
+        pack_iterable_dataset(stream, 8)
+
+
+def test_pack_dataset_points_an_iterable_dataset_to_pack_iterable_dataset():
+    source = datasets.Dataset.from_dict({"input_ids": [[1, 2]]}).to_iterable_dataset()
+    with pytest.raises(TypeError, match="prepack.pack_iterable_dataset"):
+        pack_dataset(source, 8)
+
+
+def test_bad_options_are_refused_when_a_stream_is_made_not_when_it_is_read():
+    with pytest.raises(ValueError, match=r"schema must be one of \('lean', 'full'\), got 'wide'"):
+        pack_iterable([[1, 2]], 8, schema="wide")
+
+
+def test_a_negative_pad_id_is_refused():
+    with pytest.raises(ValueError, match=r"pad_id must be a token id \(an integer >= 0\) or None, got -1"):
+        pack_dataset([[1, 2]], 8, pad_id=-1)
 
 
 def test_truncation_is_counted_and_keeps_the_chosen_end():
@@ -146,6 +222,18 @@ def test_empty_example_error_names_the_example():
     ds = datasets.Dataset.from_dict({"input_ids": [[1], [2], []]})
     with pytest.raises(ValueError, match="example 2 has an empty list in column 'input_ids'"):
         pack_dataset(ds, 8)
+
+
+def test_a_negative_token_id_names_the_example_and_the_value():
+    # -100 belongs in labels; as a token id, prepack.pack refuses it too
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4], [5, -100, 6]]})
+    with pytest.raises(ValueError, match=r"example 2 has a negative token id -100 in column 'input_ids'"):
+        pack_dataset(ds, 8)
+
+
+def test_a_negative_token_id_in_a_stream_is_named_by_its_number_in_the_stream():
+    with pytest.raises(ValueError, match="example 3 has a negative token id -1 in column 'input_ids'"):
+        list(pack_iterable([[1], [2], [3], [4, -1]], 8, pool_size=2))
 
 
 def test_missing_example_error_names_the_example():

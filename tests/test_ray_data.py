@@ -57,6 +57,12 @@ def test_a_ray_dataset_without_the_column_is_refused_at_once():
         pack_ray_dataset(ds, 8)
 
 
+def test_a_bad_option_is_refused_when_the_ray_stage_is_built():
+    ds = ray.data.from_items([{"input_ids": [1, 2, 3]}])
+    with pytest.raises(ValueError, match=r"overflow must be one of .*, got 'drop'"):
+        pack_ray_dataset(ds, 8, overflow="drop")  # before any Ray task runs
+
+
 def test_a_bad_example_in_a_ray_stage_is_named_by_its_id():
     table = pa.table({"input_ids": [[1, 2], [1] * 9], "doc": [70, 71]})
     # Ray re-raises a task's ValueError as a RayTaskError carrying its message
