@@ -38,6 +38,7 @@ from .hf import attention_needs, cache_kwarg, enable, model_device
 from .inputs import check_prompts
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
+from .rope import grouped_plan, rope_groups
 from .step import PackedCall, PrefixKV, StepLayout
 from .support import UnsupportedModelError
 
@@ -222,11 +223,21 @@ def run_packed(
             raise ValueError(f"capacity {capacity} exceeds token_budget {token_budget}: one row must fit in one forward")
     else:
         layout.check_fits(real_lengths, token_budget, ids=real, limit_name="token_budget", hint="raise token_budget")
-    batch = pack_plan(plan(real_lengths, capacity if rows_layout else token_budget), [tokens[i] for i in real])
+    # length-dependent RoPE (longrope, dynamic NTK): a forward holds only requests whose frequencies agree
+    reach = real_lengths + (prefix.lengths[real] if prefix is not None else 0)
+    groups = rope_groups(model, reach, ids=real)
+    row_cap = capacity if rows_layout else token_budget
+    the_plan, bounds = plan(real_lengths, row_cap), None
+    if groups is not None:
+        the_plan, bounds = grouped_plan(real_lengths, row_cap, groups)
+    batch = pack_plan(the_plan, [tokens[i] for i in real])
     p = batch.plan
-    # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
+    # a forward takes as many rows as the budget allows (of one RoPE group); a varlen row is already one budget's worth
     per_call = max(1, token_budget // p.capacity) if rows_layout else 1
-    calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
+    bounds = bounds or [0, p.num_rows]
+    calls = [
+        slice(a, min(a + per_call, end)) for start, end in zip(bounds[:-1], bounds[1:]) for a in range(start, end, per_call)
+    ]
 
     select = None
     if spans is not None:

@@ -17,6 +17,7 @@ and values.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ import torch
 from .hf import cache_kwarg, model_device
 from .inputs import check_prompts, is_prompt_batch
 from .prefill import prefill_tokens
+from .rope import check_lengths, decode_key
 
 DEFAULT_WAVE_SIZE = 256
 
@@ -229,6 +231,10 @@ def _copy_config(config):
 def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token_budget, generate_kwargs) -> tuple:
     """One wave: prefill each distinct prompt once, then decode every (prompt, sample) row together.
 
+    With length-dependent RoPE (longrope, dynamic NTK: :mod:`prepack.rope`) a decode forward's
+    frequencies follow its longest row, so rows decode together only where their prompts give the
+    same frequencies at every step; each such group is one ``model.generate`` call.
+
     Returns:
         (new tokens per row, the backend the prefill ran or None when no prompt is long enough to need one).
     """
@@ -243,17 +249,54 @@ def _generate_wave(model, tokens, samples, pad_id, eos, backend, capacity, token
     for t, d in zip(tokens, which):
         unique[d] = t
     rows = np.repeat(which, samples)
-    longest = max(len(t) for t in tokens)
-    input_ids, attention_mask = left_pad([unique[d] for d in rows], pad_id, device)
-    kwargs = dict(generate_kwargs)
-    ran = None
-    if longest > 1:
-        prefixes = [t[:-1] for t in unique]
-        result = prefill_tokens(model, prefixes, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
-        kwargs[cache_kwarg(model)], _ = result.left_padded_cache(pad_to=longest - 1, rows=rows)
+    lengths = np.array([len(t) for t in unique], np.int64)
+    steps = _decode_steps(model, generate_kwargs)
+    dep = check_lengths(model, lengths + steps - 1)  # the positions each prompt's own decoding reaches
+    result = ran = None
+    if lengths.max() > 1:
+        if dep is None:
+            result = prefill_tokens(
+                model, [t[:-1] for t in unique], backend=backend, token_budget=token_budget, capacity=capacity, logits=False
+            )
+        else:
+            # alone, a prompt's first forward covers all its tokens, and its frequencies follow that length:
+            # prefill all of them and keep all but the last in the cache
+            full = prefill_tokens(model, unique, backend=backend, token_budget=token_budget, capacity=capacity, logits=False)
+            result = dataclasses.replace(full, lengths=full.lengths - 1)
         ran = result.backend
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return _strip(out[:, longest:], eos), ran
+    keys = [decode_key(dep, int(lengths[d]), steps) for d in rows]
+    out: list = [None] * len(rows)
+    for key in dict.fromkeys(keys):
+        sel = np.array([j for j, k in enumerate(keys) if k == key], np.int64)
+        sub = rows[sel]
+        longest = int(lengths[sub].max())
+        input_ids, attention_mask = left_pad([unique[d] for d in sub], pad_id, device)
+        kwargs = dict(generate_kwargs)
+        if longest > 1:
+            kwargs[cache_kwarg(model)] = _cache_rows(result, sub, longest - 1)
+        new = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        for j, row in zip(sel.tolist(), _strip(new[:, longest:], eos), strict=True):
+            out[j] = row
+    return out, ran
+
+
+def _cache_rows(result, rows: np.ndarray, pad_to: int):
+    """``result.left_padded_cache`` of ``rows`` (prompt indices, repeats allowed) only, left-padded to ``pad_to``."""
+    if len(rows) and pad_to >= int(result.lengths.max()):
+        return result.left_padded_cache(pad_to=pad_to, rows=rows)[0]
+    prompts, local = np.unique(rows, return_inverse=True)
+    at = torch.from_numpy(prompts).to(result.lengths.device)
+    sub = dataclasses.replace(result, lengths=result.lengths[at], chunk=result.chunk[prompts], starts=result.starts[prompts])
+    return sub.left_padded_cache(pad_to=pad_to, rows=local)[0]
+
+
+def _decode_steps(model, generate_kwargs: dict) -> int:
+    """An upper bound on the decode forwards of one row: ``max_new_tokens``, else ``max_length``."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    steps = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if steps is None:
+        steps = generate_kwargs.get("max_length", getattr(config, "max_length", None)) or 1
+    return max(1, int(steps))
 
 
 def _check_prefills_fit(tokens, token_budget, capacity) -> None:
