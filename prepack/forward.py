@@ -41,6 +41,7 @@ from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
 from .step import PackedCall, PrefixKV, StepLayout
 from .support import UnsupportedModelError
+from .wrapped import runner, unwrap
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
 # block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
@@ -308,9 +309,11 @@ def _no_values(model, output: str, reduce, device) -> torch.Tensor:
 
 def check_lm_head(model) -> None:
     """Refuse logits from a model whose forward cannot compute them at chosen positions only."""
-    if "logits_to_keep" not in _forward_params(type(model)):
+    # the class's signature, of the model under any wrapper (a PeftModel's forward takes **kwargs; a replaced
+    # forward may be a lambda): it is the class's forward that the call reaches
+    if "logits_to_keep" not in _forward_params(type(unwrap(model))):
         raise TypeError(
-            f"{type(model).__name__} has no language-model head that takes logits_to_keep, so prepack cannot "
+            f"{type(unwrap(model)).__name__} has no language-model head that takes logits_to_keep, so prepack cannot "
             "return its logits; ask for output='hidden_states', or use prepack.classify for a sequence-classification model"
         )
 
@@ -321,7 +324,11 @@ def _forward_params(cls) -> frozenset:
 
 
 def base_model(model):
-    """The decoder stack under a task head (``model.model`` for ``LlamaForCausalLM``); its output is the last hidden state."""
+    """The decoder stack under a task head (``model.model`` for ``LlamaForCausalLM``); its output is the last hidden state.
+
+    Under a wrapper (PEFT, ``torch.compile``) it is the wrapped model's: adapters injected into its layers apply.
+    """
+    model = unwrap(model)
     base = getattr(model, "base_model", model)
     return model if base is None else base
 
@@ -378,7 +385,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         if output == "logits":
             # the LM head (and any final soft-capping) runs at the kept columns only
             keep, col = np.unique(at % seq_len, return_inverse=True)
-            out = model(input_ids=ids, position_ids=pos, logits_to_keep=torch.from_numpy(keep).to(device), **kwargs).logits
+            out = runner(model)(input_ids=ids, position_ids=pos, logits_to_keep=torch.from_numpy(keep).to(device), **kwargs).logits
             values = out.reshape(-1, out.shape[-1])[torch.from_numpy(at // seq_len * len(keep) + col).to(device)]
         else:
             hidden = base_model(model)(input_ids=ids, position_ids=pos, **kwargs).last_hidden_state

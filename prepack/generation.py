@@ -30,6 +30,7 @@ from .hf import cache_kwarg, model_device
 from .inputs import check_prompts, is_prompt_batch
 from .prefill import prefill_tokens
 from .rope import check_lengths, decode_key
+from .wrapped import check_can_generate
 
 DEFAULT_WAVE_SIZE = 256
 
@@ -156,6 +157,7 @@ def _waves(
         raise ValueError(f"wave_size must be an integer >= 1, got {wave_size!r}")
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
+    check_can_generate(model)
     samples = _check_generate_kwargs(generate_kwargs)
     gen_config = generate_kwargs.get("generation_config") or model.generation_config
     eos = generate_kwargs.get("eos_token_id", gen_config.eos_token_id)

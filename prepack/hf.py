@@ -38,6 +38,7 @@ from .attention import dense_attention, segment_mask
 from .backends import Needs, training_kernel
 from .kvcache import own_storage
 from .step import PackedCall, StepLayout
+from .wrapped import unwrap
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
@@ -365,4 +366,4 @@ def _cache_kwarg_for(cls) -> str:
 def cache_kwarg(model) -> str:
     """The name ``model.forward`` / ``generate`` take a cache under: transformers 5.x renamed
     ``past_key_values`` to ``cache``; use whichever this model takes."""
-    return _cache_kwarg_for(type(model))
+    return _cache_kwarg_for(type(unwrap(model)))  # the class's signature, under any wrapper
