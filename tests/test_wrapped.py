@@ -15,7 +15,7 @@ from .models import COMMON, build, prompts
 
 LENGTHS = [5, 17, 3, 12]
 TOL = 1e-4
-WRAPPERS = ["lora", "ia3", "loha", "compile", "hook", "replaced_forward"]
+WRAPPERS = ["lora", "ia3", "compile", "hook", "replaced_forward"]  # LoHa: test_an_adapter..., test_prefill_...
 
 
 def _peft(model, config):
@@ -67,8 +67,9 @@ def test_an_adapter_changes_the_model_so_these_tests_can_fail():
         assert (alone_logits(oracle, seqs) - plain).abs().max() > 1e-3, kind
 
 
-def test_prefill_logits_and_caches_match_each_prompt_alone(wrapped):
-    model, oracle = wrapped
+@pytest.mark.parametrize("kind", [*WRAPPERS, "loha"])
+def test_prefill_logits_and_caches_match_each_prompt_alone(kind):
+    model, oracle = wrap(kind, build("llama"))
     seqs = prompts(LENGTHS)
     result = prepack.prefill(model, seqs)
     assert (result.logits - alone_logits(oracle, seqs)).abs().max() <= TOL
@@ -159,3 +160,24 @@ def test_prompt_learning_adapters_are_refused():
     model = get_peft_model(build("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(prepack.UnsupportedModelError, match="prompt-learning adapter"):
         prepack.prefill(model, prompts([4]))
+
+
+def test_lm_eval_backend_scores_a_lora_model_as_lm_evals_own_hf_model():
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from prepack.lm_eval import PrepackLM
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w3")), bos_token="w1", eos_token="w2", pad_token="w0"
+    )
+    model, _ = wrap("lora", build("llama"))
+    requests = [(None, [1, *p[:5].tolist()], p[5:].tolist()) for p in prompts([9, 14, 7])]
+    want = HFLM(pretrained=model, tokenizer=tok, batch_size=1)._loglikelihood_tokens(requests)
+    got = PrepackLM(pretrained=model, tokenizer=tok)._loglikelihood_tokens(requests)
+    assert len(got) == len(want)
+    for (lp, greedy), (lp0, greedy0) in zip(got, want, strict=True):
+        assert abs(lp - lp0) <= TOL and greedy == greedy0
