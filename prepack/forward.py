@@ -41,7 +41,7 @@ from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
 from .step import PackedCall, PrefixKV, StepLayout
 from .support import UnsupportedModelError
-from .wrapped import runner, unwrap
+from .wrapped import check_mode, runner, unwrap
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
 # block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
@@ -195,6 +195,7 @@ def run_packed(
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
     if kv not in (None, "cache", "attention"):
         raise ValueError(f"kv must be None, 'cache' or 'attention', got {kv!r}")
+    check_mode(model)
     device, dtype = model_device(model), next(model.parameters()).dtype
     kernel = choose(backend, device=device, dtype=dtype, needs=attention_needs(model, continues_keys=prefix is not None))
     name, rows_layout = kernel.name, kernel.rows

@@ -67,3 +67,28 @@ def check_can_generate(model) -> None:
             f"{type(inner).__name__} is not a causal language model, so prepack.generate cannot decode from it; "
             "use a *ForCausalLM model (prepack.classify takes sequence classifiers, prepack.embed any decoder)"
         )
+
+
+def check_mode(model) -> None:
+    """A model in train mode: refused where dropout is active (each run would differ, alone or packed), warned otherwise."""
+    if not getattr(model, "training", False):
+        return
+    import warnings
+
+    import torch
+
+    active = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training]
+    config = getattr(unwrap(model), "config", None)
+    p = float(getattr(config, "attention_dropout", 0.0) or 0.0) if config is not None else 0.0
+    if active or p > 0:
+        from .support import UnsupportedModelError
+
+        what = f"dropout in {active[0]}" if active else f"attention_dropout={p}"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is in train mode with {what}: its outputs are random, so no packed result can "
+            "equal running each request alone; call model.eval() first"
+        )
+    warnings.warn(
+        f"{type(model).__name__} is in train mode; it has no active dropout, so prepack's results are exact, "
+        "but call model.eval() for inference", stacklevel=3,
+    )

@@ -181,3 +181,18 @@ def test_lm_eval_backend_scores_a_lora_model_as_lm_evals_own_hf_model():
     assert len(got) == len(want)
     for (lp, greedy), (lp0, greedy0) in zip(got, want, strict=True):
         assert abs(lp - lp0) <= TOL and greedy == greedy0
+
+
+def test_a_model_in_train_mode_with_dropout_is_refused():
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(**COMMON, attention_dropout=0.1, num_labels=2)).train()
+    with pytest.raises(prepack.UnsupportedModelError, match="train mode with attention_dropout=0.1"):
+        prepack.embed(model, prompts([4]))
+
+
+def test_a_model_in_train_mode_without_dropout_is_exact_with_a_warning():
+    model = build("llama").train()
+    seqs = prompts(LENGTHS)
+    with pytest.warns(UserWarning, match="train mode"):
+        got = prepack.prefill(model, seqs).logits
+    assert (got - alone_logits(model, seqs)).abs().max() <= TOL
