@@ -215,6 +215,10 @@ def _check_generate_kwargs(kwargs: dict) -> int:
         value = kwargs.get(key, getattr(config, key, None))
         if value is not None and value is not False and not (key == "num_beams" and value == 1):
             raise ValueError(f"prepack.generate does not support {key}={value!r}: {why}")
+    if kwargs.get("use_cache", True) is False:
+        raise ValueError("prepack.generate decodes from the packed prefill's cache; it does not support use_cache=False")
+    # a config with use_cache=False (a training checkpoint) would make model.generate drop the prefill's cache
+    kwargs["use_cache"] = True
     samples = kwargs.pop("num_return_sequences", getattr(config, "num_return_sequences", None) or 1)
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"num_return_sequences must be an integer >= 1, got {samples!r}")

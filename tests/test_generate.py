@@ -189,3 +189,18 @@ def test_an_error_in_a_later_wave_of_a_stream_says_where_the_wave_starts():
 def test_unsupported_generate_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepack.generate(build("llama"), prompts([3, 4]), max_new_tokens=2, **kwargs)
+
+
+def test_generate_from_a_config_with_use_cache_false_matches_padded_greedy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import COMMON
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, use_cache=False)).eval()
+    seqs = prompts([3, 9, 5])
+    ids, mask = left_pad(seqs)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    got = prepack.generate(model, seqs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert [g.tolist() for g in got] == want[:, ids.shape[1]:].tolist()
