@@ -68,7 +68,12 @@ SHRINK = dict(
 # Where the generic shrink fails, per family: the smallest change that builds and runs.
 OVERRIDES: dict[str, dict] = {
     # MLA expands keys to every query head
-    "deepseek_v2": dict(num_key_value_heads=4),
+    # the default leaves num_experts_per_tok unset (None): the router's topk needs it
+    "deepseek_v2": dict(num_key_value_heads=4, num_experts_per_tok=2),
+    # the default config has head_dim=None, and the attention reads getattr(config, "head_dim", ...) -> None
+    "hunyuan_v1_dense": dict(head_dim=16),
+    "hunyuan_v1_moe": dict(head_dim=16),
+    "ministral": dict(head_dim=16),
     "deepseek_v3": dict(num_key_value_heads=4),
     "longcat_flash": dict(num_key_value_heads=4),
     "glm4_moe_lite": dict(num_key_value_heads=4),
@@ -499,6 +504,14 @@ def write_markdown(rows: list[dict], path: str, command: str, seconds: float) ->
         f"{NEW_TOKENS} greedy tokens equal to left-padded `model.generate`",
         "",
         f"**Summary: {summary}.**",
+        "",
+        "What **exact** covers: `prepack.prefill` (last-token logits on both CPU backends, each request's cache) and "
+        "`prepack.generate` (greedy tokens), on the model as built, in fp32, eval mode. `forward_at`, `score`, "
+        "`score_rolling`, `classify`, `embed` and the lm-eval backend run the same packed forward as `prefill`; they "
+        "are checked in `tests/` on Llama, Qwen2, Mistral and Gemma2 (and on PEFT LoRA/IA3/LoHa, `torch.compile`'d, "
+        "hooked and forward-replaced models in `tests/test_wrapped.py`, on length-dependent RoPE in "
+        "`tests/test_rope.py`), not per model type here. The variant rows below cover RoPE types, config variants, "
+        "train mode and half precision on the base types they name.",
         "",
         "Outcomes: **exact** (all checks pass); **refused** (prepack raised `UnsupportedModelError` naming the model "
         "and the reason); **not buildable tiny** (the tiny config does not build); **transformers fails** (the solo "
