@@ -74,6 +74,20 @@ OVERRIDES: dict[str, dict] = {
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16),
     "ministral": dict(head_dim=16),
+    # hidden_size * expand = num_heads * head_dim (128 = 8 * 16)
+    "mamba2": dict(num_heads=8),
+    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16),
+    # one attention type per layer: [[["global", "local"], 2]] covers the 4 layers
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"]),
+    # KV shared across layers and per-layer sparsity: sized for the 4 tiny layers (the 3 layers kept)
+    "gemma3n": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
+    "gemma3n_text": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
+    # MoE sizes left unset (None) in the default config
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    # the sparse indexer's sizes are unset in the default config
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2),
     "deepseek_v3": dict(num_key_value_heads=4),
     "longcat_flash": dict(num_key_value_heads=4),
     "glm4_moe_lite": dict(num_key_value_heads=4),
@@ -170,8 +184,12 @@ def _shrunk_kwargs(config, extra: dict) -> dict:
     for key, value in {**SHRINK, **extra}.items():
         if isinstance(getattr(type(config), key, None), property):
             continue  # derived from other fields (layers_block_type, head_dim, ...): set those instead
-        if hasattr(config, key) and not isinstance(getattr(config, key), dict):
-            current = getattr(config, key)
+        try:
+            present = hasattr(config, key)
+            current = getattr(config, key, None)
+        except RuntimeError:  # a per-layer attribute (Gemma 4, dots3): it has no single global value, but it is set
+            present, current = True, 0
+        if present and not isinstance(current, dict):
             if value is None and key == "head_dim":
                 kwargs[key] = None
             elif current is not None or key in extra:
@@ -194,7 +212,10 @@ def _shrunk_kwargs(config, extra: dict) -> dict:
     for key in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            kwargs[key] = {**sub.to_dict(), **_shrunk_kwargs(sub, extra)}
+            small = _shrunk_kwargs(sub, extra)
+            kwargs[key] = {**sub.to_dict(), **small}
+            if "num_hidden_layers" in small:  # per-layer overrides name layers of the full-size model: rebuilt from defaults
+                kwargs[key].pop("per_layer_config", None)
     return kwargs
 
 
@@ -343,6 +364,9 @@ def check(model_type: str) -> dict:
             model = None
     if model is None:
         stage, e = next((x for x in errors if x[0] == "solo"), errors[0])  # the generic shrink's own failure
+        own = default_config_error(model_type)
+        if own is not None:  # transformers cannot even make its own default config: not our tiny config's fault
+            return {**row, "outcome": "transformers fails", "detail": own}
         outcome = "not buildable tiny" if stage == "build" else "transformers fails"
         return {**row, "outcome": outcome, "detail": f"{type(e).__name__}: {_short(e)}"}
     row["class"] = type(model).__name__
@@ -405,7 +429,27 @@ def check(model_type: str) -> dict:
     return {**row, "outcome": "exact", "detail": ""}
 
 
+def default_config_error(model_type: str) -> str | None:
+    """transformers' own failure to build the default config of ``model_type`` (reproducible with plain
+    transformers: ``AutoConfig.for_model(model_type)``), or None when it builds."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(model_type.partition("@")[0])
+    except Exception as e:  # noqa: BLE001
+        return f"AutoConfig.for_model({model_type!r}) with transformers' own defaults raises {type(e).__name__}: {_short(e)}"
+    return None
+
+
 def features(model) -> str:
+    """The attention variants this tiny model exercises (per-layer attributes read as absent)."""
+    try:
+        return _features(model)
+    except RuntimeError:  # AmbiguousGlobalPerLayerAttributeError: no single global value to report
+        return "per-layer config"
+
+
+def _features(model) -> str:
     """The attention variants this tiny model exercises, for the matrix."""
     config = model.config.get_text_config(decoder=True)
     out = []
