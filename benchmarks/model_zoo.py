@@ -83,6 +83,8 @@ OVERRIDES: dict[str, dict] = {
     # KV shared across layers and per-layer sparsity: sized for the 4 tiny layers (the 3 layers kept)
     "gemma3n": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
     "gemma3n_text": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
+    "zaya": dict(num_experts_per_tok=1),  # its config validator accepts no other value
+    "reformer": dict(is_decoder=True),  # ReformerModelWithLMHead asserts it
     # MoE sizes left unset (None) in the default config
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
     # the sparse indexer's sizes are unset in the default config
