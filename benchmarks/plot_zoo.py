@@ -23,11 +23,11 @@ REASONS = (
 
 
 def read_matrix(text: str) -> list[dict]:
-    """docs/models.md -> one dict per table row: type, class, features (list), outcome, detail."""
+    """docs/models.md -> one dict per model type's row (not the ``type@variant`` rows): type, class, features (list), outcome, detail."""
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if len(cells) != 6 or cells[0] in ("model type", "---") or cells[3] not in OUTCOMES:
+        if len(cells) != 6 or cells[0] in ("model type", "---") or cells[3] not in OUTCOMES or "@" in cells[0]:
             continue
         features = [f.strip() for f in cells[2].split(",") if f.strip()]
         rows.append(dict(type=cells[0], cls=cells[1], features=features, outcome=cells[3], detail=cells[5]))

@@ -38,8 +38,10 @@ from .hf import attention_needs, cache_kwarg, enable, model_device
 from .inputs import check_prompts
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
+from .rope import grouped_plan, rope_groups
 from .step import PackedCall, PrefixKV, StepLayout
 from .support import UnsupportedModelError
+from .wrapped import check_mode, runner, unwrap
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
 # block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
@@ -193,6 +195,7 @@ def run_packed(
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
     if kv not in (None, "cache", "attention"):
         raise ValueError(f"kv must be None, 'cache' or 'attention', got {kv!r}")
+    check_mode(model)
     device, dtype = model_device(model), next(model.parameters()).dtype
     kernel = choose(backend, device=device, dtype=dtype, needs=attention_needs(model, continues_keys=prefix is not None))
     name, rows_layout = kernel.name, kernel.rows
@@ -222,11 +225,21 @@ def run_packed(
             raise ValueError(f"capacity {capacity} exceeds token_budget {token_budget}: one row must fit in one forward")
     else:
         layout.check_fits(real_lengths, token_budget, ids=real, limit_name="token_budget", hint="raise token_budget")
-    batch = pack_plan(plan(real_lengths, capacity if rows_layout else token_budget), [tokens[i] for i in real])
+    # length-dependent RoPE (longrope, dynamic NTK): a forward holds only requests whose frequencies agree
+    reach = real_lengths + (prefix.lengths[real] if prefix is not None else 0)
+    groups = rope_groups(model, reach, ids=real)
+    row_cap = capacity if rows_layout else token_budget
+    the_plan, bounds = plan(real_lengths, row_cap), None
+    if groups is not None:
+        the_plan, bounds = grouped_plan(real_lengths, row_cap, groups)
+    batch = pack_plan(the_plan, [tokens[i] for i in real])
     p = batch.plan
-    # a forward takes as many rows as the budget allows; a varlen row is already one budget's worth
+    # a forward takes as many rows as the budget allows (of one RoPE group); a varlen row is already one budget's worth
     per_call = max(1, token_budget // p.capacity) if rows_layout else 1
-    calls = [slice(a, min(a + per_call, p.num_rows)) for a in range(0, p.num_rows, per_call)]
+    bounds = bounds or [0, p.num_rows]
+    calls = [
+        slice(a, min(a + per_call, end)) for start, end in zip(bounds[:-1], bounds[1:]) for a in range(start, end, per_call)
+    ]
 
     select = None
     if spans is not None:
@@ -297,9 +310,11 @@ def _no_values(model, output: str, reduce, device) -> torch.Tensor:
 
 def check_lm_head(model) -> None:
     """Refuse logits from a model whose forward cannot compute them at chosen positions only."""
-    if "logits_to_keep" not in _forward_params(type(model)):
+    # the class's signature, of the model under any wrapper (a PeftModel's forward takes **kwargs; a replaced
+    # forward may be a lambda): it is the class's forward that the call reaches
+    if "logits_to_keep" not in _forward_params(type(unwrap(model))):
         raise TypeError(
-            f"{type(model).__name__} has no language-model head that takes logits_to_keep, so prepack cannot "
+            f"{type(unwrap(model)).__name__} has no language-model head that takes logits_to_keep, so prepack cannot "
             "return its logits; ask for output='hidden_states', or use prepack.classify for a sequence-classification model"
         )
 
@@ -310,7 +325,11 @@ def _forward_params(cls) -> frozenset:
 
 
 def base_model(model):
-    """The decoder stack under a task head (``model.model`` for ``LlamaForCausalLM``); its output is the last hidden state."""
+    """The decoder stack under a task head (``model.model`` for ``LlamaForCausalLM``); its output is the last hidden state.
+
+    Under a wrapper (PEFT, ``torch.compile``) it is the wrapped model's: adapters injected into its layers apply.
+    """
+    model = unwrap(model)
     base = getattr(model, "base_model", model)
     return model if base is None else base
 
@@ -367,7 +386,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         if output == "logits":
             # the LM head (and any final soft-capping) runs at the kept columns only
             keep, col = np.unique(at % seq_len, return_inverse=True)
-            out = model(input_ids=ids, position_ids=pos, logits_to_keep=torch.from_numpy(keep).to(device), **kwargs).logits
+            out = runner(model)(input_ids=ids, position_ids=pos, logits_to_keep=torch.from_numpy(keep).to(device), **kwargs).logits
             values = out.reshape(-1, out.shape[-1])[torch.from_numpy(at // seq_len * len(keep) + col).to(device)]
         else:
             hidden = base_model(model)(input_ids=ids, position_ids=pos, **kwargs).last_hidden_state

@@ -20,6 +20,7 @@ import torch
 from .decoding import Rules
 from .engine import Completion, EngineStats, decode as _decode
 from .inputs import check_prompts, is_prompt_batch
+from .wrapped import check_can_generate
 
 _BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds", "position_ids")
 _SHOW_PROGRESS_OVER = 256  # prompts; a bar by default for calls longer than this
@@ -136,6 +137,7 @@ def _run(
 ) -> Iterator:
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
+    check_can_generate(model)
     if decode and return_logprobs:
         raise ValueError("pass decode=True or return_logprobs=True, not both (decode Completion.tokens yourself)")
     for key in _BUILT_HERE:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .forward import forward_at
+from .wrapped import unwrap
 
 Pooling = Literal["last", "mean"]
 
@@ -55,6 +56,7 @@ def classification_head(model) -> torch.nn.Module:
     """The score head of a transformers sequence-classification model; refuses any other model."""
     from transformers.modeling_layers import GenericForSequenceClassification
 
+    model = unwrap(model)  # PEFT / torch.compile: the classifier underneath, whose injected adapters apply
     name = type(model).__name__
     if not isinstance(model, GenericForSequenceClassification):
         hint = " (this is a causal LM: score continuations with prepack.score, or embed with prepack.embed)" if name.endswith("ForCausalLM") else ""

@@ -38,6 +38,7 @@ from .attention import dense_attention, segment_mask
 from .backends import Needs, training_kernel
 from .kvcache import own_storage
 from .step import PackedCall, StepLayout
+from .wrapped import unwrap
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
@@ -91,10 +92,13 @@ def enable(model):
     """
     check_model(model)
     with _LOCK:
-        plan = _switch_plan(model, lambda impl: None if wrapped_implementation(impl) else implementation_for(impl))
+        # a sub-config with no implementation set (None: no module of the model reads it, e.g. Moshi's audio encoder) stays
+        plan = _switch_plan(model, lambda impl: None if impl is None or wrapped_implementation(impl) else implementation_for(impl))
         if plan is not None:
             model.set_attn_implementation(plan)
-        not_switched = [c for c in _configs(model) if wrapped_implementation(c._attn_implementation) is None]
+        not_switched = [
+            c for c in _configs(model) if c._attn_implementation is not None and wrapped_implementation(c._attn_implementation) is None
+        ]
         if not_switched:
             raise UnsupportedModelError(
                 f"{type(model).__name__} did not take prepack's attention implementation (its config still says "
@@ -366,4 +370,4 @@ def _cache_kwarg_for(cls) -> str:
 def cache_kwarg(model) -> str:
     """The name ``model.forward`` / ``generate`` take a cache under: transformers 5.x renamed
     ``past_key_values`` to ``cache``; use whichever this model takes."""
-    return _cache_kwarg_for(type(model))
+    return _cache_kwarg_for(type(unwrap(model)))  # the class's signature, under any wrapper

@@ -25,6 +25,7 @@ from . import layout
 from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
 from .hf import check_model
 from .packing import token_array
+from .rope import rope_dependence
 from .inputs import check_prompts
 
 Truncate = Literal["error", "left"]
@@ -89,6 +90,7 @@ def score(
     for i, c in enumerate(contexts):
         groups.setdefault(c.tobytes(), []).append(i)
     shared = [g for g in groups.values() if len(g) > 1] if share_contexts else []
+    shared = _same_rope(model, shared, contexts, continuations)
     if shared and backend in ROW_BACKENDS:  # refused before anything runs ("auto" is never a row backend)
         raise ValueError(
             f"requests {shared[0][0]} and {shared[0][1]} share a context, and share_contexts needs a varlen backend, "
@@ -291,6 +293,25 @@ def _per_request(values: torch.Tensor, span_len: np.ndarray):
     sums = values.new_zeros(len(span_len), 2).index_add_(0, owner, values)
     lp, hits = sums.cpu().numpy().T
     return lp, hits == span_len
+
+
+def _same_rope(model, groups: list[list[int]], contexts, continuations) -> list[list[int]]:
+    """Keep in a shared-context group only requests whose RoPE frequencies are the context's own.
+
+    A shared context is prefilled alone; with length-dependent RoPE (:mod:`prepack.rope`) its keys
+    are those of the whole request only where the context's length and the request's give the
+    same frequencies. The others run whole, as requests of their own.
+    """
+    dep = rope_dependence(model) if groups else None
+    if dep is None:
+        return groups
+    kept = []
+    for g in groups:
+        ctx_key = dep.key(len(contexts[g[0]]))
+        same = [i for i in g if dep.key(len(contexts[i]) + len(continuations[i]) - 1) == ctx_key]
+        if len(same) > 1:
+            kept.append(same)
+    return kept
 
 
 def _waves(groups: list[list[int]], contexts, token_budget: int | None) -> list[list[list[int]]]:

@@ -293,3 +293,15 @@ def test_the_documented_cache_route_gives_ordinary_generates_tokens():
     ids, mask = prepack.generation.left_pad(seqs, 0, "cpu")
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(scope["new_tokens"], want[:, ids.shape[1]:])
+
+
+def test_generate_from_a_config_with_use_cache_false_matches_each_prompt_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import COMMON
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, use_cache=False)).eval()
+    seqs = prompts([3, 9, 5])
+    got = prepack.generate(model, seqs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens(got) == alone(model, seqs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
