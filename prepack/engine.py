@@ -37,6 +37,7 @@ from .decoding import RequestRules, Rules
 from .hf import attention_needs, enable, model_device
 from .step import PackedCall
 from .kvstore import KVStore
+from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -140,6 +141,7 @@ def decode(
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     stats = EngineStats() if stats is None else stats
+    rope = rope_dependence(model)
     enable(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
@@ -163,6 +165,8 @@ def decode(
                     f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
                     f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name})"
                 )
+            if rope is not None:
+                _check_rope(model, rope, r)
             if sum(reserved.values()) + need_kv > kv_budget or step_tokens + need_q > token_budget:
                 break
             waiting.popleft()
@@ -170,7 +174,7 @@ def decode(
             step_tokens += need_q
         if not running:
             break
-        reqs, logits = _step(model, kernel, store, running)
+        reqs, logits = _step(model, kernel, store, running, rope)
         stats.steps += 1
         stats.batch_sizes.append(len(reqs))
         stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
@@ -224,8 +228,52 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
             yield _Request(i, prompt, own, gen)
 
 
-def _step(model, kernel, store: KVStore, running: dict) -> tuple[list, torch.Tensor]:
-    """One packed forward over every running request; returns them in stream order and their (n, V) float32 logits."""
+def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | None) -> tuple[list, torch.Tensor]:
+    """One step over every running request: the requests in stream order and their (n, V) float32 logits.
+
+    One packed forward, or with length-dependent RoPE (:mod:`prepack.rope`) one per group of requests
+    whose own forward would get the same rotary frequencies: alone, a request's forward reaches
+    ``len(prompt) + len(tokens)`` positions at this step, and its frequencies follow that length.
+    """
+    if rope is None:
+        return _forward_step(model, kernel, store, running)
+    groups: dict = {}
+    for i, r in running.items():
+        reach = len(r.prompt) + len(r.tokens)
+        why = rope.refusal(reach)
+        if why:
+            raise UnsupportedModelError(f"request {r.index} reaches {reach} positions but {type(model).__name__}'s {why}")
+        groups.setdefault(rope.key(reach), {})[i] = r
+    reqs, logits = [], []
+    for group in groups.values():
+        got, out = _forward_step(model, kernel, store, group)
+        reqs += got
+        logits.append(out)
+    return reqs, torch.cat(logits)
+
+
+def _check_rope(model, rope: RopeDependence, r: _Request) -> None:
+    """Refuse a request whose decoding would cross a change of rotary frequencies, before it runs.
+
+    Alone, such a request's frequencies change mid-generation, and what ``model.generate`` then does is
+    the model's own (Phi-3 recomputes the whole cache with the long factors when it first crosses
+    ``original_max_position_embeddings``; other models keep the cached keys): prepack does not guess.
+    """
+    first, last = len(r.prompt), r.rules.max_length - 1  # the positions its prefill and its last step reach
+    name = type(model).__name__
+    why = rope.refusal(last)
+    if why:
+        raise UnsupportedModelError(f"request {r.index} has {last} tokens but {name}'s {why}")
+    if rope.key(first) != rope.key(last):
+        raise UnsupportedModelError(
+            f"request {r.index} has {first} tokens and would decode up to {last} positions, across the point where "
+            f"{name}'s length-dependent RoPE changes its frequencies (generate's behaviour there is the model's "
+            "own); prepack decodes such a prompt only where it stays on one side: lower max_new_tokens or pad the prompt"
+        )
+
+
+def _forward_step(model, kernel, store: KVStore, running: dict) -> tuple[list, torch.Tensor]:
+    """One packed forward over ``running``; returns them in stream order and their (n, V) float32 logits."""
     kv = store.plan({i: len(r.feed) for i, r in running.items()})
     reqs = [running[i] for i in kv.order]
     device = store.device

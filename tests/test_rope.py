@@ -121,13 +121,20 @@ def test_longrope_detected_from_the_rotary_module_not_the_model_name():
 
 def test_longrope_generate_matches_each_prompt_generated_alone():
     model = build("phi3", "longrope")
-    seqs = prompts([10, 40, 14, 17, 5, 15])  # 14 and 15 cross ORIG while decoding
+    seqs = prompts([10, 40, 4, 17, 5, 20])  # each stays on one side of ORIG while decoding 5 tokens
     got = prepack.generate(model, seqs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert len(got) == len(seqs)
     for s, g in zip(seqs, got, strict=True):
         with torch.no_grad():
             want = model.generate(s[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert g.tolist() == want[0, len(s):].tolist()
+
+
+def test_longrope_generate_across_the_original_length_is_refused():
+    """Alone, Phi-3's generate recomputes its cache when it crosses ORIG: model-specific, so refused, not guessed."""
+    model = build("phi3", "longrope")
+    with pytest.raises(UnsupportedModelError, match=r"request 1 has 14 tokens and would decode up to 18 positions, across"):
+        prepack.generate(model, prompts([10, 14]), max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
 def test_longrope_score_with_a_shared_context_across_the_original_length_matches_alone():
