@@ -39,6 +39,7 @@ from .step import PackedCall
 from .kvstore import KVStore
 from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
+from .wrapped import runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
 _ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
@@ -143,6 +144,7 @@ def decode(
     stats = EngineStats() if stats is None else stats
     rope = rope_dependence(model)
     enable(model)
+    module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
     store, waiting, running, reserved = KVStore(device), deque(), {}, {}
@@ -174,7 +176,7 @@ def decode(
             step_tokens += need_q
         if not running:
             break
-        reqs, logits = _step(model, kernel, store, running, rope)
+        reqs, logits = _step(module, kernel, store, running, rope)
         stats.steps += 1
         stats.batch_sizes.append(len(reqs))
         stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
@@ -283,7 +285,7 @@ def _forward_step(model, kernel, store: KVStore, running: dict) -> tuple[list, t
     call = PackedCall(kv.layout, kernel, kv_store=kv)
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=pos, prepack=call, use_cache=False, logits_to_keep=last)
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
     if len(kv.layers_seen) != layers:
         missing = sorted(set(range(layers)) - kv.layers_seen)
         raise UnsupportedModelError(
