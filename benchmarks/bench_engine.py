@@ -57,7 +57,7 @@ def run_waves(model, seqs, args, wave=256):
         ids, mask = left_pad(w, 0, "cpu")
         result = prefill_tokens(model, [np.asarray(s[:-1], np.int64) for s in w], backend="auto", token_budget=None, capacity=None, logits=False)
         cache, _ = result.left_padded_cache(pad_to=longest - 1)
-        new = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=args.new_tokens,
+        new = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=args.new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=eos)[:, longest:]
         out += list(new)
     return out
@@ -92,14 +92,14 @@ def step_vs_forward(model, seqs, batch: int, cached: int) -> tuple[float, float]
     store = KVStore("cpu")
     rules = Rules(model, {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0}).for_request(torch.ones(1, dtype=torch.long), "cpu")
     running = {i: _Request(i, np.asarray(s[:cached], np.int64), rules, None) for i, s in enumerate(seqs[:batch])}
-    _step(model, kernel, store, running)  # the prefill
+    _step(model, kernel, store, running, None)  # the prefill (the bench model has no length-dependent RoPE)
     for r in running.values():
         r.feed = np.array([5], np.int64)
     times_step, times_fwd = [], []
     ids = torch.full((1, len(running)), 5)
     for _ in range(5):
         t = time.perf_counter()
-        _step(model, kernel, store, running)
+        _step(model, kernel, store, running, None)
         times_step.append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.no_grad():
