@@ -145,6 +145,7 @@ def decode(
     rope = rope_dependence(model)
     enable(model)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
+    slides = cache_slides(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
     store, waiting, running, reserved = KVStore(device), deque(), {}, {}
@@ -176,7 +177,7 @@ def decode(
             step_tokens += need_q
         if not running:
             break
-        reqs, logits = _step(module, kernel, store, running, rope)
+        reqs, logits = _step(module, kernel, store, running, rope, slides)
         stats.steps += 1
         stats.batch_sizes.append(len(reqs))
         stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
@@ -230,7 +231,7 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
             yield _Request(i, prompt, own, gen)
 
 
-def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | None) -> tuple[list, torch.Tensor]:
+def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | None, slides=None) -> tuple[list, torch.Tensor]:
     """One step over every running request: the requests in stream order and their (n, V) float32 logits.
 
     One packed forward, or with length-dependent RoPE (:mod:`prepack.rope`) one per group of requests
@@ -238,7 +239,7 @@ def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | N
     ``len(prompt) + len(tokens)`` positions at this step, and its frequencies follow that length.
     """
     if rope is None:
-        return _forward_step(model, kernel, store, running)
+        return _forward_step(model, kernel, store, running, slides)
     groups: dict = {}
     for i, r in running.items():
         reach = len(r.prompt) + len(r.tokens)
@@ -248,7 +249,7 @@ def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | N
         groups.setdefault(rope.key(reach), {})[i] = r
     reqs, logits = [], []
     for group in groups.values():
-        got, out = _forward_step(model, kernel, store, group)
+        got, out = _forward_step(model, kernel, store, group, slides)
         reqs += got
         logits.append(out)
     return reqs, torch.cat(logits)
@@ -274,8 +275,12 @@ def _check_rope(model, rope: RopeDependence, r: _Request) -> None:
         )
 
 
-def _forward_step(model, kernel, store: KVStore, running: dict) -> tuple[list, torch.Tensor]:
-    """One packed forward over ``running``; returns them in stream order and their (n, V) float32 logits."""
+def _forward_step(model, kernel, store: KVStore, running: dict, slides=None) -> tuple[list, torch.Tensor]:
+    """One packed forward over ``running``; returns them in stream order and their (n, V) float32 logits.
+
+    ``slides``: per layer, whether the model's own cache keeps only a sliding window of keys (see
+    :func:`cache_slides`); such a layer whose attention applied no window is refused.
+    """
     kv = store.plan({i: len(r.feed) for i, r in running.items()})
     reqs = [running[i] for i in kv.order]
     device = store.device
@@ -292,7 +297,25 @@ def _forward_step(model, kernel, store: KVStore, running: dict) -> tuple[list, t
             f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
             "state cannot be cached by the decode engine; it cannot decode this model exactly"
         )
+    for i, slide in enumerate(slides or ()):
+        if slide and not kv.windows.get(i):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: layer {i}'s cache keeps only a sliding window of keys, but its attention "
+                "applies no window, so transformers' own decoding attends to fewer keys than its prefill did; "
+                "prepack's decode engine cannot reproduce that exactly"
+            )
     return reqs, out.logits[0].float()
+
+
+def cache_slides(model) -> list[bool]:
+    """Per layer, whether a ``DynamicCache`` built for ``model`` drops keys outside a sliding window (or chunk)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=unwrap(model).config.get_text_config(decoder=True))
+    except Exception:  # noqa: BLE001 - a config transformers cannot lay a cache out for: nothing to compare
+        return []
+    return [bool(getattr(layer, "is_sliding", False)) for layer in cache.layers]
 
 
 def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[list[int], list]:

@@ -226,6 +226,8 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
                     f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's earlier keys"
                 )
             key, value = earlier.extend(layer_idx, key, value)
+            if call.kv_store is not None:
+                call.kv_store.windows[layer_idx] = sem.window or sem.chunk
         cu_q, cu_k, max_q, max_k = call.layout.varlen_args(sem.chunk)
     refusal = kernel.refusal(Needs(softcap=sem.softcap, sinks=sem.sinks is not None, window=bool(sem.window or sem.chunk)))
     if refusal:

@@ -176,6 +176,7 @@ class StepKV:
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
         self.layers_seen: set[int] = set()
+        self.windows: dict[int, int | None] = {}  # layer -> the window (or chunk) its attention call applied
 
     def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
