@@ -27,7 +27,7 @@ import torch
 
 from ..backends import BACKENDS
 from ..generation import generate_with_backends, left_pad
-from ..hf import cache_kwarg, wrapped_implementation
+from ..hf import cache_kwarg, disable, wrapped_implementation
 from ..forward import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
@@ -155,6 +155,10 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
             # model.generate continues from, so the result is as usable as padded's.
             cache = r.left_padded_cache()
             return Outcome(r.logits.argmax(-1), cache, r.backend)
+        if backend in ROW_BACKENDS:  # rows under dense masks prefill only: the first token is the prefill's (greedy)
+            r = prepack.prefill(model, c.prompts, backend=backend)
+            first = r.logits.argmax(-1)
+            return Outcome(first, [t[None] for t in first], r.backend)
         out = generate_with_backends(
             model, c.prompts, backend=backend, generation_config=_generation_config(model, c), progress=False,
         )
@@ -198,6 +202,9 @@ def m_hf_cb(model, c: Call) -> Outcome:
         max_requests_per_batch=len(c.prompts),
         auto_switch_to_flash=False,
     )
+    # generate_batch accepts only implementations it knows: hand it back the model's own (prepack's
+    # next call switches it again); the methods run one at a time, so no packed call is running
+    disable(model)
     out = model.generate_batch(
         inputs=[list(p) for p in c.prompts], generation_config=_generation_config(model, c),
         continuous_batching_config=cb, warmup=False,
