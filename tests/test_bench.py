@@ -260,3 +260,11 @@ def test_cli_bench_refuses_the_old_dense_method_name(capsys):
 def test_python_dash_m_prepack_bench_help_runs():
     out = subprocess.run([sys.executable, "-m", "prepack", "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--on-long" in out.stdout and "--batch-sizes" in out.stdout
+
+
+def test_continuous_batching_runs_after_prepack_switched_the_model(tiny):
+    """generate_batch refuses a prepack|<own> implementation; the hf-cb method hands it the model's own."""
+    prompts = synthetic_lognormal(4, vocab_size=tiny.config.vocab_size, seed=3)
+    rows = bench.run_bench(tiny, prompts, metrics=("ttft",), methods=("prepack", "hf-cb", "prepack:sdpa_masked"), repeat=1, warmup=0)
+    assert [r["method"] for r in rows] == ["prepack", "hf-cb", "prepack:sdpa_masked"]
+    assert [r.get("error") for r in rows] == [None, None, None]
