@@ -27,7 +27,6 @@ import time
 import numpy as np
 import torch
 
-import prepack
 from prepack.bench.models import build_model
 from prepack.bench.prompts import load_prompts
 from prepack.engine import EngineStats, decode
@@ -133,7 +132,6 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             outs[m] = fns[m](model, seqs, args)
             times[m].append(time.perf_counter() - t)
-    new_tokens = sum(len(o) for o in outs["engine"]) if "engine" in outs else None
     med = {m: statistics.median(v) for m, v in times.items()}
     print("\n| method | seconds (median) | new tokens/s | engine speedup |\n|---|---|---|---|")
     for m in methods:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .backends import Kernel, choose
+from .backends import KERNELS, Kernel, choose
 from .hf import attention_needs, cache_kwarg, enable, model_device
 from .inputs import check_prompts
 from .packing import PackedBatch, pack_plan
@@ -44,9 +44,9 @@ from .support import UnsupportedModelError
 from .wrapped import check_mode, runner, unwrap
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
-# block-diagonal mask (the prepacking paper's layout). Every other backend gets one varlen
-# stream of at most ``token_budget`` tokens per forward.
-ROW_BACKENDS = ("sdpa_masked",)
+# block-diagonal mask (the prepacking paper's layout): the kernels that declare ``rows``. Every
+# other backend gets one varlen stream of at most ``token_budget`` tokens per forward.
+ROW_BACKENDS = tuple(name for name, kernel in KERNELS.items() if kernel.rows)
 
 Output = Literal["logits", "hidden_states"]
 OUTPUTS: tuple[str, ...] = ("logits", "hidden_states")
