@@ -11,12 +11,14 @@ The data flow, one module per step::
 
 ``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training (the
 packer itself is ``prepack.packer``, its Arrow conversion ``prepack.arrow``),
-``prepack.collate`` turns packed rows into ``Trainer`` batches, and ``prepack.ray_data`` runs both
+``prepack.collate`` turns packed rows into ``Trainer`` batches (``prepack.collate_vision``: vision-language
+examples, with the model's own mRoPE positions), and ``prepack.ray_data`` runs both
 packing and batch inference on Ray Data.
 """
 
 from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
+from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .forward import forward_at
 from .generation import generate, generate_iter
@@ -40,6 +42,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "BACKENDS",
     "DataCollatorForPackedRows",
+    "DataCollatorForPackedVisionRows",
     "FlashKVCache",
     "PackStats",
     "PackedBatch",
