@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .collate import IGNORE_INDEX, LOSS_MASKS
+from .hf import is_enabled
 
 # Model types whose packed training step was checked against the unpacked batch (tests/test_collate_vision.py).
 MROPE_MODELS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
@@ -51,7 +52,9 @@ class DataCollatorForPackedVisionRows:
 
     Labels are the example's ``labels`` (else its ``input_ids``) with ``separator_id`` on its first token,
     as ``DataCollatorWithFlattening`` makes them, and -100 wherever a ``completion_mask`` /
-    ``assistant_masks`` is 0. Any other key (videos, ``image_sizes``, ``second_per_grid_ts``, ...) is
+    ``assistant_masks`` is 0. The model must run prepack's attention (:func:`prepack.enable`): under
+    transformers' own sdpa / eager, a model with ``use_cache`` on attends across the packed examples, so the
+    collator refuses it. Any other key (videos, ``image_sizes``, ``second_per_grid_ts``, ...) is
     refused, naming the example: dropping it would train on something else.
 
     Attributes:
@@ -62,7 +65,7 @@ class DataCollatorForPackedVisionRows:
         separator_id: the label of each example's first token.
     """
 
-    model: Any
+    model: Any = field(repr=False)
     separator_id: int = IGNORE_INDEX
     _rope_index: Any = field(init=False, repr=False, default=None)
 
@@ -102,6 +105,14 @@ class DataCollatorForPackedVisionRows:
             raise ValueError(f'DataCollatorForPackedVisionRows returns torch tensors only (return_tensors="pt"), got {return_tensors!r}')
         if not features:
             raise ValueError("DataCollatorForPackedVisionRows got no examples")
+        if not is_enabled(self.model):
+            # transformers isolates packed examples by their position ids only when no cache is in play, and a model
+            # with use_cache=True (the default, in training too) makes one: its sdpa/eager would attend across examples
+            raise ValueError(
+                f"{type(self.model).__name__} runs {self.model.config._attn_implementation!r} attention, which would let the "
+                "packed examples attend to each other; call prepack.enable(model) (or "
+                'model.set_attn_implementation("prepack")) before training on these batches'
+            )
         allowed = (*_TOKEN_KEYS, *_IMAGE_KEYS[self._kind])
         with_labels = "labels" in features[0]
         ids, labels, positions, text_positions, pixels, grids = [], [], [], [], [], []

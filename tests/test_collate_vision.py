@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 import prepack
 from prepack.collate_vision import DataCollatorForPackedVisionRows
@@ -73,13 +73,13 @@ def test_packed_vlm_step_gives_the_loss_and_gradients_of_the_padded_batch(family
 
 
 def test_mrope_positions_restart_per_example_as_transformers_builds_them_for_the_padded_batch():
-    model, _, processor, texts, images = setup("qwen2_5_vl")
+    model, packed, processor, texts, images = setup("qwen2_5_vl")
     padded = padded_batch(processor, texts, images)
     want, _ = model.model.get_rope_index(
         padded["input_ids"], mm_token_type_ids=padded["mm_token_type_ids"], image_grid_thw=padded["image_grid_thw"],
         attention_mask=padded["attention_mask"],
     )  # (3, B, L), each row's real tokens positioned as that example alone
-    position_ids = DataCollatorForPackedVisionRows(model)(examples_of(processor, texts, images))["position_ids"]
+    position_ids = DataCollatorForPackedVisionRows(packed)(examples_of(processor, texts, images))["position_ids"]
     lengths = padded["attention_mask"].sum(-1).tolist()
     segments = torch.split(position_ids[:, 0], lengths, dim=-1)
     for b, (segment, n) in enumerate(zip(segments, lengths)):
@@ -143,7 +143,7 @@ def test_trainer_first_step_loss_on_packed_vlm_examples_matches_the_padded_batch
 
 
 def test_dataset_rows_of_lists_collate_like_the_processors_tensors():
-    model, _, processor, texts, images = setup("qwen2_5_vl")
+    _, model, processor, texts, images = setup("qwen2_5_vl")
     examples = examples_of(processor, texts, images)
     as_lists = [{k: v[0].tolist() if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v.tolist() for k, v in e.items()}
                 for e in examples]
@@ -152,12 +152,21 @@ def test_dataset_rows_of_lists_collate_like_the_processors_tensors():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_data_collator_with_flattening_drops_the_images_and_gives_one_position_row():
+    """The peer: it flattens text examples only (docs/vision_training.md's comparison)."""
+    _, _, processor, texts, images = setup("qwen2_5_vl")
+    examples = [{k: v[0].tolist() if k == "input_ids" else v for k, v in e.items()} for e in examples_of(processor, texts, images)]
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+    assert "pixel_values" not in theirs and "image_grid_thw" not in theirs
+    assert theirs["position_ids"].shape == theirs["input_ids"].shape  # (1, T): no height/width positions
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key", ["pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_sizes", "token_type_ids"])
 def test_a_key_the_collator_does_not_handle_is_refused_naming_the_example(key):
-    model, _, processor, texts, images = setup("qwen2_5_vl")
+    _, model, processor, texts, images = setup("qwen2_5_vl")
     examples = examples_of(processor, texts, images)
     examples[2][key] = torch.ones(1, 3)
     with pytest.raises(ValueError, match=rf"example 2 has \['{key}'\], which DataCollatorForPackedVisionRows does not handle"):
@@ -165,7 +174,7 @@ def test_a_key_the_collator_does_not_handle_is_refused_naming_the_example(key):
 
 
 def test_image_grid_thw_is_refused_by_llava():
-    model, _, processor, texts, images = setup("llava")
+    _, model, processor, texts, images = setup("llava")
     examples = examples_of(processor, texts, images)
     examples[0]["image_grid_thw"] = torch.tensor([[1, 4, 4]])
     with pytest.raises(ValueError, match=r"example 0 has \['image_grid_thw'\].*for llava"):
@@ -177,8 +186,19 @@ def test_a_model_the_collator_was_not_checked_on_is_refused():
         DataCollatorForPackedVisionRows(models.build("llama"))
 
 
+def test_a_model_without_prepack_attention_is_refused_because_its_own_sdpa_mixes_the_examples():
+    model, packed, processor, texts, images = setup("llava")
+    examples = examples_of(processor, texts, images)
+    with pytest.raises(ValueError, match=r"LlavaForConditionalGeneration runs 'sdpa' attention.*prepack.enable\(model\)"):
+        DataCollatorForPackedVisionRows(model)(examples)
+    with torch.no_grad():  # why: with use_cache on (the default) transformers' sdpa ignores the restarting positions
+        want = model(**padded_batch(processor, texts, images)).loss
+        own = model(**DataCollatorForPackedVisionRows(packed)(examples)).loss
+    assert abs(own.item() - want.item()) > 1e-3
+
+
 def test_images_that_do_not_match_their_example_s_image_tokens_are_refused():
-    model, _, processor, texts, images = setup("qwen2_5_vl")
+    _, model, processor, texts, images = setup("qwen2_5_vl")
     examples = examples_of(processor, texts, images)
     # swap the grids of example 2's two images: the totals still match, the runs do not
     examples[2]["image_grid_thw"] = examples[2]["image_grid_thw"].flip(0)
@@ -191,7 +211,7 @@ def test_images_that_do_not_match_their_example_s_image_tokens_are_refused():
 
 
 def test_a_padded_example_is_refused():
-    model, _, processor, texts, images = setup("llava")
+    _, model, processor, texts, images = setup("llava")
     examples = examples_of(processor, texts, images)
     examples[1]["attention_mask"] = examples[1]["attention_mask"].clone()
     examples[1]["attention_mask"][0, -1] = 0
