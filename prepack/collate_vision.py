@@ -3,7 +3,7 @@
 transformers' ``DataCollatorWithFlattening`` concatenates text examples into one (1, T) row with
 position ids restarting at each example. A vision-language example carries more: its images (pixel
 values, and for Qwen-VL each image's patch grid), and for multimodal-RoPE models (Qwen2-VL,
-Qwen2.5-VL) three position ids per token (temporal, height, width) that only the model's
+Qwen2.5-VL, Qwen3-VL) three position ids per token (temporal, height, width) that only the model's
 ``get_rope_index`` knows how to build. :class:`DataCollatorForPackedVisionRows` builds them per
 example, so they restart at every example exactly as the example alone would get them::
 
@@ -35,10 +35,10 @@ from .collate import IGNORE_INDEX, LOSS_MASKS
 from .hf import is_enabled
 
 # Model types whose packed training step was checked against the unpacked batch (tests/test_collate_vision.py).
-MROPE_MODELS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
+MROPE_MODELS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 PLAIN_POSITION_MODELS: tuple[str, ...] = ("llava",)
 _TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", *LOSS_MASKS)
-_IMAGE_KEYS = {"qwen2_vl": ("pixel_values", "image_grid_thw"), "qwen2_5_vl": ("pixel_values", "image_grid_thw"), "llava": ("pixel_values",)}
+_IMAGE_KEYS = {**{kind: ("pixel_values", "image_grid_thw") for kind in MROPE_MODELS}, "llava": ("pixel_values",)}
 
 
 @dataclass
@@ -59,8 +59,8 @@ class DataCollatorForPackedVisionRows:
 
     Attributes:
         model: the vision-language model the batches are for (``Qwen2VLForConditionalGeneration``,
-            ``Qwen2_5_VLForConditionalGeneration``, ``LlavaForConditionalGeneration``, or their base
-            models). Its config gives the image token id and the image sizes; for mRoPE models its own
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``LlavaForConditionalGeneration``, or their base models). Its config gives the image token id and the image sizes; for mRoPE models its own
             ``get_rope_index`` builds the positions. Only read, never written.
         separator_id: the label of each example's first token.
     """

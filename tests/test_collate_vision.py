@@ -59,7 +59,7 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava"])
 def test_packed_vlm_step_gives_the_loss_and_gradients_of_the_padded_batch(family):
     model, packed, processor, texts, images = setup(family)
     want_loss, want_grads = loss_and_grads(model, padded_batch(processor, texts, images))
@@ -182,7 +182,7 @@ def test_image_grid_thw_is_refused_by_llava():
 
 
 def test_a_model_the_collator_was_not_checked_on_is_refused():
-    with pytest.raises(ValueError, match=r"does not support LlamaForCausalLM \(model_type 'llama'\); supported: qwen2_vl, qwen2_5_vl, llava"):
+    with pytest.raises(ValueError, match=r"does not support LlamaForCausalLM \(model_type 'llama'\); supported: qwen2_vl, qwen2_5_vl, qwen3_vl, llava"):
         DataCollatorForPackedVisionRows(models.build("llama"))
 
 

@@ -1,10 +1,10 @@
 """Tiny random-weight vision-language models and their processors, built from configs offline.
 
-Shared by the vision tests: a Qwen2-VL and a Qwen2.5-VL (mRoPE, a windowed vision tower, images as (patches, C*t*p*p)
-with ``image_grid_thw``) and a LLaVA (a CLIP tower, images as (n, C, H, W), image features spliced into a
-1-D position stream). The processors are transformers' own, with PIL-backed image processors (torchvision
-does not load here), the offline BPE tokenizer of ``tests/models.py`` plus the vision special tokens, and
-no video processor. Images are drawn in code.
+Shared by the vision tests: a Qwen2-VL, a Qwen2.5-VL (windowed vision tower) and a Qwen3-VL (deepstack
+features), all mRoPE with images as (patches, C*t*p*p) and ``image_grid_thw``; and a LLaVA (a CLIP tower,
+images as (n, C, H, W), image features spliced into a 1-D position stream). The processors are
+transformers' own, with PIL-backed image processors (torchvision does not load here), the offline BPE
+tokenizer of ``tests/models.py`` plus the vision special tokens, and no video processor. Images are drawn in code.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ def _text_config(tok) -> dict:
     )
 
 
-def _qwen(config_class, model_class, processor_class, vision: dict, seed: int):
+def _qwen(config_class, model_class, processor_class, vision: dict, seed: int, rope: dict | None = None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    rope = rope or {}
     tok = _tokenizer(QWEN_SPECIAL)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     text = _text_config(tok)
     # mrope_section sums to head_dim / 2 (16 / 2 = 8): t, h and w each rotate part of every head
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **rope}
     config = config_class(
         text_config=text,
         vision_config=dict(patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, depth=2, num_heads=2, **vision),
@@ -82,6 +83,14 @@ def qwen2_5_vl(seed: int = 0):
 
     vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1])
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision, seed)
+
+
+def qwen3_vl(seed: int = 0):
+    """(model, processor): a tiny Qwen3-VL (interleaved mRoPE, deepstack features from vision block 0), eval, fp32, sdpa."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, vision, seed, rope={"mrope_interleaved": True})
 
 
 def _image_only(processor_class):
@@ -126,4 +135,7 @@ def llava(seed: int = 0):
 
 
 # name -> (builder, the text that places one image in a prompt)
-FAMILIES = {"qwen2_vl": (qwen2_vl, QWEN_IMAGE), "qwen2_5_vl": (qwen2_5_vl, QWEN_IMAGE), "llava": (llava, LLAVA_IMAGE)}
+FAMILIES = {
+    "qwen2_vl": (qwen2_vl, QWEN_IMAGE), "qwen2_5_vl": (qwen2_5_vl, QWEN_IMAGE), "qwen3_vl": (qwen3_vl, QWEN_IMAGE),
+    "llava": (llava, LLAVA_IMAGE),
+}
