@@ -60,8 +60,9 @@ class DataCollatorForPackedVisionRows:
     Attributes:
         model: the vision-language model the batches are for (``Qwen2VLForConditionalGeneration``,
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration``, or their base models). Its config gives the image token id and the image sizes; for mRoPE models its own
-            ``get_rope_index`` builds the positions. Only read, never written.
+            ``LlavaForConditionalGeneration``, or their base models). Its config gives the image token id
+            and the image sizes; for mRoPE models its own ``get_rope_index`` builds the positions. Only
+            read, never written.
         separator_id: the label of each example's first token.
     """
 
@@ -85,6 +86,7 @@ class DataCollatorForPackedVisionRows:
                 raise ValueError(f"{type(self.model).__name__} is an mRoPE model without get_rope_index; pass the model itself")
         self._kind = kind
         self._image_token = int(config.image_token_id)
+        self._video_token = getattr(config, "video_token_id", None)
 
     def __call__(self, features: Sequence[Mapping[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         """E examples -> one batch.
@@ -133,6 +135,8 @@ class DataCollatorForPackedVisionRows:
             if "attention_mask" in example and not (_tokens(example, "attention_mask", e) == 1).all():
                 raise ValueError(f"example {e} is padded (its attention_mask has zeros); pass each example unpadded")
             is_image = tokens == self._image_token
+            if self._video_token is not None and (tokens == self._video_token).any():
+                raise ValueError(f"example {e} has video tokens (id {self._video_token}); videos are not handled")
             if "mm_token_type_ids" in example:
                 types = _tokens(example, "mm_token_type_ids", e)
                 if not np.array_equal(types != 0, is_image) or (types > 1).any():
@@ -140,7 +144,7 @@ class DataCollatorForPackedVisionRows:
                         f"example {e}: mm_token_type_ids mark other tokens than its image tokens (id {self._image_token}); "
                         "only images (type 1) are handled"
                     )
-            label = _tokens(example, "labels", e).copy() if with_labels else tokens.copy()
+            label = (_tokens(example, "labels", e) if with_labels else tokens).astype(np.int64)  # a copy
             label[0] = self.separator_id
             for key in LOSS_MASKS:
                 if key in example:

@@ -124,22 +124,19 @@ def test_an_unpacked_batch_with_mrope_position_ids_runs_each_row_alone():
 
 def test_trainer_first_step_loss_on_packed_vlm_examples_matches_the_padded_batch(tmp_path):
     model, packed, processor, texts, images = setup("qwen2_5_vl")
+    with torch.no_grad():
+        unpacked = model(**padded_batch(processor, texts, images)).loss.item()  # what a Trainer logs for its first step
     rows = [{"text": t, "images": i} for t, i in zip(texts, images)]
     pack = DataCollatorForPackedVisionRows(packed)
-
-    def first_step_loss(model, collate):
-        args = TrainingArguments(
-            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(rows), logging_steps=1,
-            learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, remove_unused_columns=False,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
-        trainer.train()
-        return trainer.state.log_history[0]["loss"]
-
-    unpacked = first_step_loss(model, lambda rs: padded_batch(processor, [r["text"] for r in rs], [r["images"] for r in rs]))
-    loss = first_step_loss(packed, lambda rs: pack(examples_of(processor, [r["text"] for r in rs], [r["images"] for r in rs])))
-    assert loss == pytest.approx(unpacked, rel=1e-5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(rows), logging_steps=1,
+        learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    collate = lambda rs: pack(examples_of(processor, [r["text"] for r in rs], [r["images"] for r in rs]))  # noqa: E731
+    trainer = Trainer(model=packed, args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(unpacked, rel=1e-5)
 
 
 def test_dataset_rows_of_lists_collate_like_the_processors_tensors():
@@ -170,6 +167,15 @@ def test_a_key_the_collator_does_not_handle_is_refused_naming_the_example(key):
     examples = examples_of(processor, texts, images)
     examples[2][key] = torch.ones(1, 3)
     with pytest.raises(ValueError, match=rf"example 2 has \['{key}'\], which DataCollatorForPackedVisionRows does not handle"):
+        DataCollatorForPackedVisionRows(model)(examples)
+
+
+def test_video_tokens_are_refused_naming_the_example():
+    _, model, processor, texts, images = setup("qwen2_5_vl")
+    examples = examples_of(processor, texts, images)
+    examples[1]["input_ids"] = examples[1]["input_ids"].clone()
+    examples[1]["input_ids"][0, 2] = model.config.video_token_id
+    with pytest.raises(ValueError, match=r"example 1 has video tokens \(id \d+\); videos are not handled"):
         DataCollatorForPackedVisionRows(model)(examples)
 
 
