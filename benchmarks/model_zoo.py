@@ -1,8 +1,8 @@
 """Conformance sweep: every causal-LM model type in transformers, tiny, packed vs. run alone.
 
 For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny random-weight
-model (a generic shrink of the default config, plus a small table of per-family
-overrides), then, in fp32 on CPU, checks prepack against transformers itself:
+model (a generic shrink of the default config, plus the hand-made per-type overrides of
+``benchmarks/zoo_configs.py``), then, in fp32 on CPU, checks prepack against transformers itself:
 
 * last-token logits of ``prepack.prefill`` against each prompt run alone (max abs <= 1e-4),
   on every CPU backend, with prompts longer than any window or chunk and more tokens than
@@ -12,7 +12,9 @@ overrides), then, in fp32 on CPU, checks prepack against transformers itself:
 
 Each type runs in its own subprocess with a timeout, and is classified as ``exact``,
 ``refused`` (prepack raised its ``UnsupportedModelError``, naming the model and the reason),
-``not buildable tiny``, ``transformers fails`` (the solo run or padded ``generate`` fails),
+``not buildable tiny`` (our tiny config is wrong), ``transformers fails`` (plain transformers, no prepack,
+fails: its own default config does not build, or the solo run or padded ``generate`` raises; the detail
+names the call),
 or, the outcomes that must never appear, ``silently wrong`` and ``prepack crash``.
 
     python benchmarks/model_zoo.py                      # the whole sweep -> docs/models.md
@@ -28,6 +30,9 @@ import subprocess
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zoo_configs import CONFIG_TYPE, DEFAULT_FIXES, OVERRIDES  # noqa: E402 - hand-made tiny configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -65,41 +70,6 @@ SHRINK = dict(
     decoder_layers=4, encoder_layers=4, decoder_attention_heads=4, encoder_attention_heads=4,
     decoder_ffn_dim=128, encoder_ffn_dim=128,
 )
-# Where the generic shrink fails, per family: the smallest change that builds and runs.
-OVERRIDES: dict[str, dict] = {
-    # MLA expands keys to every query head
-    # the default leaves num_experts_per_tok unset (None): the router's topk needs it
-    "deepseek_v2": dict(num_key_value_heads=4, num_experts_per_tok=2),
-    # the default config has head_dim=None, and the attention reads getattr(config, "head_dim", ...) -> None
-    "hunyuan_v1_dense": dict(head_dim=16),
-    "hunyuan_v1_moe": dict(head_dim=16),
-    "ministral": dict(head_dim=16),
-    # hidden_size * expand = num_heads * head_dim (128 = 8 * 16)
-    "mamba2": dict(num_heads=8),
-    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16),
-    # one attention type per layer: [[["global", "local"], 2]] covers the 4 layers
-    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
-    "zamba2": dict(layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"]),
-    # KV shared across layers and per-layer sparsity: sized for the 4 tiny layers (the 3 layers kept)
-    "gemma3n": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
-    "gemma3n_text": dict(num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0]),
-    "zaya": dict(num_experts_per_tok=1),  # its config validator accepts no other value
-    "reformer": dict(is_decoder=True),  # ReformerModelWithLMHead asserts it
-    # MoE sizes left unset (None) in the default config
-    "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
-    # the sparse indexer's sizes are unset in the default config
-    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2),
-    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2),
-    "deepseek_v3": dict(num_key_value_heads=4),
-    "longcat_flash": dict(num_key_value_heads=4),
-    "glm4_moe_lite": dict(num_key_value_heads=4),
-    "minicpm3": dict(num_key_value_heads=4),
-    # the default configs are all attention; the released models put short convolutions in between
-    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
-    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
-    # the default puts the first attention layer at index 4
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-}
 # Rows beyond the model types: "<type>@<variant>", a RoPE type or a config variant on a base type.
 # RoPE thresholds at ORIG tokens, so that the prompts (up to 40 tokens) lie on both sides of them.
 ORIG = 16
@@ -191,7 +161,7 @@ def _shrunk_kwargs(config, extra: dict) -> dict:
             current = getattr(config, key, None)
         except RuntimeError:  # a per-layer attribute (Gemma 4, dots3): it has no single global value, but it is set
             present, current = True, 0
-        if present and not isinstance(current, dict):
+        if present and (key in extra or not isinstance(current, dict)):  # dicts (rope_parameters) only when named
             if value is None and key == "head_dim":
                 kwargs[key] = None
             elif current is not None or key in extra:
@@ -214,8 +184,9 @@ def _shrunk_kwargs(config, extra: dict) -> dict:
     for key in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            small = _shrunk_kwargs(sub, extra)
-            kwargs[key] = {**sub.to_dict(), **small}
+            own = extra.get(key, {})  # an override may name sub-config fields: {"text_config": {...}}
+            small = _shrunk_kwargs(sub, {**extra, **own})
+            kwargs[key] = {**sub.to_dict(), **small, **own}
             if "num_hidden_layers" in small:  # per-layer overrides name layers of the full-size model: rebuilt from defaults
                 kwargs[key].pop("per_layer_config", None)
     return kwargs
@@ -223,16 +194,25 @@ def _shrunk_kwargs(config, extra: dict) -> dict:
 
 def build(model_type: str, extra: dict):
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type, _, variant = model_type.partition("@")
     config_kwargs, after = VARIANTS[variant] if variant else ({}, None)
-    default = AutoConfig.for_model(model_type)
-    kwargs = _shrunk_kwargs(default, {**OVERRIDES.get(model_type, {}), **extra})
+    default = AutoConfig.for_model(CONFIG_TYPE.get(model_type, model_type), **DEFAULT_FIXES.get(model_type, {}))
+    own = OVERRIDES.get(model_type, {})
+    kwargs = _shrunk_kwargs(default, {**own, **extra})
+    for key, value in own.items():
+        kwargs.setdefault(key, value)  # a field the default config lacks (blt's num_hidden_layers)
     kwargs.update(config_kwargs)
-    config = AutoConfig.for_model(model_type, **kwargs)
+    config = AutoConfig.for_model(CONFIG_TYPE.get(model_type, model_type), **kwargs)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model_type in CONFIG_TYPE:  # the causal-LM class of a sub-config: AutoModelForCausalLM cannot map it
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        model = cls._from_config(config, dtype=torch.float32).eval()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if after == "train":
         model.train()
     elif after:
@@ -251,7 +231,12 @@ def tolerance(model, want) -> float:
 
 
 def vocab_size(model) -> int:
-    return int(model.get_input_embeddings().weight.shape[0])
+    import torch
+
+    emb = model.get_input_embeddings()
+    if isinstance(emb, torch.nn.ModuleList):  # one table per codebook (MusicGen): each holds the same vocabulary
+        emb = emb[0]
+    return int(emb.weight.shape[0])
 
 
 def prompts(model, lengths=LENGTHS):
@@ -334,20 +319,23 @@ def check(model_type: str) -> dict:
             errors.append(("build", e))
             model = None
             continue
-        seqs = prompts(model)
         try:
+            seqs = prompts(model)
             want, solo_caches = solo(model, seqs)
             break
         except Exception as e:  # noqa: BLE001
             errors.append(("solo", e))
             model = None
     if model is None:
-        stage, e = next((x for x in errors if x[0] == "solo"), errors[0])  # the generic shrink's own failure
-        own = default_config_error(model_type)
-        if own is not None:  # transformers cannot even make its own default config: not our tiny config's fault
+        stage, e = next((x for x in errors if x[0] == "solo"), errors[0])  # the hand-made config's own failure
+        if stage == "solo":  # it builds, and transformers alone fails on it (no prepack involved)
+            return {**row, "outcome": "transformers fails", "detail": (
+                f"plain transformers, no prepack: model(input_ids, use_cache=True) on the tiny config raises "
+                f"{type(e).__name__}: {_short(e)}")}
+        own = default_build_error(model_type)
+        if own is not None:  # transformers cannot even build its own default: not our tiny config's fault
             return {**row, "outcome": "transformers fails", "detail": own}
-        outcome = "not buildable tiny" if stage == "build" else "transformers fails"
-        return {**row, "outcome": outcome, "detail": f"{type(e).__name__}: {_short(e)}"}
+        return {**row, "outcome": "not buildable tiny", "detail": f"{type(e).__name__}: {_short(e)}"}
     row["class"] = type(model).__name__
     row["features"] = features(model)
     details = []
@@ -414,15 +402,22 @@ def check(model_type: str) -> dict:
     return {**row, "outcome": "exact", "detail": ""}
 
 
-def default_config_error(model_type: str) -> str | None:
-    """transformers' own failure to build the default config of ``model_type`` (reproducible with plain
-    transformers: ``AutoConfig.for_model(model_type)``), or None when it builds."""
-    from transformers import AutoConfig
+def default_build_error(model_type: str) -> str | None:
+    """transformers' own failure to build ``model_type`` from its default config (plain transformers:
+    ``AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type))``, on the meta device, so no
+    full-size weights), or None when it builds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_type = model_type.partition("@")[0]
+    call = f"AutoConfig.for_model({model_type!r})"
     try:
-        AutoConfig.for_model(model_type.partition("@")[0])
+        config = AutoConfig.for_model(model_type)
+        call = f"AutoModelForCausalLM.from_config({call})"
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
     except Exception as e:  # noqa: BLE001
-        return f"AutoConfig.for_model({model_type!r}) with transformers' own defaults raises {type(e).__name__}: {_short(e)}"
+        return f"plain transformers, no prepack: {call} with its own defaults raises {type(e).__name__}: {_short(e)}"
     return None
 
 
@@ -543,9 +538,12 @@ def write_markdown(rows: list[dict], path: str, command: str, seconds: float) ->
         "train mode and half precision on the base types they name.",
         "",
         "Outcomes: **exact** (all checks pass); **refused** (prepack raised `UnsupportedModelError` naming the model "
-        "and the reason); **not buildable tiny** (the tiny config does not build); **transformers fails** (the solo "
-        "run or left-padded `generate` fails in transformers itself); **silently wrong** / **prepack crash** must "
-        "never appear.",
+        "and the reason); **not buildable tiny** (the tiny config does not build: our config's fault); **transformers "
+        "fails** (plain transformers, with no prepack involved, fails: its own default config does not build, or the "
+        "model run alone or left-padded `generate` raises; the detail names the call, reproducible without prepack); "
+        "**silently wrong** / **prepack crash** must never appear. The tiny configs are a generic shrink of each "
+        "type's default config plus hand-made per-type overrides (`benchmarks/zoo_configs.py`, each with its "
+        "reason).",
         "",
         "| model type | class | features | outcome | logits gap | detail |",
         "|---|---|---|---|---|---|",
