@@ -119,6 +119,7 @@ def _from_padded(batch) -> list[np.ndarray]:
     """
     if "input_ids" not in batch:
         raise ValueError(f"a mapping of prompts needs 'input_ids' (and 'attention_mask'); got keys {list(batch.keys())}")
+    _refuse_unused_keys(batch, ())
     ids = _as_rows(batch["input_ids"], "input_ids")
     if "attention_mask" not in batch or batch["attention_mask"] is None:
         if isinstance(ids, np.ndarray) and ids.shape[1] and ids.shape[0] > 1:
@@ -141,6 +142,22 @@ def _from_padded(batch) -> list[np.ndarray]:
                 raise ValueError(f"request {i}'s attention_mask has {len(m)} entries but its input_ids has {len(row)}")
             _check_mask(m[None], i)
     return [token_array(row[m.astype(bool)], i) for i, (row, m) in enumerate(zip(ids, mask))]
+
+
+# What a mapping of prompts may carry besides the token ids themselves; anything else is refused, never dropped.
+_PROMPT_KEYS = ("input_ids", "attention_mask")
+
+
+def _refuse_unused_keys(batch, used: Sequence[str]) -> None:
+    """Refuse a key of ``batch`` that prepack would not use (pixel values, token type ids, ...): dropping it
+    would give each request a result computed without it. ``used``: keys the caller consumes besides the prompt keys."""
+    unused = [k for k in batch.keys() if k not in _PROMPT_KEYS and k not in used and batch[k] is not None]
+    if unused:
+        raise ValueError(
+            f"the prompts' mapping carries {', '.join(map(repr, unused))}, which prepack does not use here; a result "
+            "computed without it would not be the model's own for that input. Pass only input_ids and attention_mask "
+            "(for images, pass the processor output of a vision-language model prepack supports, see docs/vision.md)"
+        )
 
 
 def _check_mask(mask: np.ndarray, first: int) -> None:
