@@ -1,0 +1,107 @@
+"""Prompts with images: each request's result equals its own processor output run alone through the model.
+
+Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL (mRoPE, vision towers packed by ``cu_seqlens``,
+Qwen3-VL's deepstack features) and a LLaVA (CLIP tower, plain positions), with their own processor
+classes; chats hold 0, 1 or 2 images of different sizes.
+"""
+
+import functools
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import prepack
+from prepack.support import UnsupportedModelError
+
+from .models import cache_kwargs
+from .vision_models import alone, chats, qwen_model, qwen_processor
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+@functools.lru_cache(maxsize=None)
+def qwen(model_type: str):
+    return qwen_model(model_type), qwen_processor(model_type)
+
+
+def alone_logits(model, outs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**o).logits[0] for o in outs]
+
+
+@pytest.mark.parametrize("model_type", QWEN)
+def test_prefill_of_chats_with_images_matches_each_chat_alone(model_type):
+    model, processor = qwen(model_type)
+    conversations = chats(5)
+    outs = [alone(processor, c) for c in conversations]
+    result = prepack.prefill(model, conversations, processor=processor)
+    want = torch.stack([lo[-1] for lo in alone_logits(model, outs)])
+    assert (result.logits - want).abs().max() <= 1e-4
+    for i, o in enumerate(outs):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(**o, **cache_kwargs(model, cache))
+        for mine, theirs in zip(result.dynamic_caches[i].layers, cache.layers, strict=True):
+            assert (mine.keys - theirs.keys).abs().max() <= 1e-4
+            assert (mine.values - theirs.values).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_processor_batch_gives_each_rows_own_logits(side):
+    model, processor = qwen("qwen2_vl")
+    conversations = chats(5)
+    processor.tokenizer.padding_side = side
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    images = [x["image"] for c in conversations for m in c for x in m["content"] if x["type"] == "image"]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0 and "mm_token_type_ids" in batch  # really padded, all keys in
+    want = torch.stack([lo[-1] for lo in alone_logits(model, [alone(processor, c) for c in conversations])])
+    assert (prepack.prefill(model, batch).logits - want).abs().max() <= 1e-4
+
+
+def test_forward_at_every_position_with_images_split_over_forwards_matches_each_alone():
+    model, processor = qwen("qwen2_5_vl")
+    conversations = chats(5)
+    got = prepack.forward_at(model, conversations, "all", processor=processor, token_budget=40)  # several forwards
+    for mine, theirs in zip(got, alone_logits(model, [alone(processor, c) for c in conversations]), strict=True):
+        assert (mine - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", QWEN)
+def test_generate_with_images_gives_model_generate_tokens_of_each_chat_alone(model_type):
+    model, processor = qwen(model_type)
+    conversations = chats(5)
+    got = prepack.generate(model, conversations, processor=processor, max_new_tokens=8)
+    for mine, c in zip(got, conversations, strict=True):
+        o = alone(processor, c)
+        with torch.no_grad():
+            want = model.generate(**o, max_new_tokens=8, do_sample=False)[0, o["input_ids"].shape[1]:]
+        assert mine.tolist() == want.tolist()
+
+
+def test_a_chat_with_an_image_but_no_processor_is_refused():
+    model, processor = qwen("qwen2_vl")
+    with pytest.raises(ValueError, match="request 1 is a chat with an image entry; pass processor="):
+        prepack.prefill(model, chats(2), tokenizer=processor.tokenizer)
+
+
+def test_video_inputs_are_refused_naming_the_model_and_the_feature():
+    model, processor = qwen("qwen2_vl")
+    batch = dict(alone(processor, chats(2)[1]))
+    batch["pixel_values_videos"] = torch.zeros(4, 1176)
+    with pytest.raises(UnsupportedModelError, match="Qwen2VLForConditionalGeneration: video inputs .*pixel_values_videos.* not implemented"):
+        prepack.prefill(model, batch)
+
+
+def test_image_tokens_without_pixel_values_are_refused_naming_the_request():
+    model, processor = qwen("qwen2_vl")
+    batch = {k: v for k, v in alone(processor, chats(2)[1]).items() if k not in ("pixel_values", "image_grid_thw")}
+    with pytest.raises(ValueError, match="request 0 has 6 image tokens but the inputs carry no pixel_values, image_grid_thw"):
+        prepack.prefill(model, batch)
+
+
+def test_images_on_a_row_backend_are_refused():
+    model, processor = qwen("qwen2_vl")
+    with pytest.raises(ValueError, match="prompts with images run on a varlen backend"):
+        prepack.prefill(model, chats(2), processor=processor, backend="sdpa_masked")
