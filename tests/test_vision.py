@@ -105,3 +105,31 @@ def test_images_on_a_row_backend_are_refused():
     model, processor = qwen("qwen2_vl")
     with pytest.raises(ValueError, match="prompts with images run on a varlen backend"):
         prepack.prefill(model, chats(2), processor=processor, backend="sdpa_masked")
+
+
+def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
+    from .vision_models import llava_model, llava_processor
+
+    model, processor = llava_model(), llava_processor()
+    conversations = chats(5)
+    outs = [alone(processor, c) for c in conversations]
+    want = torch.stack([lo[-1] for lo in alone_logits(model, outs)])
+    assert (prepack.prefill(model, conversations, processor=processor).logits - want).abs().max() <= 1e-4
+    got = prepack.generate(model, conversations, processor=processor, max_new_tokens=6)
+    for mine, o in zip(got, outs, strict=True):
+        with torch.no_grad():
+            assert mine.tolist() == model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
+
+
+def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but_text_prompts_still_pack():
+    from .models import alone_last_logits, prompts
+    from .vision_models import gemma3_model
+
+    model = gemma3_model()
+    ids = torch.tensor([[5, 131, 130, 130, 130, 130, 132, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(1, 3, 28, 28),
+             "token_type_ids": (ids == 130).long()}
+    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration cannot take prompts with images.*bidirectionally"):
+        prepack.prefill(model, batch)
+    text = prompts([5, 9, 3])
+    assert (prepack.prefill(model, text).logits - alone_last_logits(model, text)).abs().max() <= 1e-4

@@ -117,3 +117,43 @@ def chats(n: int = 4, seed: int = 0) -> list:
 def alone(processor, chat) -> dict:
     """The model inputs of ``chat`` alone: its own processor output (a batch of one)."""
     return processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+
+
+LLAVA_IMAGE = 28  # pixels: 2 x 2 patches of 14, so 4 image tokens per image (CLS dropped)
+
+
+def llava_processor():
+    """LLaVA's processor with the PIL-backed CLIP image processor (every image resized to 28 x 28)."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": LLAVA_IMAGE}, crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE})
+    return LlavaProcessor(ip, _vision_tokenizer(["<image>"]), patch_size=14, vision_feature_select_strategy="default",
+                          chat_template=_template("<image>"), num_additional_image_tokens=1)
+
+
+def llava_model(seed: int = 0):
+    """A tiny LLaVA: a llama text model and a CLIP vision tower, plain 1-D positions."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok = _vision_tokenizer(["<image>"])
+    text = dict(TEXT, model_type="llama", vocab_size=VOCAB, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=LLAVA_IMAGE, patch_size=14, projection_dim=32)
+    torch.manual_seed(seed)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=4)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def gemma3_model(seed: int = 0):
+    """A tiny Gemma 3 with a SigLIP tower (4 image tokens per image; image token 130, begin 131, end 132)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(TEXT, vocab_size=VOCAB, head_dim=16, sliding_window=6)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(seed)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_id=130,
+                          boi_token_id=131, eoi_token_id=132)
+    return Gemma3ForConditionalGeneration(config).eval()
