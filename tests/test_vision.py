@@ -133,3 +133,21 @@ def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but
         prepack.prefill(model, batch)
     text = prompts([5, 9, 3])
     assert (prepack.prefill(model, text).logits - alone_last_logits(model, text)).abs().max() <= 1e-4
+
+
+def test_score_with_images_equals_each_continuations_log_probability_alone():
+    model, processor = qwen("qwen2_vl")
+    conversations = chats(4)
+    answers = ["the lazy dog", "hello world", "how are you today", "fox"]
+    got = prepack.score(model, list(zip(conversations, answers)), processor=processor)
+    for (logprob, greedy), c, a in zip(got, conversations, answers, strict=True):
+        o = alone(processor, c)
+        cont = torch.tensor(processor.tokenizer(a, add_special_tokens=False)["input_ids"])
+        ids = torch.cat([o["input_ids"][0], cont])[None]
+        types = torch.cat([o["mm_token_type_ids"][0], torch.zeros(len(cont), dtype=torch.long)])[None]
+        extra = {k: o[k] for k in ("pixel_values", "image_grid_thw") if k in o}
+        with torch.no_grad():
+            logits = model(input_ids=ids, mm_token_type_ids=types, **extra).logits[0, -len(cont) - 1 : -1]
+        want = torch.log_softmax(logits, -1).gather(1, cont[:, None]).sum().item()
+        assert abs(logprob - want) <= 1e-4
+        assert greedy == bool((logits.argmax(-1) == cont).all())
