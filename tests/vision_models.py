@@ -71,8 +71,8 @@ def qwen_processor(model_type: str = "qwen2_vl"):
     return ImageOnly(ip, _vision_tokenizer(QWEN_TOKENS), chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"))
 
 
-def qwen_model(model_type: str = "qwen2_vl", seed: int = 0):
-    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL whose token ids match :func:`qwen_processor`."""
+def qwen_model(model_type: str = "qwen2_vl", seed: int = 0, **text_config):
+    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL whose token ids match :func:`qwen_processor` (``text_config``: overrides)."""
     import transformers
 
     tok = _vision_tokenizer(QWEN_TOKENS)
@@ -80,6 +80,7 @@ def qwen_model(model_type: str = "qwen2_vl", seed: int = 0):
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     text = dict(TEXT, vocab_size=VOCAB, rope_parameters=rope, bos_token_id=None, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
+    text.update(text_config)
     ids = dict(vision_start_token_id=start, vision_end_token_id=end, image_token_id=img, video_token_id=vid)
     if model_type == "qwen3_vl":
         text["head_dim"] = 16
@@ -95,6 +96,7 @@ def qwen_model(model_type: str = "qwen2_vl", seed: int = 0):
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         cls, cfg_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig
+    vision["hidden_size" if model_type == "qwen2_vl" else "out_hidden_size"] = text["hidden_size"]  # features fit the text
     torch.manual_seed(seed)
     return cls(cfg_cls(text_config=text, vision_config=vision, **ids)).eval()
 
