@@ -109,20 +109,25 @@ class VisionPrompts:
         positions: per request, (3, L_i) int64 mRoPE position ids (None for a plain-position family).
         deltas: (N,) int64, each request's ``rope_delta``: a decode step's position is its text
             position plus this (zeros for a plain-position family).
+        lengths: (N,) int64, each request's prompt tokens.
     """
 
     family: Family
     images: list[dict]
     positions: list[torch.Tensor] | None
     deltas: np.ndarray
+    lengths: np.ndarray
 
     def take(self, rows: np.ndarray) -> "VisionPrompts":
         """The requests ``rows`` (an index array), in that order."""
         pos = None if self.positions is None else [self.positions[i] for i in rows]
-        return VisionPrompts(self.family, [self.images[i] for i in rows], pos, self.deltas[rows])
+        return VisionPrompts(self.family, [self.images[i] for i in rows], pos, self.deltas[rows], self.lengths[rows])
 
     def has_images(self, i: int) -> bool:
         return bool(self.images[i])
+
+    def prompt_length(self, i: int) -> int:
+        return int(self.lengths[i])
 
     def encoder_outputs(self, model, order: np.ndarray) -> dict | None:
         """The vision tower once over the images of requests ``order`` (in that order): ``mm_encoder_outputs``.
@@ -142,26 +147,33 @@ class VisionPrompts:
         Args:
             order: (n,) the request (index into these prompts) of each segment, in stream order.
             lengths: (n,) int64 tokens of each segment. offsets: (n,) int64 the text position of each
-                segment's first token: 0 for a whole prompt (its images and mRoPE rows), else a decode step.
+                segment's first token: 0 for a whole prompt (its images and mRoPE rows); a later one is a
+                decode step (text position + ``rope_delta``) or a text-only piece of a prompt (its own rows).
             text_pos: (1, T) int64, the stream's text positions (restarting per segment).
 
         Returns:
             ``(position_ids, kwargs)``: (1, T) for a plain-position family or (3, 1, T) for mRoPE, and
             ``{"mm_encoder_outputs": ...}`` when a whole prompt with images is in the stream.
         """
-        prompts = np.asarray(offsets) == 0
-        enc = self.encoder_outputs(model, np.asarray(order)[prompts])
+        order, lengths, offsets = (np.asarray(a, np.int64) for a in (order, lengths, offsets))
+        for i, n, off in zip(order.tolist(), lengths.tolist(), offsets.tolist()):
+            # a prompt with images runs whole in one segment: its features are scattered by the model in one go
+            if self.images[i] and (off > 0 and off < self.prompt_length(i) or off == 0 and n < self.prompt_length(i)):
+                raise ValueError(
+                    f"request {i}'s prompt with images would run in pieces (tokens {off}..{off + n} of "
+                    f"{self.prompt_length(i)}); prepack runs a prompt with images whole, in one forward"
+                )
+        enc = self.encoder_outputs(model, order[offsets == 0])
         kwargs = {} if enc is None else {"mm_encoder_outputs": enc}
         if self.positions is None:
             return text_pos, kwargs
         rows, start = [], 0
-        for i, n, whole in zip(np.asarray(order).tolist(), np.asarray(lengths).tolist(), prompts.tolist()):
-            if whole:  # the whole prompt: its own mRoPE rows
-                if self.positions[i].shape[1] != n:
-                    raise ValueError(f"request {i} has {self.positions[i].shape[1]} prompt positions but a segment of {n} tokens")
-                rows.append(self.positions[i].to(text_pos.device))
-            else:  # a decode step: text position + rope_delta on all three rows, as model.generate does
-                rows.append((text_pos[0, start : start + n] + int(self.deltas[i])).expand(3, n))
+        for i, n, off in zip(order.tolist(), lengths.tolist(), offsets.tolist()):
+            own = self.positions[i][:, off : off + n].to(text_pos.device)  # the prompt's own mRoPE rows
+            if own.shape[1] < n:  # past the prompt: text position + rope_delta on all three rows, as model.generate
+                k = own.shape[1]
+                own = torch.cat([own, (text_pos[0, start + k : start + n] + int(self.deltas[i])).expand(3, n - k)], 1)
+            rows.append(own)
             start += n
         return torch.cat(rows, 1)[:, None], kwargs
 
@@ -230,8 +242,9 @@ def split_requests(model, family: Family, tokens: list[np.ndarray], images: Mapp
 def _positions(model, family: Family, tokens, own: list[dict], token_rows: Mapping) -> VisionPrompts:
     """Each request's mRoPE rows from the model's own ``get_rope_index``, run on that request alone."""
     n = len(tokens)
+    lengths = np.array([len(t) for t in tokens], np.int64)
     if not family.mrope:
-        return VisionPrompts(family, own, None, np.zeros(n, np.int64))
+        return VisionPrompts(family, own, None, np.zeros(n, np.int64), lengths)
     inner = unwrap(model).model
     image_token = image_token_id(model)
     positions, deltas = [], np.zeros(n, np.int64)
@@ -244,14 +257,14 @@ def _positions(model, family: Family, tokens, own: list[dict], token_rows: Mappi
             pos, delta = inner.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
         positions.append(pos[:, 0])
         deltas[i] = int(delta.reshape(-1)[0])
-    return VisionPrompts(family, own, positions, deltas)
+    return VisionPrompts(family, own, positions, deltas, lengths)
 
 
 def join(parts: list[VisionPrompts]) -> VisionPrompts:
     """Requests of several :class:`VisionPrompts` of one family, in order."""
     pos = None if parts[0].positions is None else [p for part in parts for p in part.positions]
     return VisionPrompts(parts[0].family, [im for part in parts for im in part.images], pos,
-                         np.concatenate([part.deltas for part in parts]))
+                         np.concatenate([part.deltas for part in parts]), np.concatenate([part.lengths for part in parts]))
 
 
 class StepRunner:

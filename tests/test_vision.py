@@ -151,3 +151,16 @@ def test_score_with_images_equals_each_continuations_log_probability_alone():
         want = torch.log_softmax(logits, -1).gather(1, cont[:, None]).sum().item()
         assert abs(logprob - want) <= 1e-4
         assert greedy == bool((logits.argmax(-1) == cont).all())
+
+
+def test_generate_admits_prompts_with_images_over_several_steps_and_samples_each_alone():
+    model, processor = qwen("qwen2_vl")
+    conversations = chats(5)
+    # two at a time: prompts with images join decode steps of others; top_k=1 sampling is greedy, two samples each
+    got = prepack.generate(model, conversations, processor=processor, max_new_tokens=6, max_batch=2,
+                           num_return_sequences=2, do_sample=True, top_k=1)
+    for i, c in enumerate(conversations):
+        o = alone(processor, c)
+        with torch.no_grad():
+            want = model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
+        assert got[2 * i].tolist() == want and got[2 * i + 1].tolist() == want
