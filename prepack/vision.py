@@ -138,7 +138,8 @@ class VisionPrompts:
         with_images = [self.images[i] for i in order if self.images[i]]
         if not with_images:
             return None
-        cat = {k: torch.cat([im[k] for im in with_images]) for k in self.family.image_keys}
+        device = next(unwrap(model).parameters()).device
+        cat = {k: torch.cat([im[k] for im in with_images]).to(device) for k in self.family.image_keys}
         return {"image": unwrap(model).get_image_features(**cat, return_dict=True)}
 
     def forward_inputs(self, model, order: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, text_pos: torch.Tensor):
