@@ -164,3 +164,17 @@ def test_generate_admits_prompts_with_images_over_several_steps_and_samples_each
         with torch.no_grad():
             want = model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
         assert got[2 * i].tolist() == want and got[2 * i + 1].tolist() == want
+
+
+def test_an_image_text_to_text_type_not_checked_against_the_model_alone_is_refused_naming_it():
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=136)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(text_config=text, vision_config=vision, image_token_id=130)).eval()
+    batch = {"input_ids": torch.tensor([[3, 130, 5]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "pixel_values": torch.zeros(1, 1, 3, 28, 28), "image_sizes": torch.tensor([[28, 28]])}
+    with pytest.raises(UnsupportedModelError, match=r"LlavaNextForConditionalGeneration \(llava_next\) is not a vision-language model prepack has checked"):
+        prepack.prefill(model, batch)
