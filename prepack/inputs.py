@@ -58,6 +58,8 @@ def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts
     """
     if isinstance(inputs, Mapping) or _is_batch_encoding(inputs):
         if model is not None and _vision_keys(inputs) and _is_vision(model):
+            if _text_only(inputs):  # a processor's output without images: its token types say "text" everywhere
+                return Prompts(_from_padded(inputs, used=_TOKEN_TYPE_KEYS), False)
             return _with_images(model, inputs)
         return Prompts(_from_padded(inputs), False)
     if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2:
@@ -147,6 +149,20 @@ def _is_vision(model) -> bool:
     from .vision import is_vision_model
 
     return is_vision_model(model)
+
+
+# per-token modality rows of processor outputs: 0 marks a text token
+_TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+def _text_only(batch) -> bool:
+    """Whether a processor's output carries no image: only token-type rows besides the prompt keys, 0 on every real token."""
+    keys = _vision_keys(batch)
+    if not keys or any(k not in _TOKEN_TYPE_KEYS for k in keys):
+        return False
+    mask = batch["attention_mask"] if "attention_mask" in batch.keys() else None
+    rows = [r for k in keys for r in _from_padded({"input_ids": batch[k], "attention_mask": mask})]
+    return all(not r.any() for r in rows)
 
 
 def _with_images(model, batch) -> Prompts:

@@ -263,6 +263,8 @@ def _positions(model, family: Family, tokens, own: list[dict], token_rows: Mappi
 
 def join(parts: list[VisionPrompts]) -> VisionPrompts:
     """Requests of several :class:`VisionPrompts` of one family, in order."""
+    if any(part is None for part in parts):  # never drop one part's images because another part has none
+        raise ValueError("cannot join prompts with images and prompts laid out without them")
     pos = None if parts[0].positions is None else [p for part in parts for p in part.positions]
     return VisionPrompts(parts[0].family, [im for part in parts for im in part.images], pos,
                          np.concatenate([part.deltas for part in parts]), np.concatenate([part.lengths for part in parts]))

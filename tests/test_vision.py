@@ -135,6 +135,17 @@ def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but
     assert (prepack.prefill(model, text).logits - alone_last_logits(model, text)).abs().max() <= 1e-4
 
 
+def test_a_processor_output_without_images_packs_as_text_even_for_gemma3():
+    from .models import alone_last_logits, left_pad, prompts
+    from .vision_models import gemma3_model
+
+    model = gemma3_model()
+    text = prompts([5, 9, 3])
+    ids, mask = left_pad(text)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}  # all text
+    assert (prepack.prefill(model, batch).logits - alone_last_logits(model, text)).abs().max() <= 1e-4
+
+
 def test_score_with_images_equals_each_continuations_log_probability_alone():
     model, processor = qwen("qwen2_vl")
     conversations = chats(4)
