@@ -114,6 +114,7 @@ def decode(
     order: str = "input",
     stats: EngineStats | None = None,
     progress=None,
+    vision=None,
 ) -> Iterator[Completion]:
     """Decode checked prompts ((L,) int64 arrays, read lazily) with continuous refill; yield :class:`Completion`.
 
@@ -128,6 +129,7 @@ def decode(
             samples do not depend on its neighbours (None: a seed drawn from torch's global RNG).
         order: ``"input"`` (request order) or ``"completion"`` (as they finish).
         progress: a tqdm bar to update per finished request, or None.
+        vision: the prompts' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
     """
     if order not in ("input", "completion"):
         raise ValueError(f"order must be 'input' or 'completion', got {order!r}")
@@ -145,6 +147,10 @@ def decode(
     rope = rope_dependence(model)
     enable(model)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
+    if vision is not None:  # each step's images and mRoPE positions go in at the model call
+        from .vision import StepRunner
+
+        module = StepRunner(module, vision, rules.samples)
     slides = cache_slides(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)

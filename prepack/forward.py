@@ -111,6 +111,7 @@ def forward_at(
     token_budget: int | None = None,
     capacity: int | None = None,
     tokenizer=None,
+    processor=None,
 ):
     """Run many sequences through ``model`` in one packed forward; return outputs at chosen positions.
 
@@ -129,18 +130,19 @@ def forward_at(
         reduce: ``reduce(values, rows) -> (K, ...)``, applied to each forward's (K, V or D)
             outputs before the next forward runs, so that long outputs never pile up; ``rows``
             (K,) int64 says where each row lands in the request-order result.
-        backend, token_budget, capacity, tokenizer: as in :func:`prepack.prefill`.
+        backend, token_budget, capacity, tokenizer, processor: as in :func:`prepack.prefill`.
 
     Returns:
         ``"last"``: an (N, X) tensor. Otherwise a list of N tensors, the i-th (end_i - start_i, X).
         X is V for logits, D for hidden states, or what ``reduce`` returns.
     """
-    tokens = check_prompts(model, sequences, tokenizer=tokenizer).tokens
+    prompts = check_prompts(model, sequences, tokenizer=tokenizer, processor=processor)
+    tokens = prompts.tokens
     lengths = layout.lengths_of(tokens)
     spans = request_spans(positions, lengths)
     run = run_packed(
         model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
-        spans=spans, output=output, reduce=reduce, lengths=lengths,
+        spans=spans, output=output, reduce=reduce, lengths=lengths, vision=prompts.vision,
     )
     if isinstance(positions, str) and positions == "last":
         return run.values
@@ -178,6 +180,7 @@ def run_packed(
     kv: KeepKV = None,
     prefix: Prefix | None = None,
     lengths: np.ndarray | None = None,
+    vision=None,
 ) -> PackedRun:
     """The packed forward over checked token arrays (zero-length ones allowed: they take no slot).
 
@@ -190,6 +193,7 @@ def run_packed(
             caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests).
         prefix: keys and values each request continues (varlen backends only).
         lengths: (N,) int64, ``len`` of each token array, where the caller has them already.
+        vision: the requests' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
@@ -210,6 +214,11 @@ def run_packed(
                 f"capacity applies to backend='sdpa_masked', which packs rows of capacity tokens; backend {name!r} "
                 "runs one varlen stream per forward: bound it with token_budget instead"
             )
+    if vision is not None and (rows_layout or prefix is not None):
+        raise ValueError(
+            f"prompts with images run on a varlen backend without a prefix (got backend {name!r}"
+            f"{' and a prefix' if prefix is not None else ''}); use backend='auto'"
+        )
     lengths = layout.lengths_of(tokens) if lengths is None else lengths
     real = np.flatnonzero(lengths)
     real_lengths = lengths[real]
@@ -246,7 +255,7 @@ def run_packed(
         span_len = spans[:, 1] - spans[:, 0]
         out_start = layout.starts(span_len)  # where request i's outputs begin in the result
         select = (spans[real, 0], span_len[real], out_start[real])
-    sub_prefix = None
+    sub_prefix, sub_vision = None, None if vision is None else vision.take(real)
     if prefix is not None:
         sub_prefix = Prefix(prefix.chunks, prefix.chunk[real], prefix.starts[real], prefix.lengths[real])
 
@@ -254,7 +263,7 @@ def run_packed(
     enable(model)
     with torch.no_grad():
         for rows in calls:
-            layers, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix)
+            layers, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix, sub_vision)
             chunks.append(layers)
             if out is not None:
                 values.append(out)
@@ -334,13 +343,14 @@ def base_model(model):
     return model if base is None else base
 
 
-def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, select, output: str, reduce, kv, prefix):
+def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, select, output: str, reduce, kv, prefix, vision=None):
     """One forward pass over ``rows`` of ``batch``.
 
     Args:
         select: None, or (starts, lengths, out_starts) per request (plan order): the span of each
             request's own tokens to return outputs at, and where they land in the result.
         kv: what to keep of each layer's keys and values (see :func:`run_packed`).
+        vision: the images and positions of the batch's requests (plan order), or None.
 
     Returns:
         per layer (keys, values) (empty without ``kv``), the (K, ...) outputs of the call's spans
@@ -374,6 +384,9 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=sink, prefix=earlier)
     kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
+    if vision is not None:  # the call's images through the vision tower once; mRoPE rows per request
+        pos, images = vision.forward_inputs(model, order, lengths, np.zeros(len(order), np.int64), pos)
+        kwargs.update(images)
     values = where = None
     if select is None:
         # only the keys and values are wanted: the decoder stack, no head at all

@@ -39,6 +39,7 @@ def generate(
     return_logprobs: bool = False,
     seed: int | None = None,
     progress: bool | None = None,
+    processor=None,
     **generate_kwargs,
 ) -> list:
     """Generate from many prompts; each request gets what ``model.generate`` gives its prompt alone.
@@ -60,6 +61,7 @@ def generate(
             global RNG, so ``torch.manual_seed`` makes a call reproducible). A request's samples do not
             depend on its neighbours, the budgets or the batch size.
         progress: a tqdm bar counting finished requests and generated tokens (default: over 256 prompts).
+        processor: a vision-language model's processor, for chats with images (see :mod:`prepack.vision`).
         **generate_kwargs: ``model.generate``'s generation options, per request: ``max_new_tokens``,
             ``min_new_tokens``, ``max_length``, ``min_length``, ``eos_token_id``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
@@ -75,7 +77,7 @@ def generate(
     return generate_with_backends(
         model, sequences, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
         tokenizer=tokenizer, decode=decode, return_logprobs=return_logprobs, seed=seed, progress=progress,
-        **generate_kwargs,
+        processor=processor, **generate_kwargs,
     ).results
 
 
@@ -133,7 +135,7 @@ def generate_iter(
 def _run(
     model, prompts, *, backend: str = "auto", token_budget=None, kv_budget=None, max_batch=None, tokenizer=None,
     decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
-    stats=None, **generate_kwargs,
+    stats=None, processor=None, **generate_kwargs,
 ) -> Iterator:
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
@@ -145,12 +147,15 @@ def _run(
             raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
     rules = Rules(model, generate_kwargs, tokenizer)
     if is_prompt_batch(prompts):  # in memory already: checked whole, so errors number requests from the first
-        tokens = check_prompts(model, prompts, tokenizer=tokenizer).tokens
+        checked = check_prompts(model, prompts, tokenizer=tokenizer, processor=processor)
+        tokens, vision = checked.tokens, checked.vision
         total = len(tokens) if total is None else total
         if rules.max_new is not None and len(rules.max_new) != len(tokens):
             raise ValueError(f"max_new_tokens holds {len(rules.max_new)} values but there are {len(tokens)} prompts; give one per prompt")
     else:
-        tokens = _check_stream(model, prompts, tokenizer)
+        if processor is not None:
+            raise ValueError("processor= takes a list of chats; pass a list, not a lazy iterable, for prompts with images")
+        tokens, vision = _check_stream(model, prompts, tokenizer), None
     bar = None
     if progress or progress is None and (total or 0) > _SHOW_PROGRESS_OVER:
         from tqdm.auto import tqdm
@@ -159,7 +164,7 @@ def _run(
     try:
         for done in _decode(
             model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
-            seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar,
+            seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
         ):
             if return_logprobs:
                 yield done
@@ -176,7 +181,10 @@ def _check_stream(model, prompts: Iterable, tokenizer) -> Iterator:
     """Check a stream's prompts one by one, as they are read; an error names the request by its stream position."""
     for i, p in enumerate(prompts):
         try:
-            yield check_prompts(model, [p], tokenizer=tokenizer).tokens[0]
+            checked = check_prompts(model, [p], tokenizer=tokenizer)
+            if checked.vision is not None:
+                raise ValueError("request 0 carries images; pass prompts with images as a list, not a lazy iterable")
+            yield checked.tokens[0]
         except ValueError as e:
             raise ValueError(re.sub(r"\brequest 0\b", f"request {i}", str(e))) from e
 

@@ -9,7 +9,10 @@ what a transformers user already has in hand:
   unpadded tokenizer output, rows of their own lengths (each row is a request);
 * a list of strings, with ``tokenizer=``;
 * a list of chat conversations (lists of ``{"role", "content"}`` dicts), with
-  ``tokenizer=`` and the tokenizer's chat template (a generation prompt is added).
+  ``tokenizer=`` and the tokenizer's chat template (a generation prompt is added);
+* for a vision-language model (:mod:`prepack.vision`): a processor's output (``pixel_values``,
+  ``image_grid_thw``, ``mm_token_type_ids`` besides the token ids), or chats with image entries
+  and ``processor=`` (each chat goes through ``processor.apply_chat_template`` on its own).
 
 Anything ambiguous is refused rather than guessed: a 2-D tensor without its
 mask (its pad tokens would count as prompt tokens), a mask with holes or values
@@ -19,7 +22,7 @@ other than 0/1, strings without a tokenizer, a chat without a template.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +31,9 @@ from .hf import model_device
 from .packing import token_array
 from .support import check_model
 
+if TYPE_CHECKING:
+    from .vision import VisionPrompts
+
 
 class Prompts(NamedTuple):
     """Normalised prompts.
@@ -35,15 +41,26 @@ class Prompts(NamedTuple):
     Attributes:
         tokens: N 1-D int64 arrays, in input order.
         is_text: True when strings or chats came in (so text can be returned).
+        vision: each request's images and positions (:class:`prepack.vision.VisionPrompts`) when
+            the inputs carry images for a vision-language model, else None.
     """
 
     tokens: list[np.ndarray]
     is_text: bool
+    vision: "VisionPrompts | None" = None
 
 
-def as_prompts(inputs, tokenizer=None) -> Prompts:
-    """Normalise any supported input into token arrays; errors name the request and the fix."""
+def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts:
+    """Normalise any supported input into token arrays; errors name the request and the fix.
+
+    ``model`` is needed for inputs with images (it says which keys its family takes, and gives the
+    positions); ``processor`` turns chats with images into model inputs.
+    """
     if isinstance(inputs, Mapping) or _is_batch_encoding(inputs):
+        if model is not None and _vision_keys(inputs) and _is_vision(model):
+            if _text_only(inputs):  # a processor's output without images: its token types say "text" everywhere
+                return Prompts(_from_padded(inputs, used=_TOKEN_TYPE_KEYS), False)
+            return _with_images(model, inputs)
         return Prompts(_from_padded(inputs), False)
     if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2:
         raise ValueError(
@@ -59,7 +76,14 @@ def as_prompts(inputs, tokenizer=None) -> Prompts:
     if items and all(isinstance(x, str) for x in items):
         return Prompts(_tokenize(items, _need_tokenizer(tokenizer, "strings")), True)
     if items and all(_is_chat(x) for x in items):
+        if processor is not None:
+            return _chats_with_processor(model, items, processor)
+        for i, chat in enumerate(items):
+            if _has_image(chat):
+                raise ValueError(f"request {i} is a chat with an image entry; pass processor= (the model's processor) to turn it into model inputs")
         return Prompts(_apply_chat_template(items, _need_tokenizer(tokenizer, "chat conversations")), True)
+    if processor is not None:
+        raise ValueError("processor= applies to chat conversations; pass the processor's output itself for other prompts")
     for i, x in enumerate(items):
         if isinstance(x, str) or _is_chat(x):
             raise ValueError(f"request {i} is text but other requests are token ids; pass one kind of prompt")
@@ -110,7 +134,68 @@ def _apply_chat_template(chats: list, tokenizer) -> list[np.ndarray]:
     return out
 
 
-def _from_padded(batch) -> list[np.ndarray]:
+def _has_image(chat) -> bool:
+    return any(
+        isinstance(c, Mapping) and c.get("type") in ("image", "video")
+        for m in chat if not isinstance(m["content"], str) for c in m["content"]
+    )
+
+
+def _vision_keys(batch) -> list[str]:
+    return [k for k in batch.keys() if k not in _PROMPT_KEYS and batch[k] is not None]
+
+
+def _is_vision(model) -> bool:
+    from .vision import is_vision_model
+
+    return is_vision_model(model)
+
+
+# per-token modality rows of processor outputs: 0 marks a text token
+_TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+def _text_only(batch) -> bool:
+    """Whether a processor's output carries no image: only token-type rows besides the prompt keys, 0 on every real token."""
+    keys = _vision_keys(batch)
+    if not keys or any(k not in _TOKEN_TYPE_KEYS for k in keys):
+        return False
+    mask = batch["attention_mask"] if "attention_mask" in batch.keys() else None
+    rows = [r for k in keys for r in _from_padded({"input_ids": batch[k], "attention_mask": mask})]
+    return all(not r.any() for r in rows)
+
+
+def _with_images(model, batch) -> Prompts:
+    """A vision-language model's processor output -> each request's tokens, images and positions."""
+    from .vision import model_inputs, split_requests, vision_family
+
+    family = vision_family(model, _vision_keys(batch))
+    tokens = _from_padded(batch, used=model_inputs(family))
+    mask = batch["attention_mask"] if "attention_mask" in batch.keys() else None
+    token_rows = {
+        k: _from_padded({"input_ids": batch[k], "attention_mask": mask}) for k in family.token_keys
+        if k in batch.keys() and batch[k] is not None
+    }
+    images = {k: batch[k] for k in family.image_keys if k in batch.keys()}
+    return Prompts(tokens, False, split_requests(model, family, tokens, images, token_rows))
+
+
+def _chats_with_processor(model, chats: list, processor) -> Prompts:
+    """Each chat through ``processor.apply_chat_template`` on its own (the inputs the model gets for it alone)."""
+    from .vision import join
+
+    if model is None:
+        raise ValueError("chats with processor= need the model to lay out their images")
+    parts = []
+    for chat in chats:
+        out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        parts.append(_with_images(model, out) if _is_vision(model) else Prompts(_from_padded(out), True))
+    tokens = [t for p in parts for t in p.tokens]
+    vision = join([p.vision for p in parts]) if parts and parts[0].vision is not None else None
+    return Prompts(tokens, True, vision)
+
+
+def _from_padded(batch, used: Sequence[str] = ()) -> list[np.ndarray]:
     """input_ids + attention_mask -> each row's masked tokens; the mask must be one contiguous run of 1s.
 
     ``input_ids`` is (N, L), padded (``tokenizer(..., padding=True)``), or N rows of their own
@@ -119,6 +204,7 @@ def _from_padded(batch) -> list[np.ndarray]:
     """
     if "input_ids" not in batch:
         raise ValueError(f"a mapping of prompts needs 'input_ids' (and 'attention_mask'); got keys {list(batch.keys())}")
+    _refuse_unused_keys(batch, used)
     ids = _as_rows(batch["input_ids"], "input_ids")
     if "attention_mask" not in batch or batch["attention_mask"] is None:
         if isinstance(ids, np.ndarray) and ids.shape[1] and ids.shape[0] > 1:
@@ -141,6 +227,22 @@ def _from_padded(batch) -> list[np.ndarray]:
                 raise ValueError(f"request {i}'s attention_mask has {len(m)} entries but its input_ids has {len(row)}")
             _check_mask(m[None], i)
     return [token_array(row[m.astype(bool)], i) for i, (row, m) in enumerate(zip(ids, mask))]
+
+
+# What a mapping of prompts may carry besides the token ids themselves; anything else is refused, never dropped.
+_PROMPT_KEYS = ("input_ids", "attention_mask")
+
+
+def _refuse_unused_keys(batch, used: Sequence[str]) -> None:
+    """Refuse a key of ``batch`` that prepack would not use (pixel values, token type ids, ...): dropping it
+    would give each request a result computed without it. ``used``: keys the caller consumes besides the prompt keys."""
+    unused = [k for k in batch.keys() if k not in _PROMPT_KEYS and k not in used and batch[k] is not None]
+    if unused:
+        raise ValueError(
+            f"the prompts' mapping carries {', '.join(map(repr, unused))}, which prepack does not use here; a result "
+            "computed without it would not be the model's own for that input. Pass only input_ids and attention_mask "
+            "(for images, pass the processor output of a vision-language model prepack supports, see docs/vision.md)"
+        )
 
 
 def _check_mask(mask: np.ndarray, first: int) -> None:
@@ -179,7 +281,7 @@ def _as_rows(x, name: str) -> np.ndarray | list[np.ndarray]:
     return arr
 
 
-def check_prompts(model, inputs, *, tokenizer=None) -> Prompts:
+def check_prompts(model, inputs, *, tokenizer=None, processor=None) -> Prompts:
     """Normalise prompts (:func:`prepack.inputs.as_prompts`) and validate them against ``model``.
 
     Errors name the request and the limit: an empty prompt, one longer than the model's
@@ -196,7 +298,7 @@ def check_prompts(model, inputs, *, tokenizer=None) -> Prompts:
     for what, s in tensors:
         if isinstance(s, torch.Tensor) and s.device != device:
             raise ValueError(f"{what} is on {s.device} but the model is on {device}; move it with .to({str(device)!r})")
-    prompts = as_prompts(inputs, tokenizer)
+    prompts = as_prompts(inputs, tokenizer, processor=processor, model=model)
     config = model.config.get_text_config(decoder=True)
     max_pos = getattr(config, "max_position_embeddings", None)
     vocab = getattr(config, "vocab_size", None)

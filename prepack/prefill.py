@@ -148,6 +148,7 @@ def prefill(
     capacity: int | None = None,
     logits: bool = True,
     tokenizer=None,
+    processor=None,
 ) -> PrefillResult:
     """Run many prompts through ``model`` in one packed prefill.
 
@@ -167,24 +168,29 @@ def prefill(
             refused for the other backends, which take no rows.
         logits: compute the last-token logits.
         tokenizer: tokenizes string or chat prompts.
+        processor: a vision-language model's processor, for chats with images (see :mod:`prepack.vision`).
 
     Returns:
         A :class:`PrefillResult`: ``.logits`` (N, V), ``.dynamic_caches``,
         ``.left_padded_cache()``, ``.flash_kvcache()``.
     """
-    prompts = check_prompts(model, sequences, tokenizer=tokenizer)
-    return prefill_tokens(model, prompts.tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits)
+    prompts = check_prompts(model, sequences, tokenizer=tokenizer, processor=processor)
+    return prefill_tokens(
+        model, prompts.tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits, vision=prompts.vision
+    )
 
 
 def prefill_tokens(
-    model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool
+    model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool,
+    vision=None,
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     lengths = layout.lengths_of(tokens)
     # last-token logits: a one-token span per prompt (none for an empty prompt)
     spans = np.stack([np.maximum(lengths - 1, 0), lengths], 1) if logits else None
     run = run_packed(
-        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache", lengths=lengths
+        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache", lengths=lengths,
+        vision=vision,
     )
     device = model_device(model)
     out_logits = None

@@ -53,6 +53,7 @@ def score(
     backend: str = "auto",
     token_budget: int | None = None,
     tokenizer=None,
+    processor=None,
 ) -> list[Score]:
     """Log-likelihood of each continuation given its context, packed; lm-eval ``loglikelihood`` semantics.
 
@@ -71,6 +72,8 @@ def score(
             with ``backend="sdpa_masked"`` pass ``share_contexts=False``).
         backend, token_budget: as in :func:`prepack.prefill`; ``token_budget`` also bounds how
             many shared-context tokens are held at once.
+        processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
+            pair whose chat may hold images (:mod:`prepack.vision_scoring`; contexts are not shared).
 
     Returns:
         N :class:`Score` ``(logprob, is_greedy)``, in request order.
@@ -78,6 +81,11 @@ def score(
     check_model(model)
     if truncate not in ("error", "left"):
         raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
+    if processor is not None:  # chats with images: each request runs whole with its own images
+        from .vision_scoring import score_with_images
+
+        return score_with_images(model, requests, processor, max_length=max_length, truncate=truncate, backend=backend,
+                                 token_budget=token_budget)
     limit = _context_window(model, max_length)
     requests = list(requests)
     if any(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) for pair in requests):

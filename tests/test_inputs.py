@@ -122,3 +122,11 @@ def test_the_default_token_budget_bounds_each_forward():
     prepack.prefill(model, prompts([200] * 50))  # 10,000 tokens
     hook.remove()
     assert max(seen) <= default_token_budget(model) and len(seen) > 1
+
+
+@pytest.mark.parametrize("key", ["pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids"])
+def test_a_mapping_key_prepack_does_not_use_is_refused_naming_it(key):
+    ids, mask = left_pad(prompts([3, 5]))
+    batch = {"input_ids": ids, "attention_mask": mask, key: torch.zeros(2, 5, dtype=torch.long)}
+    with pytest.raises(ValueError, match=f"carries '{key}', which prepack does not use"):
+        prepack.prefill(build("llama"), batch)

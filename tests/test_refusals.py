@@ -118,3 +118,12 @@ def test_non_causal_attention_is_refused():
 
     with pytest.raises(UnsupportedModelError, match="asks for non-causal attention"):
         _call(_Attention(LlamaConfig()), is_causal=False)
+
+
+def test_generate_refuses_pixel_values_it_would_otherwise_drop():
+    from tests.models import build as build_plain, left_pad
+
+    ids, mask = left_pad(prompts([3, 5]))
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.zeros(2, 3, 4, 4)}
+    with pytest.raises(ValueError, match="carries 'pixel_values'"):
+        prepack.generate(build_plain("llama"), batch, max_new_tokens=2)
