@@ -1,6 +1,6 @@
 """A prompt much longer than the token budget, prefilled in chunks: exactness and peak memory (a benchmark).
 
-    python benchmarks/bench_long_prompt.py [--tokens 16384] [--token-budget 2048] [--repeat 1]
+    python benchmarks/bench_long_prompt.py [--tokens 16384] [--token-budget 2048] [--repeat 1] [--allocator-cache]
 
 One --tokens-token prompt (ShareGPT first turns back to back, cl100k ids folded into the vocabulary)
 goes through ``prepack.prefill`` twice: in chunks (``token_budget=--token-budget``: each forward runs at
@@ -13,6 +13,13 @@ keys and values equal the whole prefill's, and the model's own forward on the pr
 (max abs diff <= 1e-4). Reported: the time of each, and the peak RSS growth during each (sampled,
 :class:`prepack.bench.memory.MemoryMeter`; what the prefill returns, the prompt's keys and values,
 is part of both), interleaved, medians.
+
+RSS is what the process holds, and glibc's malloc keeps freed blocks: after a large block is freed it
+raises its mmap threshold (up to 32 MiB) and serves later tensors from a heap it does not give back,
+so the peak RSS of many forwards in a row counts memory no tensor holds any more. By default the
+script fixes the threshold at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``), so that every tensor larger
+than that is mapped and unmapped on its own and RSS follows the live tensors; --allocator-cache
+leaves glibc's default (the figure then includes what the allocator keeps).
 """
 
 from __future__ import annotations
@@ -50,6 +57,15 @@ def long_prompt(tokens: int, vocab: int) -> np.ndarray:
     return np.asarray(ids[:tokens], np.int64) % vocab
 
 
+def fix_mmap_threshold(nbytes: int) -> None:
+    """glibc: map every block of at least ``nbytes`` on its own (and stop the threshold from growing)."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    if not ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed (not glibc?): pass --allocator-cache")
+
+
 def kv_gap(a, b) -> float:
     gap = 0.0
     for (ka, va), (kb, vb) in zip(a, b, strict=True):
@@ -62,7 +78,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--allocator-cache", action="store_true", help="keep glibc's dynamic mmap threshold")
     args = parser.parse_args()
+    if not args.allocator_cache:
+        fix_mmap_threshold(64 * 1024)
     from prepack.bench.memory import MemoryMeter
 
     model = model_for(args.tokens)
@@ -89,7 +108,8 @@ def main() -> None:
     t = {k: statistics.median(v) for k, v in times.items()}
     g = {k: statistics.median(v) for k, v in growth.items()}
     mib = 2**20
-    print(f"{args.tokens}-token prompt, token_budget={args.token_budget}: {len(chunked.chunks)} forwards chunked, {len(whole.chunks)} whole")
+    rss = "glibc default allocator cache" if args.allocator_cache else "mmap threshold 64 KiB"
+    print(f"{args.tokens}-token prompt, token_budget={args.token_budget}: {len(chunked.chunks)} forwards chunked, {len(whole.chunks)} whole ({rss})")
     print(f"  exact: logits {logits_gap:.1e}, cache {cache_gap:.1e} vs whole; {alone_gap:.1e} vs the model alone")
     print(f"  time: chunked {t['chunked']:.2f} s, whole {t['whole']:.2f} s")
     print(
