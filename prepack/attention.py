@@ -143,7 +143,7 @@ def sdpa_varlen(
         if lq == 1 and lk > 0:
             singles.append((qs, ks, lk))
             continue
-        if lk > lq and window == (-1, 0) and softcap == 0 and sinks is None and not dropout_p and q.device.type == "cpu":
+        if lk > lq and lq * lk >= _SPLIT_AT and window == (-1, 0) and softcap == 0 and sinks is None and not dropout_p and q.device.type == "cpu":
             out[qs:qe] = _continued_causal(q[qs:qe], k[ks:ke], v[ks:ke], scale)
             continue
         if (lq, lk) not in masks:
@@ -157,6 +157,11 @@ def sdpa_varlen(
     if singles:
         _single_queries(out, q, k, v, singles, window, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     return out
+
+
+# From this many (query, key) pairs on, a segment that continues earlier keys skips the (lq, lk) mask
+# (_continued_causal); below it the mask is small and one masked SDPA call is the quicker of the two.
+_SPLIT_AT = 1 << 22
 
 
 def _continued_causal(q, k, v, scale: float) -> torch.Tensor:
