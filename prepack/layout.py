@@ -182,7 +182,3 @@ class Parts:
         """(sum(sizes),) int64: where each token goes when request i's tokens start at ``first[i]``, piece after piece."""
         first = np.asarray(first, np.int64)
         return ranges(first[self.owner] + self.offsets, self.sizes)
-
-    def sources(self) -> np.ndarray:
-        """(sum(sizes),) int64: each token's index in its chunk's token axis, piece after piece."""
-        return ranges(self.starts, self.sizes)

@@ -1,9 +1,11 @@
-"""prepack.prefixes: which shared prefixes a call runs once (pure planning, no model)."""
+"""prepack.prefixes: which shared prefixes a call runs once (pure planning, no model), and layout.Parts, the
+pieces a request's tokens become once they ran in several segments."""
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prepack.layout import Parts
 from prepack.prefixes import common_prefix_length, plan_prefixes
 
 
@@ -20,7 +22,7 @@ def requests_with_shared_heads(draw):
     return out
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(requests_with_shared_heads(), st.integers(1, 5))
 def test_every_shared_prefix_is_a_true_common_prefix_and_leaves_each_request_a_token(tokens, min_tokens):
     plan = plan_prefixes(tokens, min_tokens=min_tokens)
@@ -36,7 +38,7 @@ def test_every_shared_prefix_is_a_true_common_prefix_and_leaves_each_request_a_t
         assert np.array_equal(np.concatenate([source[:p], t[p:]]), t)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(requests_with_shared_heads(), st.integers(1, 5))
 def test_a_shared_prefix_has_at_least_two_requests_and_saves_what_it_reports(tokens, min_tokens):
     plan = plan_prefixes(tokens, min_tokens=min_tokens)
@@ -45,7 +47,7 @@ def test_a_shared_prefix_has_at_least_two_requests_and_saves_what_it_reports(tok
     assert plan.tokens_saved == int(((members - 1) * plan.prefix_lengths).sum()) >= 0
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(requests_with_shared_heads(), st.integers(1, 5))
 def test_limits_bound_the_shared_tokens(tokens, min_tokens):
     limits = np.array([len(t) // 2 for t in tokens], np.int64)
@@ -83,3 +85,19 @@ def test_prefixes_shorter_than_min_tokens_are_not_shared():
 def test_common_prefix_length_counts_leading_equal_tokens():
     assert common_prefix_length(np.array([1, 2, 3]), np.array([1, 2, 4, 5])) == 2
     assert common_prefix_length(np.array([1, 2]), np.array([1, 2, 3])) == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 50), st.integers(0, 6)), max_size=12),
+       st.lists(st.integers(0, 3), max_size=6))
+def test_parts_keep_each_requests_pieces_in_token_order_and_select_them_by_request(pieces, rows):
+    parts = Parts.join(pieces, 4)
+    kept = [p for p in pieces if p[3] > 0]
+    assert parts.lengths.tolist() == [sum(p[3] for p in kept if p[0] == i) for i in range(4)]
+    chosen = parts.select(rows)
+    want = [(k, c, s, m) for k, r in enumerate(rows) for (i, c, s, m) in kept if i == r]
+    got = list(zip(chosen.owner.tolist(), chosen.chunk.tolist(), chosen.starts.tolist(), chosen.sizes.tolist()))
+    assert got == want
+    # request k's tokens land back to back from first[k], piece after piece
+    first = np.cumsum([0] + chosen.lengths.tolist())[:-1] * 10
+    assert chosen.targets(first).tolist() == [int(first[k]) + j for k in range(len(rows)) for j in range(int(chosen.lengths[k]))]
