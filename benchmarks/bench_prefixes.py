@@ -1,7 +1,7 @@
 """A shared system prompt prefilled once against every chat prefilling it (a benchmark, not a test).
 
     python benchmarks/bench_prefixes.py [--chats 16] [--system 1500] [--repeat 1]
-        [--sweep 250,1000,2000,4000 --sweep-chats 8 --plot docs/img/prefix_speedup.png]
+        [--sweep 250,1000,2000,3800 --sweep-chats 8 --plot docs/img/prefix_speedup.png] [--sweep-only]
 
 Workload: --chats chats share a --system-token system prompt (ShareGPT first turns joined and cut,
 cl100k ids); each chat's user turn is a different ShareGPT first turn of 20 to 200 tokens. The
@@ -11,8 +11,9 @@ warm-up; the medians and their ratio are reported, with the tokens each run put 
 The two methods' last-token logits are checked equal (max abs diff <= 1e-4) before any time is
 reported.
 
---sweep reruns the comparison at each system-prompt length (with --sweep-chats chats) and, with
---plot, draws the speed-up against the prefix length.
+--sweep reruns the comparison at each system-prompt length (with --sweep-chats chats; a prefix plus a
+200-token turn must fit the preset's 4,096 positions) and, with --plot, draws the speed-up against the
+prefix length; --sweep-only skips the --chats comparison.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")], default=[])
     parser.add_argument("--sweep-chats", type=int, default=8)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -109,12 +111,13 @@ def main() -> None:
     from prepack.bench.models import build_model
 
     model = build_model("llama-small")
-    row = compare(model, workload(args.chats, args.system), args.repeat)
-    print(
-        f"{row['chats']} chats, {args.system}-token system prompt: shared {row['shared_s']:.2f} s "
-        f"({row['tokens_shared_run']} tokens run, {row['saved']} saved), share_prefixes=False {row['whole_s']:.2f} s "
-        f"({row['tokens_whole_run']} tokens): {row['speedup']:.2f}x; logits max abs diff {row['logits_gap']:.1e}"
-    )
+    if not args.sweep_only:
+        row = compare(model, workload(args.chats, args.system), args.repeat)
+        print(
+            f"{row['chats']} chats, {args.system}-token system prompt: shared {row['shared_s']:.2f} s "
+            f"({row['tokens_shared_run']} tokens run, {row['saved']} saved), share_prefixes=False {row['whole_s']:.2f} s "
+            f"({row['tokens_whole_run']} tokens): {row['speedup']:.2f}x; logits max abs diff {row['logits_gap']:.1e}"
+        )
     rows = []
     for prefix in args.sweep:
         r = compare(model, workload(args.sweep_chats, prefix), args.repeat)
