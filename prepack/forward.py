@@ -109,7 +109,7 @@ class PackedRun(NamedTuple):
     chunk: np.ndarray
     starts: np.ndarray
     values: torch.Tensor | None
-    attention: list = []
+    attention: list
 
 
 def forward_at(
@@ -391,7 +391,8 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         k_lengths, earlier = lengths, None
         if prefix is not None:
             earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
-            pos = pos + torch.from_numpy(np.repeat(prefix.parts.select(order).lengths, lengths))[None]
+            # position ids continue after the earlier tokens each segment's keys start with
+            pos = pos + torch.from_numpy(np.repeat(k_lengths - lengths, lengths))[None]
         call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=sink, prefix=earlier)
     kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
