@@ -84,6 +84,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.plot(x, [r["speedup"] for r in rows], "o-", label="measured")
     ax.plot(x, [r["tokens_whole_run"] / r["tokens_shared_run"] for r in rows], "--", color="gray", label="tokens ratio")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("shared system prompt (tokens)")
     ax.set_ylabel("prefill speed-up over share_prefixes=False")
