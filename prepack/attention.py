@@ -143,6 +143,9 @@ def sdpa_varlen(
         if lq == 1 and lk > 0:
             singles.append((qs, ks, lk))
             continue
+        if lk > lq and lq * lk >= _SPLIT_AT and window == (-1, 0) and softcap == 0 and sinks is None and not dropout_p and q.device.type == "cpu":
+            out[qs:qe] = _continued_causal(q[qs:qe], k[ks:ke], v[ks:ke], scale)
+            continue
         if (lq, lk) not in masks:
             masks[(lq, lk)] = causal_segment_mask(lq, lk, window, q.device)
         mask = masks[(lq, lk)]
@@ -154,6 +157,39 @@ def sdpa_varlen(
     if singles:
         _single_queries(out, q, k, v, singles, window, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     return out
+
+
+# From this many (query, key) pairs on, a segment that continues earlier keys skips the (lq, lk) mask
+# (_continued_causal); below it the mask is small and one masked SDPA call is the quicker of the two.
+_SPLIT_AT = 1 << 22
+
+
+def _continued_causal(q, k, v, scale: float) -> torch.Tensor:
+    """One segment whose lq queries continue earlier keys (lk > lq, plain causal), without an (lq, lk) mask.
+
+    The queries see every earlier key and the new keys causally. A bottom-right mask would send SDPA
+    down its masked path, which turns the mask into an (lq, lk) float bias and runs slower: for a
+    2,048-token chunk of a 16,384-token prompt that bias alone is 128 MiB per layer. Instead the two key
+    ranges run as two mask-free flash calls (earlier keys: no mask; new keys: ``is_causal``, whose top-left
+    alignment is right for a square) and their softmaxes are merged by their log-sum-exps, as flash-decoding
+    merges splits. q: (lq, H, D); k, v: (lk, H_kv, D[_v]) -> (lq, H, D_v).
+    """
+    lq, heads, _ = q.shape
+    groups = heads // k.shape[1]
+    earlier = k.shape[0] - lq
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    qh = q.transpose(0, 1)[None]  # (1, H, lq, D)
+    # earlier keys, no mask: the query heads of one key head stacked on the query axis, so keys are not repeated
+    q_grouped = qh.reshape(1, k.shape[1], groups * lq, q.shape[-1])
+    o1, l1 = flash(q_grouped, k[:earlier].transpose(0, 1)[None], v[:earlier].transpose(0, 1)[None], 0.0, False, scale=scale)
+    o1, l1 = o1.reshape(1, heads, lq, -1), l1.reshape(1, heads, lq)
+    new_k = k[earlier:].transpose(0, 1)[None].repeat_interleave(groups, 1)
+    new_v = v[earlier:].transpose(0, 1)[None].repeat_interleave(groups, 1)
+    o2, l2 = flash(qh, new_k, new_v, 0.0, True, scale=scale)
+    top = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - top)[..., None], torch.exp(l2 - top)[..., None]
+    out = (o1 * w1 + o2 * w2) / (w1 + w2)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:

@@ -53,29 +53,38 @@ OUTPUTS: tuple[str, ...] = ("logits", "hidden_states")
 Positions = Literal["last", "all"] | Sequence[tuple[int, int]]
 Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # What a run keeps of each layer's keys and values: nothing, what the model caches (for per-request
-# caches; MLA caches compressed latents), or what attention sees (for continuing a shared prefix).
-KeepKV = Literal[None, "cache", "attention"]
+# caches; MLA caches compressed latents), what attention sees (for continuing a shared prefix), or both.
+KeepKV = Literal[None, "cache", "attention", "both"]
 
 
 @dataclass(frozen=True, eq=False)
 class Prefix:
-    """Keys and values that precede each request, taken from an earlier varlen prefill.
+    """Keys and values that precede each request, taken from earlier varlen forwards.
 
     Request i continues a sequence whose first ``lengths[i]`` tokens were already run: its
-    queries attend to those keys too, and its position ids start at ``lengths[i]``.
+    queries attend to those keys too, and its position ids start at ``lengths[i]``. Those tokens
+    may sit in several pieces of several earlier forwards (a shared prefix, then the earlier
+    chunks of a long prompt): ``parts`` lists them in token order.
 
     Attributes:
         chunks: per forward, per layer (keys, values) as attention saw them, each (1, H_kv, S, D):
-            the flat streams of a varlen :func:`run_packed` with ``kv="attention"``.
-        chunk: (N,) int64, the chunk that holds request i's prefix.
-        starts: (N,) int64, where request i's prefix begins in that chunk's stream.
-        lengths: (N,) int64, how many prefix tokens request i continues (>= 1).
+            the flat streams of varlen :func:`run_packed` calls with ``kv="attention"`` (or ``"both"``).
+        parts: where each request's earlier tokens sit in ``chunks`` (:class:`~prepack.layout.Parts`;
+            a request with none continues nothing).
     """
 
     chunks: list
-    chunk: np.ndarray
-    starts: np.ndarray
-    lengths: np.ndarray
+    parts: layout.Parts
+
+    @classmethod
+    def whole(cls, chunks: list, chunk: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> "Prefix":
+        """Request i continues ``lengths[i]`` tokens at ``starts[i]`` of ``chunks[chunk[i]]``."""
+        return cls(chunks, layout.Parts.whole(chunk, starts, lengths))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64, how many earlier tokens request i continues."""
+        return self.parts.lengths
 
 
 class PackedRun(NamedTuple):
@@ -84,12 +93,14 @@ class PackedRun(NamedTuple):
     Attributes:
         batch: the :class:`~prepack.packing.PackedBatch` of the non-empty requests.
         backend: the attention backend that ran (``"auto"`` resolved).
-        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D), as ``kv`` asked
-            ([] per forward without ``kv``). Kept where the forward left them: no concatenation copy.
+        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D), as ``kv`` asked (what the
+            model caches for ``"both"``; [] per forward without ``kv``). Kept where the forward left them.
         chunk: (N,) int64, the forward that holds each request.
         starts: (N,) int64, where each request's first token sits in its chunk's (B * L) token axis.
         values: (K, ...) the outputs at the chosen positions (after ``reduce``), request after
             request in request order, K = the total span length; None without ``spans``.
+        attention: with ``kv="both"``, per forward, per layer (keys, values) as attention saw them
+            (a :class:`Prefix`'s chunks); else [].
     """
 
     batch: PackedBatch
@@ -98,6 +109,7 @@ class PackedRun(NamedTuple):
     chunk: np.ndarray
     starts: np.ndarray
     values: torch.Tensor | None
+    attention: list
 
 
 def forward_at(
@@ -112,6 +124,7 @@ def forward_at(
     capacity: int | None = None,
     tokenizer=None,
     processor=None,
+    share_prefixes: bool = True,
 ):
     """Run many sequences through ``model`` in one packed forward; return outputs at chosen positions.
 
@@ -130,7 +143,9 @@ def forward_at(
         reduce: ``reduce(values, rows) -> (K, ...)``, applied to each forward's (K, V or D)
             outputs before the next forward runs, so that long outputs never pile up; ``rows``
             (K,) int64 says where each row lands in the request-order result.
-        backend, token_budget, capacity, tokenizer, processor: as in :func:`prepack.prefill`.
+        backend, token_budget, capacity, tokenizer, processor, share_prefixes: as in :func:`prepack.prefill`
+            (a shared prefix runs once; outputs at its positions are computed once and given to
+            every request that shares it; with ``reduce`` no asked position is shared).
 
     Returns:
         ``"last"``: an (N, X) tensor. Otherwise a list of N tensors, the i-th (end_i - start_i, X).
@@ -140,9 +155,12 @@ def forward_at(
     tokens = prompts.tokens
     lengths = layout.lengths_of(tokens)
     spans = request_spans(positions, lengths)
-    run = run_packed(
+    from .staged import run_staged  # staged runs are built on run_packed, below
+
+    run = run_staged(
         model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
-        spans=spans, output=output, reduce=reduce, lengths=lengths, vision=prompts.vision,
+        spans=spans, output=output, reduce=reduce, lengths=lengths, share_prefixes=share_prefixes,
+        vision=prompts.vision,
     )
     if isinstance(positions, str) and positions == "last":
         return run.values
@@ -190,15 +208,16 @@ def run_packed(
         output: ``"logits"`` or ``"hidden_states"``.
         reduce: see :func:`forward_at`.
         kv: keep each layer's keys and values: ``"cache"`` what the model caches (per-request
-            caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests).
+            caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests),
+            ``"both"`` the two (``chunks`` and ``attention``; the same tensors where they agree).
         prefix: keys and values each request continues (varlen backends only).
         lengths: (N,) int64, ``len`` of each token array, where the caller has them already.
         vision: the requests' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
-    if kv not in (None, "cache", "attention"):
-        raise ValueError(f"kv must be None, 'cache' or 'attention', got {kv!r}")
+    if kv not in (None, "cache", "attention", "both"):
+        raise ValueError(f"kv must be None, 'cache', 'attention' or 'both', got {kv!r}")
     check_mode(model)
     device, dtype = model_device(model), next(model.parameters()).dtype
     kernel = choose(backend, device=device, dtype=dtype, needs=attention_needs(model, continues_keys=prefix is not None))
@@ -257,14 +276,16 @@ def run_packed(
         select = (spans[real, 0], span_len[real], out_start[real])
     sub_prefix, sub_vision = None, None if vision is None else vision.take(real)
     if prefix is not None:
-        sub_prefix = Prefix(prefix.chunks, prefix.chunk[real], prefix.starts[real], prefix.lengths[real])
+        sub_prefix = Prefix(prefix.chunks, prefix.parts.select(real))
 
-    chunks, values, rows_of = [], [], []
+    chunks, attention, values, rows_of = [], [], [], []
     enable(model)
     with torch.no_grad():
         for rows in calls:
-            layers, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix, sub_vision)
+            layers, seen, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix, sub_vision)
             chunks.append(layers)
+            if kv == "both":
+                attention.append(seen)
             if out is not None:
                 values.append(out)
                 rows_of.append(where)
@@ -282,7 +303,7 @@ def run_packed(
             result = packed.new_empty(packed.shape).index_copy_(0, where, packed)
         else:  # nothing ran (no requests, or only empty ones): still (0, X), as a run would give
             result = _no_values(model, output, reduce, device)
-    return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result)
+    return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result, attention=attention)
 
 
 def default_token_budget(model) -> int:
@@ -353,19 +374,20 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         vision: the images and positions of the batch's requests (plan order), or None.
 
     Returns:
-        per layer (keys, values) (empty without ``kv``), the (K, ...) outputs of the call's spans
-        (None without ``select``), and (K,) their rows in the request-order result.
+        per layer (keys, values) as ``kv`` asked (what the model caches for ``"both"``; empty without
+        ``kv``), per layer (keys, values) as attention saw them (``"both"`` only), the (K, ...) outputs of
+        the call's spans (None without ``select``), and (K,) their rows in the request-order result.
     """
     kwargs: dict = {"use_cache": False}
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kv="attention": filled by prepack_attention
-    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache": layer_idx -> what the model caches
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kv="attention"/"both": filled by prepack_attention
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache"/"both": layer_idx -> what the model caches
     cache = None
-    if kv == "cache":
+    if kv in ("cache", "both"):
         cache = kvcache.recording_cache(model.config, records)
         kwargs.update({"use_cache": True, cache_kwarg(model): cache})
     seg = batch.segments(rows)
     order, lengths = seg.order, seg.lengths
-    sink = captured if kv == "attention" else None
+    sink = captured if kv in ("attention", "both") else None
     if kernel.rows:
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
         first = seg.grid_start
@@ -380,7 +402,8 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         k_lengths, earlier = lengths, None
         if prefix is not None:
             earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
-            pos = pos + torch.from_numpy(np.repeat(prefix.lengths[order], lengths))[None]
+            # position ids continue after the earlier tokens each segment's keys start with
+            pos = pos + torch.from_numpy(np.repeat(k_lengths - lengths, lengths))[None]
         call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=sink, prefix=earlier)
     kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
@@ -406,26 +429,30 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
             values = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(at).to(device)]
         if reduce is not None:
             values = reduce(values, where)
-    if kv == "cache":
+    seen = captured
+    if kv in ("cache", "both"):
         if sorted(records) != list(range(len(cache.layers))):
             missing = sorted(set(range(len(cache.layers))) - set(records))
             raise UnsupportedModelError(
                 f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "
                 f"{len(cache.layers)}; prepack builds each request's cache from what the model caches"
             )
+        # "both": where attention sees what the model caches (all but MLA-like models) the two lists hold the
+        # same tensors (own_storage returns the tensor itself), so the keys are held once
         captured = [records[i] for i in range(len(cache.layers))]
-    return captured, values, where
+    return captured, seen, values, where
 
 
 def _earlier_keys(prefix: Prefix, order: np.ndarray, lengths: np.ndarray, device) -> tuple[PrefixKV, np.ndarray]:
-    """For a call whose requests continue ``prefix``: the gather that puts [prefix, new tokens] per request
-    in one key stream, and (n,) the key length of each segment."""
-    plen = prefix.lengths[order]
+    """For a call whose requests continue ``prefix``: the gather that puts [earlier tokens, new tokens] per
+    request in one key stream, and (n,) the key length of each segment."""
+    parts = prefix.parts.select(order)
+    plen = parts.lengths
     kv_len = plen + lengths
     k_first = layout.starts(kv_len)
     gather = PrefixKV(
         prefix.chunks,
-        pieces=kvcache.chunk_pieces(prefix.chunk[order], prefix.starts[order], plen, layout.ranges(k_first, plen), device),
+        pieces=kvcache.chunk_pieces(parts.chunk, parts.starts, parts.sizes, parts.targets(k_first), device),
         dst_new=torch.from_numpy(layout.ranges(k_first + plen, lengths)).to(device),
         total=int(kv_len.sum()),
     )

@@ -17,6 +17,9 @@ Dense masks are attention semantics and live in :mod:`prepack.attention`
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -112,3 +115,70 @@ def check_fits(lengths, limit: int, *, what: str = "request", limit_name: str = 
         notes = ([f"{len(over)} {what}s too long"] if len(over) > 1 else []) + ([hint] if hint else [])
         fix = f" ({'; '.join(notes)})" if notes else ""
         raise ValueError(f"{what} {name} has {int(lengths[i])} tokens but {limit_name} is {limit}{fix}")
+
+
+@dataclass(frozen=True, eq=False)
+class Parts:
+    """Where N requests' tokens sit in the chunks of earlier forwards: one or more pieces per request.
+
+    A request run whole is one piece; a request that continued a shared prefix, or was prefilled in
+    chunks, is several (the prefix's, then each chunk's), in token order. Every layout that gathers a
+    request's keys and values (per-request caches, the keys a later segment continues) is built from
+    this one description.
+
+    Attributes:
+        owner: (P,) int64, the request of each piece, nondecreasing; a request's pieces in token order.
+        chunk: (P,) int64, the forward (index into a list of chunks) that holds the piece.
+        starts: (P,) int64, where the piece's first token sits in that chunk's flattened (B * L) token axis.
+        sizes: (P,) int64, tokens in the piece (>= 1).
+        num_requests: N.
+    """
+
+    owner: np.ndarray
+    chunk: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+    num_requests: int
+
+    @classmethod
+    def whole(cls, chunk, starts, lengths) -> "Parts":
+        """One piece per request (none for an empty one): request i is ``lengths[i]`` tokens at ``starts[i]`` of ``chunk[i]``."""
+        lengths = np.asarray(lengths, np.int64)
+        keep = np.flatnonzero(lengths)
+        return cls(keep, np.asarray(chunk, np.int64)[keep], np.asarray(starts, np.int64)[keep], lengths[keep], len(lengths))
+
+    @classmethod
+    def join(cls, pieces: "list[tuple[int, int, int, int]]", num_requests: int) -> "Parts":
+        """From ``(owner, chunk, start, size)`` tuples listed in token order per request (requests may interleave)."""
+        rows = sorted((p for p in pieces if p[3] > 0), key=lambda p: p[0])  # stable: token order kept per request
+        cols = np.array(rows, np.int64).reshape(-1, 4).T
+        return cls(cols[0], cols[1], cols[2], cols[3], num_requests)
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64, tokens per request."""
+        return np.bincount(self.owner, self.sizes, minlength=self.num_requests).astype(np.int64)
+
+    @functools.cached_property
+    def _first(self) -> np.ndarray:
+        """(N + 1,) int64, each request's first piece (pieces are grouped by owner)."""
+        return np.searchsorted(self.owner, np.arange(self.num_requests + 1))
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """(P,) int64, where each piece begins within its request's tokens."""
+        before = starts(self.sizes)
+        return before - before[self._first[self.owner]] if len(self.owner) else before
+
+    def select(self, rows) -> "Parts":
+        """The pieces of ``rows`` (M,) (repeats allowed), as requests 0..M-1."""
+        rows = np.asarray(rows, np.int64)
+        count = self._first[rows + 1] - self._first[rows]
+        idx = ranges(self._first[rows], count)
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), count)
+        return Parts(owner, self.chunk[idx], self.starts[idx], self.sizes[idx], len(rows))
+
+    def targets(self, first) -> np.ndarray:
+        """(sum(sizes),) int64: where each token goes when request i's tokens start at ``first[i]``, piece after piece."""
+        first = np.asarray(first, np.int64)
+        return ranges(first[self.owner] + self.offsets, self.sizes)

@@ -9,6 +9,10 @@ cache would drop tokens of the stream that other requests still need. Recording
 at the cache, not in attention, keeps exactly what the model caches, also where
 that is not what attention sees (MLA caches compressed latents). They are gathered
 into per-request layouts only on demand.
+
+Requests that share a prefix (a system prompt) run it once, and a prompt longer than
+``token_budget`` runs in chunks (:mod:`prepack.staged`): a request's keys and values then sit in
+several pieces (its prefix's, then its own), and every cache layout below gathers them from there.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import numpy as np
 import torch
 
 from . import kvcache, layout
-from .forward import run_packed
 from .hf import model_device
 from .inputs import check_prompts
 from .packing import PackedBatch
+from .staged import run_staged
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,19 +36,23 @@ class PrefillResult:
     """What a packed prefill leaves for each of N requests.
 
     The keys and values stay where the forwards left them, one chunk per forward, so that
-    holding them costs their size once; the cache layouts below gather from them on demand.
+    holding them costs their size once (a shared prefix's too, however many requests continue
+    it); the cache layouts below gather from them on demand.
 
     Attributes:
         logits: (N, V) last-token logits, in request order (None when not asked for).
         lengths: (N,) int64 tokens per request, on the model's device.
-        batch: the :class:`~prepack.packing.PackedBatch` that was run.
+        batch: the :class:`~prepack.packing.PackedBatch` that was run (the requests' own segments'
+            when a shared prefix or a chunk ran before them).
         backend: the attention backend that ran (``"auto"`` resolved).
         chunks: per forward, per layer (keys, values), each (B, H_kv, L, D): what the model caches
             (RoPE applied; compressed latents for MLA).
-        chunk: (N,) int64 numpy, the forward (index into ``chunks``) that holds each request.
-        starts: (N,) int64 numpy, where each request's first token sits in its chunk's
-            flattened (B * L) token axis.
+        parts: where each request's tokens sit in ``chunks`` (:class:`~prepack.layout.Parts`): one
+            piece for a request run whole; its shared prefix's pieces, then its own, otherwise.
         config: the model config, for building caches with the right layer types.
+        tokens_run: tokens that went through the model.
+        shared_tokens: prompt tokens not run because their shared prefix ran once
+            (``lengths.sum() == tokens_run + shared_tokens``).
     """
 
     logits: torch.Tensor | None
@@ -52,9 +60,10 @@ class PrefillResult:
     batch: PackedBatch
     backend: str
     chunks: list
-    chunk: np.ndarray
-    starts: np.ndarray
+    parts: layout.Parts
     config: object
+    tokens_run: int = 0
+    shared_tokens: int = 0
 
     @property
     def num_requests(self) -> int:
@@ -65,12 +74,22 @@ class PrefillResult:
         return self.lengths.cpu().numpy()
 
     def request_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D): views, no copy."""
-        layers = self.chunks[int(self.chunk[i])] if len(self.chunks) else []
-        seq_len = layers[0][0].shape[2] if layers else 1
-        b, l = divmod(int(self.starts[i]), seq_len)
-        n = int(self._lengths[i])
-        return [(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in layers]
+        """Per layer (keys, values) of request ``i``, each (1, H_kv, lengths[i], D).
+
+        Views, no copy, for a request whose tokens are one piece; its pieces concatenated otherwise.
+        """
+        pieces = self.parts.select([i])
+        per_piece = []
+        for c, start, n in zip(pieces.chunk.tolist(), pieces.starts.tolist(), pieces.sizes.tolist()):
+            layers = self.chunks[c]
+            b, l = divmod(start, layers[0][0].shape[2])
+            per_piece.append([(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in layers])
+        if len(per_piece) == 1:
+            return per_piece[0]
+        if not per_piece:  # an empty prompt: zero-length views of the first chunk's layers
+            layers = self.chunks[0] if self.chunks else []
+            return [(k[:1, :, :0], v[:1, :, :0]) for k, v in layers]
+        return [tuple(torch.cat(xs, dim=2) for xs in zip(*layer)) for layer in zip(*per_piece)]
 
     @functools.cached_property
     def dynamic_caches(self) -> list:
@@ -79,7 +98,8 @@ class PrefillResult:
 
     def _pieces(self, rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per chunk: (chunk, src, dst) token indices moving ``rows``' tokens to ``dst`` (request after request)."""
-        return kvcache.chunk_pieces(self.chunk[rows], self.starts[rows], self._lengths[rows], dst, self.lengths.device)
+        parts = self.parts.select(rows)
+        return kvcache.chunk_pieces(parts.chunk, parts.starts, parts.sizes, dst, self.lengths.device)
 
     def left_padded_cache(self, pad_to: int | None = None, *, rows: Sequence[int] | np.ndarray | None = None):
         """One batched ``DynamicCache`` for ``model.generate``, left-padded to the longest prompt.
@@ -149,6 +169,7 @@ def prefill(
     logits: bool = True,
     tokenizer=None,
     processor=None,
+    share_prefixes: bool = True,
 ) -> PrefillResult:
     """Run many prompts through ``model`` in one packed prefill.
 
@@ -163,12 +184,18 @@ def prefill(
             FlashAttention varlen kernel (``"torch_varlen"``), else ``"sdpa_varlen"``; the choice is
             ``PrefillResult.backend``.
         token_budget: at most this many tokens per forward pass; default
-            :func:`default_token_budget` (raised to the longest prompt if that is longer).
+            :func:`default_token_budget` (raised to the longest prompt if that is longer). A
+            prompt longer than an explicit ``token_budget`` is prefilled in chunks of at most
+            ``token_budget`` tokens, each continuing the keys of the ones before (varlen backends).
         capacity: row length for ``backend="sdpa_masked"`` (default: the longest prompt);
             refused for the other backends, which take no rows.
         logits: compute the last-token logits.
         tokenizer: tokenizes string or chat prompts.
         processor: a vision-language model's processor, for chats with images (see :mod:`prepack.vision`).
+        share_prefixes: prompts that start with the same tokens (a system prompt) run them once
+            (:mod:`prepack.prefixes` decides which; varlen backends, and not for models whose RoPE
+            depends on the length, nor prompts with images); ``False`` runs every prompt whole. The
+            results are the same.
 
     Returns:
         A :class:`PrefillResult`: ``.logits`` (N, V), ``.dynamic_caches``,
@@ -176,21 +203,22 @@ def prefill(
     """
     prompts = check_prompts(model, sequences, tokenizer=tokenizer, processor=processor)
     return prefill_tokens(
-        model, prompts.tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits, vision=prompts.vision
+        model, prompts.tokens, backend=backend, token_budget=token_budget, capacity=capacity, logits=logits,
+        share_prefixes=share_prefixes, vision=prompts.vision,
     )
 
 
 def prefill_tokens(
     model, tokens: Sequence[np.ndarray], *, backend: str, token_budget: int | None, capacity: int | None, logits: bool,
-    vision=None,
+    share_prefixes: bool = True, vision=None,
 ) -> PrefillResult:
     """:func:`prefill` on prompts :func:`check_prompts` accepted; zero-length ones get an empty cache and no logits."""
     lengths = layout.lengths_of(tokens)
     # last-token logits: a one-token span per prompt (none for an empty prompt)
     spans = np.stack([np.maximum(lengths - 1, 0), lengths], 1) if logits else None
-    run = run_packed(
-        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache", lengths=lengths,
-        vision=vision,
+    run = run_staged(
+        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache",
+        lengths=lengths, share_prefixes=share_prefixes, vision=vision,
     )
     device = model_device(model)
     out_logits = None
@@ -199,5 +227,6 @@ def prefill_tokens(
         out_logits[torch.from_numpy(np.flatnonzero(lengths)).to(device)] = run.values
     return PrefillResult(
         logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=run.batch, backend=run.backend,
-        chunks=run.chunks, chunk=run.chunk, starts=run.starts, config=model.config,
+        chunks=run.chunks, parts=run.parts, config=model.config, tokens_run=run.tokens_run,
+        shared_tokens=run.shared_tokens,
     )

@@ -26,6 +26,7 @@ from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
 from .hf import check_model
 from .packing import token_array
 from .rope import rope_dependence
+from .staged import run_staged
 from .inputs import check_prompts
 
 Truncate = Literal["error", "left"]
@@ -50,6 +51,7 @@ def score(
     max_length: int | None = None,
     truncate: Truncate = "error",
     share_contexts: bool = True,
+    share_prefixes: bool = True,
     backend: str = "auto",
     token_budget: int | None = None,
     tokenizer=None,
@@ -70,6 +72,8 @@ def score(
             the oldest context tokens, as lm-eval's ``hf`` model does (with a warning).
         share_contexts: prefill a context that several requests share once (varlen backends only:
             with ``backend="sdpa_masked"`` pass ``share_contexts=False``).
+        share_prefixes: requests whose contexts differ but start alike (a few-shot header) run the
+            common prefix once (:mod:`prepack.prefixes`); ``False`` runs each such request whole.
         backend, token_budget: as in :func:`prepack.prefill`; ``token_budget`` also bounds how
             many shared-context tokens are held at once.
         processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
@@ -112,7 +116,7 @@ def score(
     # one request = one sequence, scored at its continuation's positions
     tokens = [inputs[i] for i in alone]
     spans = np.array([(len(contexts[i]) - 1, len(contexts[i]) + len(continuations[i]) - 1) for i in alone], np.int64).reshape(-1, 2)
-    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget)
+    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget, share_prefixes)
     logprob[alone], greedy[alone] = lp, gr
     # shared contexts' keys and values are held while their continuations run: a budget's worth at a time
     for wave in _waves(shared, contexts, token_budget or default_token_budget(model)):
@@ -280,15 +284,18 @@ def _token_scores(targets: torch.Tensor):
     return reduce
 
 
-def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget):
-    """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy."""
+def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget, share_prefixes: bool):
+    """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy.
+
+    Requests that start alike share their common prefix (up to their spans: a scored position is never shared).
+    """
     if not tokens:
         return np.zeros(0), np.ones(0, bool)
     device = next(model.parameters()).device
     flat = torch.from_numpy(np.concatenate(targets)).to(device)
-    run = run_packed(
+    run = run_staged(
         model, tokens, backend=backend, token_budget=token_budget, spans=spans,
-        reduce=_token_scores(flat),
+        reduce=_token_scores(flat), share_prefixes=share_prefixes,
     )
     return _per_request(run.values, spans[:, 1] - spans[:, 0])
 
@@ -356,7 +363,7 @@ def _score_shared(model, groups: list[list[int]], contexts, continuations, backe
     # the rest: continuation[:-1] as new tokens after the context, scored at each of them
     rest = [continuations[i][:-1] for i in members]
     lengths = np.array([len(t) for t in rest], np.int64)
-    prefix = Prefix(ctx.chunks, ctx.chunk[group_of], ctx.starts[group_of], np.array([len(contexts[i]) for i in members], np.int64))
+    prefix = Prefix.whole(ctx.chunks, ctx.chunk[group_of], ctx.starts[group_of], np.array([len(contexts[i]) for i in members], np.int64))
     spans = np.stack([np.zeros_like(lengths), lengths], 1)
     flat = torch.from_numpy(np.concatenate([continuations[i][1:] for i in members])).to(device)
     run = run_packed(

@@ -130,3 +130,24 @@ def test_single_query_segments_beside_longer_ones_each_see_their_own_keys():
     args = random_varlen([1, 4, 1, 1], k_lengths=[7, 4, 1, 12])
     want = varlen_attention_ref(*args)
     torch.testing.assert_close(prepack.get_backend("sdpa_varlen")(*args), want, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.integers(0, 40)), min_size=1, max_size=5),
+    st.sampled_from([(-1, -1), (4, 0)]),
+)
+def test_segments_continuing_earlier_keys_match_flash_attn_reference(segments, window):
+    """A shared prefix's continuations, a long prompt's later chunks: lq new queries after lk - lq earlier keys."""
+    q_lengths = [q for q, _ in segments]
+    args = random_varlen(q_lengths, heads=8, kv_heads=2, k_lengths=[q + e for q, e in segments])
+    want = varlen_attention_ref(*args, window_size=window)
+    torch.testing.assert_close(prepack.get_backend("sdpa_varlen")(*args, window_size=window), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len, earlier", [(1, 5), (7, 1), (16, 40)])
+def test_long_continued_segments_skip_the_mask_and_match_flash_attn_reference(q_len, earlier):
+    """The mask-free path of long continued segments (two flash calls merged by log-sum-exp)."""
+    q, k, v, cu_q, cu_k, _, _ = random_varlen([q_len], heads=8, kv_heads=2, k_lengths=[q_len + earlier])
+    want = varlen_attention_ref(q, k, v, cu_q, cu_k, q_len, q_len + earlier)
+    torch.testing.assert_close(attention._continued_causal(q, k, v, 8 ** -0.5), want, atol=1e-5, rtol=1e-5)

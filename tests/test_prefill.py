@@ -108,9 +108,9 @@ def test_token_id_outside_the_vocabulary_is_rejected():
         prepack.prefill(build("llama"), [[1, 500]])
 
 
-def test_token_budget_below_the_longest_prompt_is_rejected():
-    with pytest.raises(ValueError, match="request 1 has 12 tokens but token_budget is 8"):
-        prepack.prefill(build("llama"), prompts([3, 12]), token_budget=8)
+def test_token_budget_below_the_longest_prompt_is_rejected_by_the_row_backend():
+    with pytest.raises(ValueError, match="request 1 has 12 tokens but token_budget is 8, and backend 'sdpa_masked'"):
+        prepack.prefill(build("llama"), prompts([3, 12]), token_budget=8, backend="sdpa_masked")
 
 
 def test_encoder_decoder_model_is_rejected():

@@ -130,9 +130,11 @@ def run_bench(
 
     Returns:
         Dicts with ``metric, method, backend, batch_size, real_tokens, computed_tokens,
-        pad_ratio, times_s, median_s, min_s, max_s, speedup, speedup_vs_sdpa_masked,
+        pad_ratio, shared_tokens, times_s, median_s, min_s, max_s, speedup, speedup_vs_sdpa_masked,
         tokens_per_s, mem_peak_mb, mem_growth_mb, mem_meter, same_tokens`` (fraction of
-        requests whose whole output matches the first method's; 1.0 for prefill).
+        requests whose whole output matches the first method's; 1.0 for prefill). ``shared_tokens``:
+        prompt tokens prepack's prefill did not run because a shared prefix ran once
+        (``computed_tokens`` is below ``real_tokens`` then).
         Memory comes from one more call of each method after the timed rounds, under
         the memory meter (never during a timed call). A method other than ``padded``
         that raises gets a row with ``error`` instead.
@@ -182,6 +184,7 @@ def run_bench(
         outputs: dict[str, object] = {}
         firsts: dict[str, torch.Tensor] = {}
         backends: dict[str, str] = {}
+        ran: dict[str, int] = {}  # prompt tokens run, where a method reports them (shared prefixes run once)
         failed: dict[str, str] = {}
         for r in range(warmup + repeat):
             order = names[r % len(names):] + names[: r % len(names)]
@@ -200,6 +203,8 @@ def run_bench(
                     firsts[m] = outcome.first.cpu()
                     outputs[m] = outcome.output if metric == "generate" else None
                     backends[m] = outcome.backend
+                    if outcome.tokens_run is not None:
+                        ran[m] = outcome.tokens_run
                 if r >= warmup:
                     times[m].append(dt)
                 del outcome
@@ -214,10 +219,10 @@ def run_bench(
             ts = times[m]
             median = statistics.median(ts)
             generated = len(prompts) * call.max_new_tokens
-            computed = computed_tokens(m, lengths, micro_batch)
+            computed = ran.get(m, computed_tokens(m, lengths, micro_batch))
             rows.append(dict(
                 metric=metric, method=m, backend=backends[m], batch_size=len(prompts), real_tokens=sum(lengths),
-                computed_tokens=computed, pad_ratio=computed / sum(lengths),
+                computed_tokens=computed, pad_ratio=computed / sum(lengths), shared_tokens=max(sum(lengths) - computed, 0),
                 times_s=ts, median_s=median, min_s=min(ts), max_s=max(ts),
                 tokens_per_s=(sum(lengths) + (generated if metric == "generate" else 0)) / median,
                 mem_peak_mb=mems[m].peak / MB, mem_growth_mb=mems[m].growth / MB,

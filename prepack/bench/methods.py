@@ -57,11 +57,14 @@ class Outcome(NamedTuple):
         first: (N,) int64, the first new token of every request.
         output: the caches or generated tokens (None when there is nothing to keep).
         backend: the attention that ran, e.g. ``"sdpa_varlen"`` or the model's ``"sdpa"``.
+        tokens_run: the prompt tokens the prefill ran, where the method knows (prepack's prefill: fewer
+            than the prompts hold when they share a prefix); None: :func:`computed_tokens` counts them.
     """
 
     first: torch.Tensor
     output: object
     backend: str
+    tokens_run: int | None = None
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
             # Counted in the time: the scatter into the left-padded cache that
             # model.generate continues from, so the result is as usable as padded's.
             cache = r.left_padded_cache()
-            return Outcome(r.logits.argmax(-1), cache, r.backend)
+            return Outcome(r.logits.argmax(-1), cache, r.backend, r.tokens_run)
         if backend in ROW_BACKENDS:  # rows under dense masks prefill only: the first token is the prefill's (greedy)
             r = prepack.prefill(model, c.prompts, backend=backend)
             first = r.logits.argmax(-1)
