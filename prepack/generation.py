@@ -39,6 +39,7 @@ def generate(
     return_logprobs: bool = False,
     seed: int | None = None,
     progress: bool | None = None,
+    share_prefixes: bool = True,
     **generate_kwargs,
 ) -> list:
     """Generate from many prompts; each request gets what ``model.generate`` gives its prompt alone.
@@ -48,7 +49,9 @@ def generate(
         sequences: N prompts, in any form :func:`prepack.prefill` takes (token ids, tokenizer
             output, strings or chats with ``tokenizer``).
         backend: the attention backend (a varlen one: ``"auto"``, ``"sdpa_varlen"``, ``"flash"``, ...).
-        token_budget: most tokens one forward runs (decoding rows plus newly admitted prompts).
+        token_budget: most tokens one forward runs (decoding rows plus prompt chunks); a longer prompt
+            is prefilled in chunks over several steps beside the running decodes (refused only for a
+            model whose rotary frequencies depend on the length).
         kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
             its most new tokens); memory follows the keys actually cached.
         max_batch: most requests decoding at once (None: as the budgets allow).
@@ -60,6 +63,11 @@ def generate(
             global RNG, so ``torch.manual_seed`` makes a call reproducible). A request's samples do not
             depend on its neighbours, the budgets or the batch size.
         progress: a tqdm bar counting finished requests and generated tokens (default: over 256 prompts).
+        share_prefixes: compute and hold once a prompt prefix that requests share (a system prompt, the
+            prompt of ``num_return_sequences`` samples), read by each of them and freed with the last
+            (see docs/generation.md); False computes every request's prompt on its own. Either way the
+            tokens are what ``model.generate`` gives each prompt alone. Models with sliding windows,
+            soft-capping, sinks or length-dependent RoPE never share (it would not be exact).
         **generate_kwargs: ``model.generate``'s generation options, per request: ``max_new_tokens``,
             ``min_new_tokens``, ``max_length``, ``min_length``, ``eos_token_id``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
@@ -75,7 +83,7 @@ def generate(
     return generate_with_backends(
         model, sequences, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
         tokenizer=tokenizer, decode=decode, return_logprobs=return_logprobs, seed=seed, progress=progress,
-        **generate_kwargs,
+        share_prefixes=share_prefixes, **generate_kwargs,
     ).results
 
 
@@ -133,7 +141,7 @@ def generate_iter(
 def _run(
     model, prompts, *, backend: str = "auto", token_budget=None, kv_budget=None, max_batch=None, tokenizer=None,
     decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
-    stats=None, **generate_kwargs,
+    stats=None, share_prefixes: bool = True, **generate_kwargs,
 ) -> Iterator:
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
@@ -160,6 +168,7 @@ def _run(
         for done in _decode(
             model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
             seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar,
+            share_prefixes=share_prefixes,
         ):
             if return_logprobs:
                 yield done
