@@ -44,7 +44,8 @@ class SharedParts:
         spans: per sharer feeding more tokens, ``(at, q_len, k_start, cached)``: its queries are
             ``rows[at : at + q_len]``, its own keys the pool's ``[k_start, k_start + cached + q_len)``,
             of which the last ``q_len`` are the new ones.
-        others: whether any query of the step reads no prefix (then the base kernel runs too).
+        others: whether any query of the step is not merged here (then the base kernel runs too).
+        taken: (n,) bool numpy, per key of the step's order, whether its queries are merged here.
     """
 
     rows: torch.Tensor
@@ -52,30 +53,38 @@ class SharedParts:
     singles: tuple | None
     spans: list
     others: bool
+    taken: np.ndarray
 
 
-def shared_parts(order, q, cached, starts, prefix_of: dict, regions: dict, device) -> SharedParts | None:
-    """The step's :class:`SharedParts`, or None when no query reads a shared prefix.
+def shared_parts(order, q, cached, starts, prefix_of: dict, regions: dict, device, *, split_chunks: bool = False) -> SharedParts | None:
+    """The step's :class:`SharedParts`, or None when no query reads a shared prefix (nor is split).
 
     Args:
         order: the step's region keys in stream order; q, cached, starts: (n,) int64 numpy, per key
             its new tokens, keys cached before the step and first pool row.
         prefix_of: request key -> its prefix's key; regions: prefix key -> (start, length) after the step.
+        split_chunks: also split a prompt chunk that continues its own earlier keys into those (all
+            visible) and its causal square, merged the same way. On CPU the kernel behind
+            ``sdpa_varlen`` takes a bottom-right causal segment through a dense mask (scores
+            materialised); the two parts run on PyTorch's fused flash kernel instead.
     """
     q_start = np.concatenate([[0], np.cumsum(q)[:-1]]).astype(np.int64)
     by_prefix: dict = {}
     rows, single_pos, single_idx, spans = [], [], [], []
     at, others = 0, False
+    taken = np.zeros(len(order), bool)
     for i, key in enumerate(order):
         if q[i] == 0:
             continue
         p = prefix_of.get(key)
-        if p is None:
+        n = int(q[i])
+        if p is None and not (split_chunks and n > 1 and cached[i] > 0):
             others = True
             continue
-        n = int(q[i])
+        taken[i] = True
         rows.append(np.arange(q_start[i], q_start[i] + n))
-        by_prefix.setdefault(p, []).append(np.arange(at, at + n))
+        if p is not None:
+            by_prefix.setdefault(p, []).append(np.arange(at, at + n))
         if n == 1:
             single_pos.append(at)
             single_idx.append(np.arange(starts[i], starts[i] + cached[i] + 1))
@@ -98,16 +107,20 @@ def shared_parts(order, q, cached, starts, prefix_of: dict, regions: dict, devic
             idx[j, : len(ix)], valid[j, : len(ix)] = ix, True
             idx[j, len(ix) :] = ix[-1]  # masked slots read any real key
         singles = (tensor(np.asarray(single_pos, np.int64)), tensor(idx), tensor(valid))
-    return SharedParts(tensor(np.concatenate(rows)), groups, singles, spans, others)
+    return SharedParts(tensor(np.concatenate(rows)), groups, singles, spans, others, taken)
 
 
-def cascade_kernel(base, parts: SharedParts):
-    """``base`` (a :class:`~prepack.backends.Kernel`) whose function also merges in each sharer's prefix part."""
-    return replace(base, fn=functools.partial(_attend, base.fn, parts))
+def cascade_kernel(base, parts: SharedParts, layout):
+    """``base`` (a :class:`~prepack.backends.Kernel`) computing the rows ``parts`` takes from their merged parts.
+
+    ``layout``: the :class:`~prepack.step.StepLayout` the base kernel runs for the other rows (the taken
+    rows' segments have no keys there).
+    """
+    return replace(base, fn=functools.partial(_attend, base.fn, parts, layout))
 
 
 def _attend(
-    base_fn, parts: SharedParts, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    base_fn, parts: SharedParts, layout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
     dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
 ) -> torch.Tensor:
     """``flash_attn_varlen_func``'s signature over the pool's keys; sharers' rows merged from their parts.
@@ -122,9 +135,9 @@ def _attend(
             "pass share_prefixes=False"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if parts.others:  # rows that read no prefix: the base kernel over the step's layout (sharers' rows replaced below)
-        out = base_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                      softmax_scale=scale, causal=True, window_size=(-1, -1), softcap=0.0)
+    if parts.others:  # the other rows: the base kernel, under a layout that gives the taken rows no keys
+        out = base_fn(q, k, v, *layout.varlen_args(), dropout_p=0.0, softmax_scale=scale, causal=True,
+                      window_size=(-1, -1), softcap=0.0)
     else:
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
     qs = q.index_select(0, parts.rows)  # (M, H, D) the sharers' queries

@@ -157,13 +157,15 @@ def decode(
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     stats = EngineStats() if stats is None else stats
     rope = rope_dependence(model)
-    share = share_prefixes and sharing_refusal(model, rope) is None
+    plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
+    share = share_prefixes and plain
     enable(model)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     slides = cache_slides(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
-    store, waiting = KVStore(device), deque()
+    # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
+    store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu"), deque()
 
     def admit_check(r: Request) -> None:
         need_kv = r.rules.max_length - 1
@@ -311,7 +313,7 @@ def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict, slide
     pos = torch.from_numpy(layout.ranges(offset + kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
     samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if isinstance(u, Request) and n == len(u.pending)]
     last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each sampling segment
-    step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts)
+    step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
     call = PackedCall(kv.layout, step_kernel, kv_store=kv)
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=pos, prepack=call, use_cache=False, logits_to_keep=last)

@@ -42,12 +42,15 @@ class KVStore:
         device: where the pools live (the model's device).
         growth: a region, and the pool, grow to ``growth`` times what they must hold (> 1).
         slack: tokens of spare capacity a new region gets beyond what it must hold.
+        split_chunks: attend a prompt chunk's earlier keys and its own as two merged parts
+            (:func:`prepack.cascade.shared_parts`); only for plain causal softmax attention.
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
+        self.split_chunks = split_chunks
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
@@ -174,25 +177,38 @@ class KVStore:
         cached = np.array([self.length[r] for r in order], np.int64)
         q = np.array([new[r] for r in order], np.int64)
         dst = layout.ranges(starts + cached, q)  # where the new keys go, in query-stream order
-        # segments: a keyless-query gap before each request's region, then its real keys
         gap = starts - np.concatenate([[0], (starts + cached + q)[:-1]])
-        q_lengths = np.stack([np.zeros_like(q), q], 1).reshape(-1)
-        k_lengths = np.stack([gap, cached + q], 1).reshape(-1)
-        real = np.arange(1, 2 * len(order), 2)
-        keep = (k_lengths > 0) | (q_lengths > 0)  # drop empty gaps: fewer segments for the kernel
-        keep[real] = True
         for r, n in new.items():
             self.length[r] += n
-        q_lengths, k_lengths = q_lengths[keep], k_lengths[keep]
+        q_lengths, k_lengths = _segments(gap, q, cached)
         end = int((starts + cached + q).max()) if len(order) else 0
-        regions = {p: (self.start[p], self.length[p]) for p in self.sharers}
-        parts = shared_parts(order, q, cached, starts, self.prefix_of, regions, self.device)
-        if parts is not None:  # the prefixes read may lie above the last segment: cover them with a keyless one
-            reach = max(s + n for s, n, _ in parts.groups)
-            if reach > end:
+        regions = {p: (self.start[p], self.length[p]) for p in self.sharers if p in self.start}
+        parts = shared_parts(order, q, cached, starts, self.prefix_of, regions, self.device, split_chunks=self.split_chunks)
+        base = None
+        if parts is not None:
+            # the kernel's own layout for the other rows: the merged rows' keys fold into the gap before them
+            base_q, base_k = _segments(gap, q, cached, parts.taken)
+            reach = max((s + n for s, n, _ in parts.groups), default=0)
+            if reach > end:  # the prefixes read may lie above the last segment: cover them with a keyless one
                 q_lengths, k_lengths = np.append(q_lengths, 0), np.append(k_lengths, reach - end)
+                base_q, base_k = np.append(base_q, 0), np.append(base_k, reach - end)
                 end = reach
-        return StepKV(self, order, q, cached, dst, q_lengths, k_lengths, end, parts)
+            base = StepLayout(base_q, base_k, self.device)
+        return StepKV(self, order, q, cached, dst, q_lengths, k_lengths, end, parts, base)
+
+
+def _segments(gap: np.ndarray, q: np.ndarray, cached: np.ndarray, taken: np.ndarray | None = None):
+    """(q_lengths, k_lengths) of the step's segments: a keyless-query gap before each request's region,
+    then its real keys. A ``taken`` request keeps its queries but lends its keys to the gap before it,
+    so the kernel gives its rows nothing to attend to (they are computed elsewhere)."""
+    own = cached + q
+    if taken is not None:
+        gap, own = gap + np.where(taken, own, 0), np.where(taken, 0, own)
+    q_lengths = np.stack([np.zeros_like(q), q], 1).reshape(-1)
+    k_lengths = np.stack([gap, own], 1).reshape(-1)
+    keep = (k_lengths > 0) | (q_lengths > 0)  # drop empty gaps: fewer segments for the kernel
+    keep[1::2] = True
+    return q_lengths[keep], k_lengths[keep]
 
 
 def _grown(x: torch.Tensor, size: int, used: int) -> torch.Tensor:
@@ -211,9 +227,10 @@ class StepKV:
             sharer's segment holds its own keys only, its prefix part is ``parts``'.
     """
 
-    def __init__(self, store: KVStore, order, q, cached, dst, q_lengths, k_lengths, end: int, parts=None):
+    def __init__(self, store: KVStore, order, q, cached, dst, q_lengths, k_lengths, end: int, parts=None, base=None):
         self.store, self.order, self.q, self.cached, self.end = store, order, q, cached, end
-        self.parts = parts  # the queries that read a shared prefix (:class:`prepack.cascade.SharedParts`), or None
+        self.parts = parts  # the queries merged from parts (:class:`prepack.cascade.SharedParts`), or None
+        self.base_layout = base  # with parts: the layout the kernel runs for the other queries
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
         self.layers_seen: set[int] = set()
