@@ -89,7 +89,9 @@ class Scheduler:
                 feeds[r.key], units[r.key] = 1, r
         budget -= len(feeds)
         budget = self._feed_prompts(self.prefilling, feeds, units, budget)
-        while waiting and budget > 0 and (self.max_batch is None or len(self.running) < self.max_batch):
+        # at most token_budget requests run, so their decode rows always fit one step
+        most = self.token_budget if self.max_batch is None else min(self.max_batch, self.token_budget)
+        while waiting and budget > 0 and len(self.running) < most:
             r = waiting[0]
             self.admit_check(r)
             new = self._admit(r, budget, [w.prompt for w in itertools.islice(waiting, 1, None)])
