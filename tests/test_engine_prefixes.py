@@ -1,11 +1,13 @@
 """The decode engine holds a shared prompt prefix once and prefills long prompts in chunks, exactly."""
 
+import numpy as np
 import pytest
 import torch
 
 import prepack
 from prepack.generation import generate_with_backends
 from prepack.kvstore import KVStore
+from prepack.step import StepLayout
 
 from .models import VOCAB, build, prompts
 from .test_generate import alone, tokens
@@ -118,3 +120,28 @@ def test_decodes_continue_while_a_long_prompt_is_prefilled_in_chunks():
     chunk_steps = [i for i in range(1, stats.steps) if stats.prompt_tokens[i]]
     assert len(chunk_steps) >= 90 // 16  # the long prompt took several steps ...
     assert all(stats.decode_rows[i] == 3 for i in chunk_steps)  # ... each beside the three running decodes
+
+
+def test_attention_over_a_prefix_region_and_own_keys_matches_flash_attn_reference():
+    """The merged parts equal flash-attn's ``attention_ref`` over each request's keys laid end to end."""
+    from prepack.cascade import cascade_kernel, shared_parts
+    from prepack.backends import choose
+
+    from .flash_attn_reference import attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    pool_k, pool_v = torch.randn(40, 2, 8, generator=g), torch.randn(40, 2, 8, generator=g)
+    q = torch.randn(1 + 3 + 2, 4, 8, generator=g)  # a decode row, a 3-token chunk, an unshared 2-token prompt
+    # pool rows: prefix [0, 10), request 0 [12, 17), request 1 [20, 26), request 2 [30, 32)
+    order, starts = [0, 1, 2], np.array([12, 20, 30])
+    q_len, cached = np.array([1, 3, 2]), np.array([4, 3, 0])
+    parts = shared_parts(order, q_len, cached, starts, {0: -1, 1: -1}, {-1: (0, 10)}, "cpu")
+    base = StepLayout(np.array([0, 1, 0, 3, 0, 2]), np.array([17, 0, 9, 0, 4, 2]), "cpu")  # 0 and 1: keyless
+    kernel = cascade_kernel(choose("sdpa_varlen", device="cpu", dtype=torch.float32), parts, base)
+    got = kernel.fn(q, pool_k, pool_v, None, None, causal=True)
+    keys = [torch.cat([pool_k[0:10], pool_k[12:17]]), torch.cat([pool_k[0:10], pool_k[20:26]]), pool_k[30:32]]
+    values = [torch.cat([pool_v[0:10], pool_v[12:17]]), torch.cat([pool_v[0:10], pool_v[20:26]]), pool_v[30:32]]
+    rows = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    for r, kk, vv in zip(rows, keys, values, strict=True):
+        want = attention_ref(q[None, r], kk[None], vv[None], causal=True)[0]
+        torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
