@@ -83,22 +83,23 @@ def step_vs_forward(model, seqs, batch: int, cached: int) -> tuple[float, float]
     """Seconds of one engine decode step of ``batch`` rows with ``cached`` keys each, and of a no-KV forward
     of the same ``batch`` one-token rows (packed, positions 0)."""
     from prepack.backends import choose
-    from prepack.engine import _Request, _step
+    from prepack.engine import _step
     from prepack.hf import attention_needs
     from prepack.kvstore import KVStore
+    from prepack.scheduler import Request
 
     kernel = choose("auto", device="cpu", dtype=torch.float32, needs=attention_needs(model, continues_keys=True))
     store = KVStore("cpu")
     rules = Rules(model, {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0}).for_request(torch.ones(1, dtype=torch.long), "cpu")
-    running = {i: _Request(i, np.asarray(s[:cached], np.int64), rules, None) for i, s in enumerate(seqs[:batch])}
-    _step(model, kernel, store, running, None)  # the prefill (the bench model has no length-dependent RoPE)
+    running = {i: Request(i, np.asarray(s[:cached], np.int64), rules, None) for i, s in enumerate(seqs[:batch])}
+    _step(model, kernel, store, {i: len(r.pending) for i, r in running.items()}, running, None)  # the prefill
     for r in running.values():
-        r.feed = np.array([5], np.int64)
+        r.pending = np.array([5], np.int64)
     times_step, times_fwd = [], []
     ids = torch.full((1, len(running)), 5)
     for _ in range(5):
         t = time.perf_counter()
-        _step(model, kernel, store, running, None)
+        _step(model, kernel, store, {i: 1 for i in running}, running, None)
         times_step.append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.no_grad():

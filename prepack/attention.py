@@ -193,11 +193,23 @@ def _continued_causal(q, k, v, scale: float) -> torch.Tensor:
 
 
 def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:
-    """Segments of one query each, (q_start, k_start, k_len): one batched SDPA call, written into ``out``.
+    """Segments of one query each, (q_start, k_start, k_len): batched SDPA calls, written into ``out``.
 
     The query is the segment's last token (bottom-right alignment), so it sees key j of its segment iff
     ``k_len - 1 - j`` is inside the window's left side (a right side is moot: no key comes after it).
+    Segments are batched by key length, each batch padded to its longest (at most twice its shortest),
+    so one long request does not pad every other one's keys to its length.
     """
+    singles = sorted(singles, key=lambda s: s[2])
+    first = 0
+    for i in range(1, len(singles) + 1):
+        if i == len(singles) or singles[i][2] > 2 * singles[first][2]:
+            _single_batch(out, q, k, v, singles[first:i], window, scale=scale, softcap=softcap,
+                          dropout_p=dropout_p, sinks=sinks)
+            first = i
+
+
+def _single_batch(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:
     qs, ks, lk = (torch.tensor(c, device=q.device) for c in zip(*singles, strict=True))
     longest = int(lk.max())
     j = torch.arange(longest, device=q.device)

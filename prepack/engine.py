@@ -1,22 +1,26 @@
 """Step 7 of the data flow: prepack's own decode loop, one packed forward per step.
 
 Each step is one forward of the model whose segments are the running requests' new tokens (one
-each: query length 1, key length = cached + 1) plus the whole prompts of requests admitted this
-step (query length = key length = the prompt). Every segment attends to its own request's keys
-only, read from the :class:`~prepack.kvstore.KVStore` (no padding, no per-step copy of the cache).
-A finished request frees its keys at once and waiting prompts are admitted in the same step
-(continuous refill), as long as the step's tokens fit ``token_budget`` and the reserved keys
-(each admitted request's prompt plus its most new tokens) fit ``kv_budget``.
+each: query length 1, key length = cached + 1) plus prompts, or chunks of prompts, of requests being
+prefilled (query length = the chunk, key length = cached + chunk). What a step feeds is planned by
+:mod:`prepack.scheduler`: decode rows first, then prompt chunks within ``token_budget``, then newly
+admitted requests while the reserved keys (each admitted request's prompt plus its most new tokens)
+fit ``kv_budget``. Every segment attends to its own request's keys only, read from the
+:class:`~prepack.kvstore.KVStore` (no padding, no per-step copy of the cache). A finished request
+frees its keys at once and waiting prompts are admitted in the same step (continuous refill). A
+prompt prefix that requests share is computed once and held once (:mod:`prepack.prefix_regions`),
+its attention merged from parts (:mod:`prepack.cascade`).
 
 What a request decodes and when it stops is what ``model.generate`` does for that prompt alone:
 transformers builds its logits processors and stopping criteria from its own prompt
 (:mod:`prepack.decoding`). One step, in short::
 
-    kv = store.plan({r: len(feed[r]) for r in running})            # room for the new keys; segment order
-    ids, pos = concat(feed[r] for r in kv.order), ranges(kv.cached, kv.q)  # (T,), (T,)
-    call = PackedCall(kv.layout, kernel, kv_store=kv)              # every layer appends and reads via kv
+    feeds, units = scheduler.next_step(waiting)                     # tokens each request (or region) feeds
+    kv = store.plan(feeds)                                          # room for the new keys; segment order
+    ids, pos = concat(pending[u][:feeds[u]] for u in kv.order), ranges(offset + kv.cached, kv.q)  # (T,), (T,)
+    call = PackedCall(kv.layout, kernel, kv_store=kv)               # every layer appends and reads via kv
     logits = model(ids[None], position_ids=pos[None], prepack=call,
-                   use_cache=False, logits_to_keep=last_of_each_segment).logits[0]   # (n, V)
+                   use_cache=False, logits_to_keep=last_of_each_sampling_segment).logits[0]   # (n, V)
     tokens = choose(logits, rules)                                  # per request: processors, argmax / sample
 """
 
@@ -36,7 +40,10 @@ from .backends import choose
 from .decoding import RequestRules, Rules
 from .hf import attention_needs, enable, model_device
 from .step import PackedCall
+from .cascade import cascade_kernel
 from .kvstore import KVStore
+from .prefix_regions import sharing_refusal
+from .scheduler import Request, Scheduler
 from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
 from .wrapped import runner, unwrap
@@ -69,10 +76,16 @@ class EngineStats:
 
     Attributes:
         steps: forwards run. tokens: new tokens generated.
-        peak_kv_bytes: the most bytes the KV pools held. peak_live_tokens: the most keys cached at once.
+        peak_kv_bytes: the most bytes the KV pools held. peak_live_tokens: the most keys cached at once
+            (a shared prefix region counted once).
         kv_bytes_per_token: bytes one cached token takes (all layers, keys and values).
         first_token_s: per request index, seconds from the call's start to its first new token.
-        batch_sizes: per step, the requests it ran.
+        batch_sizes: per step, the requests that fed it tokens.
+        decode_rows: per step, the requests that fed it their newest token (decoding).
+        prompt_tokens: per step, the prompt tokens it fed (whole prompts, chunks, prefix regions).
+        step_end_s: per step, seconds from the call's start to the step's end.
+        prefix_regions: shared prefix regions computed. shared_prefix_tokens: prompt tokens not
+            computed because a request read a region another request's admission had computed.
     """
 
     steps: int = 0
@@ -82,22 +95,17 @@ class EngineStats:
     kv_bytes_per_token: int = 0
     first_token_s: dict = field(default_factory=dict)
     batch_sizes: list = field(default_factory=list)
+    decode_rows: list = field(default_factory=list)
+    prompt_tokens: list = field(default_factory=list)
+    step_end_s: list = field(default_factory=list)
+    prefix_regions: int = 0
+    shared_prefix_tokens: int = 0
 
-
-class _Request:
-    """A running request: its prompt, rules, what it generated and what the next step feeds."""
-
-    __slots__ = ("index", "prompt", "rules", "generator", "tokens", "logprobs", "feed")
-
-    def __init__(self, index: int, prompt: np.ndarray, rules: RequestRules, generator):
-        self.index, self.prompt, self.rules, self.generator = index, prompt, rules, generator
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.feed = prompt  # the whole prompt first, then the last new token each step
-
-    def ids(self, device) -> torch.Tensor:
-        """(1, L) the prompt and the new tokens so far: what generate's processors and criteria see."""
-        return torch.from_numpy(np.concatenate([self.prompt, np.asarray(self.tokens, np.int64)]))[None].to(device)
+    def worst_decode_gap_s(self) -> float:
+        """The longest time between two steps in which some request decoded in both (0 with fewer steps)."""
+        gaps = [self.step_end_s[i] - self.step_end_s[i - 1] for i in range(1, self.steps)
+                if self.decode_rows[i] and self.batch_sizes[i - 1]]
+        return max(gaps, default=0.0)
 
 
 def decode(
@@ -112,6 +120,7 @@ def decode(
     seed: int | None = None,
     logprobs: bool = False,
     order: str = "input",
+    share_prefixes: bool = True,
     stats: EngineStats | None = None,
     progress=None,
     vision=None,
@@ -121,18 +130,23 @@ def decode(
     Args:
         rules: the call's generation keywords (:class:`~prepack.decoding.Rules`); each prompt yields
             ``rules.samples`` requests.
-        token_budget: most tokens one forward runs (decode rows plus admitted prompts).
+        token_budget: most tokens one forward runs (decode rows plus prompt chunks); a longer prompt
+            is prefilled in chunks over several steps, beside the running decodes.
         kv_budget: most keys reserved at once: each running request reserves its prompt plus its most
-            new tokens, so the store never needs more than this.
+            new tokens (a shared prefix region once), so the store never needs more than this.
         max_batch: most requests running at once (None: as the budgets allow).
         seed: seeds sampling; request ``i`` draws from its own generator seeded ``seed + i``, so its
             samples do not depend on its neighbours (None: a seed drawn from torch's global RNG).
         order: ``"input"`` (request order) or ``"completion"`` (as they finish).
+        share_prefixes: hold a prompt prefix that requests share once (:mod:`prepack.prefix_regions`);
+            ignored, exactly, for a model whose attention cannot merge a prefix part exactly.
         progress: a tqdm bar to update per finished request, or None.
         vision: the prompts' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
     """
     if order not in ("input", "completion"):
         raise ValueError(f"order must be 'input' or 'completion', got {order!r}")
+    if not isinstance(share_prefixes, bool):
+        raise ValueError(f"share_prefixes must be True or False, got {share_prefixes!r}")
     device = model_device(model)
     check_engine_model(model)
     kernel = choose(backend, device=device, dtype=next(model.parameters()).dtype,
@@ -145,6 +159,11 @@ def decode(
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     stats = EngineStats() if stats is None else stats
     rope = rope_dependence(model)
+    plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
+    # a prompt with images runs whole in one step: its image features and mRoPE rows are laid out for the
+    # whole prompt, so it neither continues a shared prefix nor is split into chunks
+    share = share_prefixes and plain and vision is None
+    chunk = rope is None and vision is None
     enable(model)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
@@ -154,7 +173,26 @@ def decode(
     slides = cache_slides(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
-    store, waiting, running, reserved = KVStore(device), deque(), {}, {}
+    # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
+    store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu"), deque()
+
+    def admit_check(r: Request) -> None:
+        need_kv = r.rules.max_length - 1
+        if need_kv > kv_budget or (not chunk and len(r.prompt) > token_budget):
+            name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, len(r.prompt))
+            why = ""
+            if name == "token_budget":
+                why = (f"; {type(model).__name__}'s rotary frequencies depend on the length" if rope is not None
+                       else "; prompts with images run whole") + ", so its prompts are not chunked"
+            raise ValueError(
+                f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
+                f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name}){why}"
+            )
+        if rope is not None:
+            _check_rope(model, rope, r)
+
+    sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
+                      admit_check=admit_check, chunk=chunk, share=share, stats=stats)
     done, next_out = {}, 0
     exhausted = False
     while True:
@@ -164,42 +202,31 @@ def decode(
                 exhausted = True
             else:
                 waiting.append(nxt)
-        step_tokens = len(running)
-        while waiting and (max_batch is None or len(running) < max_batch):
-            r = waiting[0]
-            need_kv, need_q = r.rules.max_length - 1, len(r.prompt)
-            if need_kv > kv_budget or need_q > token_budget:
-                name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, need_q)
-                raise ValueError(
-                    f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
-                    f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name})"
-                )
-            if rope is not None:
-                _check_rope(model, rope, r)
-            if sum(reserved.values()) + need_kv > kv_budget or step_tokens + need_q > token_budget:
-                break
-            waiting.popleft()
-            running[r.index], reserved[r.index] = r, need_kv
-            step_tokens += need_q
-        if not running:
+        feeds, units = sched.next_step(waiting)
+        if not feeds:
+            if sched.running or waiting:
+                raise RuntimeError("prepack's engine planned an empty step with requests left (a scheduling bug)")
             break
-        reqs, logits = _step(module, kernel, store, running, rope, slides)
+        reqs, logits = _step(module, kernel, store, feeds, units, rope, slides)
         stats.steps += 1
-        stats.batch_sizes.append(len(reqs))
+        stats.batch_sizes.append(sum(1 for k in feeds if k >= 0))
+        stats.decode_rows.append(sum(1 for k in feeds if k >= 0 and units[k].tokens))
+        stats.prompt_tokens.append(sum(n for k, n in feeds.items() if k < 0 or not units[k].tokens))
         stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
+        sched.fed(feeds, units)
         chosen, chosen_lp = _choose(reqs, logits, device, logprobs)
         now = time.perf_counter() - start_time
+        stats.step_end_s.append(now)
         for r, tok, lp in zip(reqs, chosen, chosen_lp, strict=True):
             if not r.tokens:
                 stats.first_token_s[r.index] = now
             r.tokens.append(tok)
             if logprobs:
                 r.logprobs.append(lp)
-            r.feed = np.array([tok], np.int64)
+            r.pending = np.array([tok], np.int64)
             reason = _finished(r, logits, device)
             if reason is not None:
-                store.free(r.index)
-                del running[r.index], reserved[r.index]
+                sched.finish(r)
                 done[r.index] = Completion(
                     r.index, torch.tensor(r.tokens, dtype=torch.long),
                     torch.tensor(r.logprobs, dtype=torch.float32) if logprobs else None, reason,
@@ -221,7 +248,7 @@ def decode(
         yield done.pop(i)
 
 
-def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) -> Iterator[_Request]:
+def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) -> Iterator[Request]:
     """Each prompt's ``rules.samples`` requests, numbered prompt-major, each with its rules and generator."""
     index = itertools.count()
     for p, prompt in enumerate(prompts):
@@ -234,34 +261,36 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
                 gen.manual_seed(seed + i)
             # each sample gets rules of its own: some processors and criteria keep per-sequence state
             own = one if i % rules.samples == 0 else rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=True)
-            yield _Request(i, prompt, own, gen)
+            yield Request(i, prompt, own, gen)
 
 
-def _step(model, kernel, store: KVStore, running: dict, rope: RopeDependence | None, slides=None) -> tuple[list, torch.Tensor]:
-    """One step over every running request: the requests in stream order and their (n, V) float32 logits.
+def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDependence | None, slides=None) -> tuple[list, torch.Tensor]:
+    """One step: feeds[key] tokens of each unit; the requests that sample, in stream order, and their (n, V) float32 logits.
 
     One packed forward, or with length-dependent RoPE (:mod:`prepack.rope`) one per group of requests
     whose own forward would get the same rotary frequencies: alone, a request's forward reaches
-    ``len(prompt) + len(tokens)`` positions at this step, and its frequencies follow that length.
+    ``len(prompt) + len(tokens)`` positions at this step, and its frequencies follow that length
+    (such a model's prompts are fed whole and share no prefix region).
     """
     if rope is None:
-        return _forward_step(model, kernel, store, running, slides)
+        return _forward_step(model, kernel, store, feeds, units, slides)
     groups: dict = {}
-    for i, r in running.items():
+    for key, n in feeds.items():
+        r = units[key]
         reach = len(r.prompt) + len(r.tokens)
         why = rope.refusal(reach)
         if why:
             raise UnsupportedModelError(f"request {r.index} reaches {reach} positions but {type(model).__name__}'s {why}")
-        groups.setdefault(rope.key(reach), {})[i] = r
+        groups.setdefault(rope.key(reach), {})[key] = n
     reqs, logits = [], []
     for group in groups.values():
-        got, out = _forward_step(model, kernel, store, group, slides)
+        got, out = _forward_step(model, kernel, store, group, units, slides)
         reqs += got
         logits.append(out)
     return reqs, torch.cat(logits)
 
 
-def _check_rope(model, rope: RopeDependence, r: _Request) -> None:
+def _check_rope(model, rope: RopeDependence, r: Request) -> None:
     """Refuse a request whose decoding would cross a change of rotary frequencies, before it runs.
 
     Alone, such a request's frequencies change mid-generation, and what ``model.generate`` then does is
@@ -281,19 +310,23 @@ def _check_rope(model, rope: RopeDependence, r: _Request) -> None:
         )
 
 
-def _forward_step(model, kernel, store: KVStore, running: dict, slides=None) -> tuple[list, torch.Tensor]:
-    """One packed forward over ``running``; returns them in stream order and their (n, V) float32 logits.
+def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict, slides=None) -> tuple[list, torch.Tensor]:
+    """One packed forward: ``feeds[key]`` pending tokens of each unit. Returns the requests that sample
+    (fed all they had pending), in stream order, and their (n, V) float32 logits.
 
     ``slides``: per layer, whether the model's own cache keeps only a sliding window of keys (see
     :func:`cache_slides`); such a layer whose attention applied no window is refused.
     """
-    kv = store.plan({i: len(r.feed) for i, r in running.items()})
-    reqs = [running[i] for i in kv.order]
+    kv = store.plan(feeds)
+    fed = [units[k] for k in kv.order]
     device = store.device
-    ids = torch.from_numpy(np.concatenate([r.feed for r in reqs]))[None].to(device)  # (1, T)
-    pos = torch.from_numpy(layout.ranges(kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
-    last = torch.from_numpy(np.cumsum(kv.q) - 1).to(device)  # (n,) each segment's last token
-    call = PackedCall(kv.layout, kernel, kv_store=kv)
+    ids = torch.from_numpy(np.concatenate([u.pending[:n] for u, n in zip(fed, kv.q)]))[None].to(device)  # (1, T)
+    offset = np.array([u.offset for u in fed], np.int64)  # a sharer's own keys follow its prefix region's
+    pos = torch.from_numpy(layout.ranges(offset + kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
+    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if isinstance(u, Request) and n == len(u.pending)]
+    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each sampling segment
+    step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
+    call = PackedCall(kv.layout, step_kernel, kv_store=kv)
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=pos, prepack=call, use_cache=False, logits_to_keep=last)
     layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
@@ -310,7 +343,7 @@ def _forward_step(model, kernel, store: KVStore, running: dict, slides=None) -> 
                 "applies no window, so transformers' own decoding attends to fewer keys than its prefill did; "
                 "prepack's decode engine cannot reproduce that exactly"
             )
-    return reqs, out.logits[0].float()
+    return [fed[i] for i in samples], out.logits[0].float()
 
 
 def cache_slides(model) -> list[bool]:
@@ -350,7 +383,7 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
     return chosen.tolist(), lps
 
 
-def _finished(r: _Request, logits, device) -> str | None:
+def _finished(r: Request, logits, device) -> str | None:
     """Why ``r`` stops after its newest token (generate's criteria, on its own ids), or None."""
     if r.tokens[-1] in r.rules.eos:
         return "eos"

@@ -40,6 +40,7 @@ def generate(
     seed: int | None = None,
     progress: bool | None = None,
     processor=None,
+    share_prefixes: bool = True,
     **generate_kwargs,
 ) -> list:
     """Generate from many prompts; each request gets what ``model.generate`` gives its prompt alone.
@@ -49,7 +50,9 @@ def generate(
         sequences: N prompts, in any form :func:`prepack.prefill` takes (token ids, tokenizer
             output, strings or chats with ``tokenizer``).
         backend: the attention backend (a varlen one: ``"auto"``, ``"sdpa_varlen"``, ``"flash"``, ...).
-        token_budget: most tokens one forward runs (decoding rows plus newly admitted prompts).
+        token_budget: most tokens one forward runs (decoding rows plus prompt chunks); a longer prompt
+            is prefilled in chunks over several steps beside the running decodes (refused only for a
+            model whose rotary frequencies depend on the length).
         kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
             its most new tokens); memory follows the keys actually cached.
         max_batch: most requests decoding at once (None: as the budgets allow).
@@ -62,6 +65,11 @@ def generate(
             depend on its neighbours, the budgets or the batch size.
         progress: a tqdm bar counting finished requests and generated tokens (default: over 256 prompts).
         processor: a vision-language model's processor, for chats with images (see :mod:`prepack.vision`).
+        share_prefixes: compute and hold once a prompt prefix that requests share (a system prompt, the
+            prompt of ``num_return_sequences`` samples), read by each of them and freed with the last
+            (see docs/generation.md); False computes every request's prompt on its own. Either way the
+            tokens are what ``model.generate`` gives each prompt alone. Models with sliding windows,
+            soft-capping, sinks or length-dependent RoPE never share (it would not be exact).
         **generate_kwargs: ``model.generate``'s generation options, per request: ``max_new_tokens``,
             ``min_new_tokens``, ``max_length``, ``min_length``, ``eos_token_id``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
@@ -77,7 +85,7 @@ def generate(
     return generate_with_backends(
         model, sequences, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
         tokenizer=tokenizer, decode=decode, return_logprobs=return_logprobs, seed=seed, progress=progress,
-        processor=processor, **generate_kwargs,
+        processor=processor, share_prefixes=share_prefixes, **generate_kwargs,
     ).results
 
 
@@ -135,7 +143,7 @@ def generate_iter(
 def _run(
     model, prompts, *, backend: str = "auto", token_budget=None, kv_budget=None, max_batch=None, tokenizer=None,
     decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
-    stats=None, processor=None, **generate_kwargs,
+    stats=None, processor=None, share_prefixes: bool = True, **generate_kwargs,
 ) -> Iterator:
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
@@ -165,6 +173,7 @@ def _run(
         for done in _decode(
             model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
             seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
+            share_prefixes=share_prefixes,
         ):
             if return_logprobs:
                 yield done

@@ -14,6 +14,12 @@ its neighbour is in the way, an amortised O(1) copy per token), a finished reque
 free at once, and when the top of the pool is reached the live regions are compacted to the
 bottom before the pool itself grows (by ``growth``). Host-side bookkeeping is numpy/Python only;
 the per-step plan (:class:`StepKV`) is built once and read by every layer.
+
+A prompt prefix that several requests share is held once, in a region of its own keyed by a
+negative number: :meth:`KVStore.attach` makes a request read it before its own keys, and the
+region is freed with the last request attached to it (a reference count). Its keys are counted
+once in :meth:`KVStore.live_tokens` and in the pools' bytes. Attention over a sharer's two regions
+is merged from parts (:mod:`prepack.cascade`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from . import layout
+from .cascade import shared_parts
 from .step import StepLayout
 from .support import UnsupportedModelError
 
@@ -35,12 +42,15 @@ class KVStore:
         device: where the pools live (the model's device).
         growth: a region, and the pool, grow to ``growth`` times what they must hold (> 1).
         slack: tokens of spare capacity a new region gets beyond what it must hold.
+        split_chunks: attend a prompt chunk's earlier keys and its own as two merged parts
+            (:func:`prepack.cascade.shared_parts`); only for plain causal softmax attention.
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
+        self.split_chunks = split_chunks
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
@@ -48,6 +58,8 @@ class KVStore:
         self.size = 0  # pool rows allocated per layer
         self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> (keys, values), (P, H_kv, D)
         self.peak_bytes = 0
+        self.prefix_of: dict[int, int] = {}  # request -> the shared prefix region it reads first
+        self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests attached to it
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def live_tokens(self) -> int:
@@ -61,19 +73,41 @@ class KVStore:
         """Bytes one cached token takes over all layers (0 before the first step)."""
         return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in self.pools.values())
 
-    def free(self, request: int) -> None:
-        """Release ``request``'s region at once (its rows become garbage until the next compaction)."""
-        for d in (self.start, self.capacity, self.length):
-            d.pop(request, None)
+    def attach(self, request: int, prefix: int) -> None:
+        """Make ``request`` read prefix region ``prefix`` (key < 0) before its own keys; counts a reference."""
+        if prefix >= 0:
+            raise ValueError(f"prefix regions have negative keys, got {prefix}")
+        if request in self.prefix_of:
+            raise ValueError(f"request {request} already reads prefix {self.prefix_of[request]}")
+        self.prefix_of[request] = prefix
+        self.sharers[prefix] = self.sharers.get(prefix, 0) + 1
+
+    def free(self, request: int) -> list[int]:
+        """Release ``request``'s region at once (its rows become garbage until the next compaction).
+
+        Its prefix region goes with it when no other request reads it. Returns the keys freed.
+        """
+        freed = [request]
+        prefix = self.prefix_of.pop(request, None)
+        if prefix is not None:
+            self.sharers[prefix] -= 1
+            if not self.sharers[prefix]:
+                del self.sharers[prefix]
+                freed.append(prefix)
+        for key in freed:
+            for d in (self.start, self.capacity, self.length):
+                d.pop(key, None)
         if not self.start:  # nothing live: the whole pool is free again
             self.top = 0
+        return freed
 
     # ---- one step ----------------------------------------------------------------------------------
     def plan(self, new: dict[int, int]) -> "StepKV":
         """Make room for ``new[r]`` more keys of each request ``r`` and lay out the step.
 
-        ``new`` holds every live request (a request not yet in the store starts empty). Returns the
-        step's :class:`StepKV`; its ``order`` is the order the step's query stream must follow.
+        ``new`` holds the requests (and prefix regions) that feed tokens this step; a key not yet in the
+        store starts empty. Returns the step's :class:`StepKV`; its ``order`` is the order the step's
+        query stream must follow.
         """
         for r, q in new.items():
             if r not in self.start:  # a new request: an empty region at the top, grown below
@@ -143,17 +177,38 @@ class KVStore:
         cached = np.array([self.length[r] for r in order], np.int64)
         q = np.array([new[r] for r in order], np.int64)
         dst = layout.ranges(starts + cached, q)  # where the new keys go, in query-stream order
-        # segments: a keyless-query gap before each request's region, then its real keys
         gap = starts - np.concatenate([[0], (starts + cached + q)[:-1]])
-        q_lengths = np.stack([np.zeros_like(q), q], 1).reshape(-1)
-        k_lengths = np.stack([gap, cached + q], 1).reshape(-1)
-        real = np.arange(1, 2 * len(order), 2)
-        keep = (k_lengths > 0) | (q_lengths > 0)  # drop empty gaps: fewer segments for the kernel
-        keep[real] = True
         for r, n in new.items():
             self.length[r] += n
+        q_lengths, k_lengths = _segments(gap, q, cached)
         end = int((starts + cached + q).max()) if len(order) else 0
-        return StepKV(self, order, q, cached, dst, q_lengths[keep], k_lengths[keep], end)
+        regions = {p: (self.start[p], self.length[p]) for p in self.sharers if p in self.start}
+        parts = shared_parts(order, q, cached, starts, self.prefix_of, regions, self.device, split_chunks=self.split_chunks)
+        base = None
+        if parts is not None:
+            # the kernel's own layout for the other rows: the merged rows' keys fold into the gap before them
+            base_q, base_k = _segments(gap, q, cached, parts.taken)
+            reach = max((s + n for s, n, _ in parts.groups), default=0)
+            if reach > end:  # the prefixes read may lie above the last segment: cover them with a keyless one
+                q_lengths, k_lengths = np.append(q_lengths, 0), np.append(k_lengths, reach - end)
+                base_q, base_k = np.append(base_q, 0), np.append(base_k, reach - end)
+                end = reach
+            base = StepLayout(base_q, base_k, self.device)
+        return StepKV(self, order, q, cached, dst, q_lengths, k_lengths, end, parts, base)
+
+
+def _segments(gap: np.ndarray, q: np.ndarray, cached: np.ndarray, taken: np.ndarray | None = None):
+    """(q_lengths, k_lengths) of the step's segments: a keyless-query gap before each request's region,
+    then its real keys. A ``taken`` request keeps its queries but lends its keys to the gap before it,
+    so the kernel gives its rows nothing to attend to (they are computed elsewhere)."""
+    own = cached + q
+    if taken is not None:
+        gap, own = gap + np.where(taken, own, 0), np.where(taken, 0, own)
+    q_lengths = np.stack([np.zeros_like(q), q], 1).reshape(-1)
+    k_lengths = np.stack([gap, own], 1).reshape(-1)
+    keep = (k_lengths > 0) | (q_lengths > 0)  # drop empty gaps: fewer segments for the kernel
+    keep[1::2] = True
+    return q_lengths[keep], k_lengths[keep]
 
 
 def _grown(x: torch.Tensor, size: int, used: int) -> torch.Tensor:
@@ -168,11 +223,14 @@ class StepKV:
     Attributes:
         order: the step's requests in query-stream order.
         q: (n,) int64, new tokens per request; cached: (n,) int64, keys each had before the step.
-        layout: the :class:`~prepack.step.StepLayout` over the pool (gap segments have 0 queries).
+        layout: the :class:`~prepack.step.StepLayout` over the pool (gap segments have 0 queries); a
+            sharer's segment holds its own keys only, its prefix part is ``parts``'.
     """
 
-    def __init__(self, store: KVStore, order, q, cached, dst, q_lengths, k_lengths, end: int):
+    def __init__(self, store: KVStore, order, q, cached, dst, q_lengths, k_lengths, end: int, parts=None, base=None):
         self.store, self.order, self.q, self.cached, self.end = store, order, q, cached, end
+        self.parts = parts  # the queries merged from parts (:class:`prepack.cascade.SharedParts`), or None
+        self.base_layout = base  # with parts: the layout the kernel runs for the other queries
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
         self.layers_seen: set[int] = set()

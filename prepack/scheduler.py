@@ -1,0 +1,163 @@
+"""What each decode-engine step feeds: decode rows first, then prompt chunks, then newly admitted prompts.
+
+One step's tokens stay within ``token_budget``. Every running request that has produced a token feeds
+it back (one token: a decode row); what budget is left goes, in admission order, to the prompts still
+being prefilled, a chunk each (a prompt longer than the budget is prefilled over several steps, its
+chunks continuing its own earlier keys, beside the running decodes: Sarathi-Serve's stall-free
+batches); then waiting requests are admitted while the budget, ``kv_budget`` (each running request
+reserves its prompt plus its most new tokens) and ``max_batch`` allow.
+
+With ``share=True`` an admitted request may read a prefix region held once for several requests
+(the rule is :mod:`prepack.prefix_regions`'): the region is a unit of its own that feeds its tokens
+(in chunks, like a prompt) and never samples; a sharer feeds its own tokens only once the region is
+complete (in the same step at the earliest).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import numpy as np
+import torch
+
+from .decoding import RequestRules
+from .kvstore import KVStore
+from .prefix_regions import live_match, new_region_length
+
+
+class Request:
+    """A request: its prompt, rules, what it generated and what it has still to feed.
+
+    ``pending`` is what the request has not fed yet: its prompt (after its prefix region) until that is
+    all in the cache, then its newest token. ``offset`` is the length of the prefix region it reads.
+    """
+
+    __slots__ = ("index", "prompt", "rules", "generator", "tokens", "logprobs", "pending", "prefix", "offset")
+
+    def __init__(self, index: int, prompt: np.ndarray, rules: RequestRules, generator):
+        self.index, self.prompt, self.rules, self.generator = index, prompt, rules, generator
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.pending = prompt
+        self.prefix: Prefix | None = None
+        self.offset = 0
+
+    @property
+    def key(self) -> int:
+        return self.index
+
+    def ids(self, device) -> torch.Tensor:
+        """(1, L) the prompt and the new tokens so far: what generate's processors and criteria see."""
+        return torch.from_numpy(np.concatenate([self.prompt, np.asarray(self.tokens, np.int64)]))[None].to(device)
+
+
+class Prefix:
+    """A prefix region shared by several requests: its tokens and those not fed yet. Its key is negative."""
+
+    __slots__ = ("key", "tokens", "pending", "offset")
+
+    def __init__(self, key: int, tokens: np.ndarray):
+        self.key, self.tokens, self.pending, self.offset = key, tokens, tokens, 0
+
+
+class Scheduler:
+    """The engine's running set, its budgets and its prefix regions; :meth:`next_step` plans one step.
+
+    Args:
+        admit_check: called with each request before it is admitted (raises to refuse it).
+        chunk: whether a prompt may be fed over several steps (else one longer than the budget is refused).
+        share: whether admitted requests may read shared prefix regions.
+    """
+
+    def __init__(self, store: KVStore, *, token_budget: int, kv_budget: int, max_batch: int | None,
+                 admit_check, chunk: bool, share: bool, stats):
+        self.store, self.token_budget, self.kv_budget, self.max_batch = store, token_budget, kv_budget, max_batch
+        self.admit_check, self.chunk, self.share, self.stats = admit_check, chunk, share, stats
+        self.running: dict[int, Request] = {}  # admission order
+        self.prefilling: list = []  # requests and prefix regions with prompt tokens still to feed, admission order
+        self.live: dict[int, Prefix] = {}
+        self.reserved: dict[int, int] = {}  # request or region -> keys reserved
+        self._keys = itertools.count(-1, -1)
+
+    def next_step(self, waiting: deque) -> tuple[dict, dict]:
+        """Plan one step: ``(feeds, units)``, per unit key the tokens it feeds and the unit (request or region)."""
+        budget = self.token_budget
+        feeds, units = {}, {}
+        for r in self.running.values():  # decode rows first: a long prompt never stalls them
+            if r.tokens:
+                feeds[r.key], units[r.key] = 1, r
+        budget -= len(feeds)
+        budget = self._feed_prompts(self.prefilling, feeds, units, budget)
+        # at most token_budget requests run, so their decode rows always fit one step
+        most = self.token_budget if self.max_batch is None else min(self.max_batch, self.token_budget)
+        while waiting and budget > 0 and len(self.running) < most:
+            r = waiting[0]
+            self.admit_check(r)
+            new = self._admit(r, budget, [w.prompt for w in itertools.islice(waiting, 1, None)])
+            if new is None:
+                break
+            waiting.popleft()
+            budget = self._feed_prompts(new, feeds, units, budget)
+        return feeds, units
+
+    def _feed_prompts(self, todo: list, feeds: dict, units: dict, budget: int) -> int:
+        """Give each unit of ``todo`` a chunk of what budget is left (a sharer only once its region is complete)."""
+        for u in todo:
+            if budget <= 0:
+                break
+            if isinstance(u, Request) and u.prefix is not None and len(u.prefix.pending) > feeds.get(u.prefix.key, 0):
+                continue  # its region is not all in the cache by the end of this step
+            n = min(len(u.pending), budget)
+            if n < len(u.pending) and not self.chunk:
+                break
+            feeds[u.key], units[u.key] = n, u
+            budget -= n
+        return budget
+
+    def _admit(self, r: Request, budget: int, behind: list) -> list | None:
+        """Admit ``r`` if the budgets allow: the units it adds to the prefilling ones (a new region first), or None.
+
+        ``behind``: the prompts waiting after it, which a new region is chosen for.
+        """
+        region, length = None, 0
+        if self.share:
+            key = live_match(r.prompt, {k: p.tokens for k, p in self.live.items()})
+            if key is not None:
+                region = self.live[key]
+            else:
+                length = new_region_length(r.prompt, behind)
+        own = r.rules.max_length - 1 - (len(region.tokens) if region else length)
+        if sum(self.reserved.values()) + own + length > self.kv_budget:
+            return None
+        if not self.chunk and len(r.prompt) > budget:
+            return None
+        new = []
+        if length:
+            region = Prefix(next(self._keys), r.prompt[:length])
+            self.live[region.key], self.reserved[region.key] = region, length
+            self.stats.prefix_regions += 1
+            new.append(region)
+        elif region is not None:
+            self.stats.shared_prefix_tokens += len(region.tokens)  # computed once already: saved here
+        if region is not None:
+            r.prefix, r.offset, r.pending = region, len(region.tokens), r.prompt[len(region.tokens):]
+            self.store.attach(r.index, region.key)
+        self.running[r.index], self.reserved[r.index] = r, own
+        new.append(r)
+        self.prefilling += new
+        return new
+
+    def fed(self, feeds: dict, units: dict) -> None:
+        """Drop what the step fed from each unit's pending tokens."""
+        for key, n in feeds.items():
+            u = units[key]
+            u.pending = u.pending[n:]
+        self.prefilling = [u for u in self.prefilling if len(u.pending)]
+
+    def finish(self, r: Request) -> None:
+        """Free a finished request's keys (and its region's with the last sharer) and its reservation."""
+        for key in self.store.free(r.index):
+            self.reserved.pop(key, None)
+            self.live.pop(key, None)
+        del self.running[r.index]
