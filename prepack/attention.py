@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cascade import causal_part, merge_parts, prefix_part
 from .masks import causal_segment_mask, document_mask, flash_window, segment_mask, window_allows
 
 Backend = Callable[..., torch.Tensor]
@@ -170,26 +171,14 @@ def _continued_causal(q, k, v, scale: float) -> torch.Tensor:
     The queries see every earlier key and the new keys causally. A bottom-right mask would send SDPA
     down its masked path, which turns the mask into an (lq, lk) float bias and runs slower: for a
     2,048-token chunk of a 16,384-token prompt that bias alone is 128 MiB per layer. Instead the two key
-    ranges run as two mask-free flash calls (earlier keys: no mask; new keys: ``is_causal``, whose top-left
-    alignment is right for a square) and their softmaxes are merged by their log-sum-exps, as flash-decoding
-    merges splits. q: (lq, H, D); k, v: (lk, H_kv, D[_v]) -> (lq, H, D_v).
+    ranges run as two mask-free calls (earlier keys: all visible; new keys: causal, square) merged by their
+    log-sum-exps, the decode engine's cascade parts (:mod:`prepack.cascade`).
+    q: (lq, H, D); k, v: (lk, H_kv, D[_v]) -> (lq, H, D_v).
     """
-    lq, heads, _ = q.shape
-    groups = heads // k.shape[1]
-    earlier = k.shape[0] - lq
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    qh = q.transpose(0, 1)[None]  # (1, H, lq, D)
-    # earlier keys, no mask: the query heads of one key head stacked on the query axis, so keys are not repeated
-    q_grouped = qh.reshape(1, k.shape[1], groups * lq, q.shape[-1])
-    o1, l1 = flash(q_grouped, k[:earlier].transpose(0, 1)[None], v[:earlier].transpose(0, 1)[None], 0.0, False, scale=scale)
-    o1, l1 = o1.reshape(1, heads, lq, -1), l1.reshape(1, heads, lq)
-    new_k = k[earlier:].transpose(0, 1)[None].repeat_interleave(groups, 1)
-    new_v = v[earlier:].transpose(0, 1)[None].repeat_interleave(groups, 1)
-    o2, l2 = flash(qh, new_k, new_v, 0.0, True, scale=scale)
-    top = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - top)[..., None], torch.exp(l2 - top)[..., None]
-    out = (o1 * w1 + o2 * w2) / (w1 + w2)
-    return out[0].transpose(0, 1).to(q.dtype)
+    earlier = k.shape[0] - q.shape[0]
+    o1, l1 = prefix_part(q, k[:earlier], v[:earlier], scale)
+    o2, l2 = causal_part(q, k[earlier:], v[earlier:], scale)
+    return merge_parts(o1.float(), l1, o2.float(), l2)[0].to(q.dtype)
 
 
 def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:

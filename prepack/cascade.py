@@ -143,16 +143,16 @@ def _attend(
     qs = q.index_select(0, parts.rows)  # (M, H, D) the sharers' queries
     acc = _Merged(len(qs), q.shape[1], v.shape[-1], q.device)
     for start, length, pos in parts.groups:
-        acc.add(pos, *_prefix_part(qs.index_select(0, pos), k[start : start + length], v[start : start + length], scale))
+        acc.add(pos, *prefix_part(qs.index_select(0, pos), k[start : start + length], v[start : start + length], scale))
     if parts.singles is not None:
         pos, idx, valid = parts.singles
         acc.add(pos, *_single_part(qs.index_select(0, pos), k[idx], v[idx], valid, scale))
     for at, q_len, k_start, cached in parts.spans:
         mine = slice(at, at + q_len)
         if cached:
-            acc.add(mine, *_prefix_part(qs[mine], k[k_start : k_start + cached], v[k_start : k_start + cached], scale))
+            acc.add(mine, *prefix_part(qs[mine], k[k_start : k_start + cached], v[k_start : k_start + cached], scale))
         new = slice(k_start + cached, k_start + cached + q_len)
-        acc.add(mine, *_causal_part(qs[mine], k[new], v[new], scale))
+        acc.add(mine, *causal_part(qs[mine], k[new], v[new], scale))
     return out.index_copy_(0, parts.rows, acc.out.to(out.dtype))
 
 
@@ -169,22 +169,22 @@ class _Merged:
             self._merge(at, out, lse)
             return
         old_out, old_lse = self.out.index_select(0, at), self.lse.index_select(0, at)
-        new_out, new_lse = _merge(old_out, old_lse, out.float(), lse)
+        new_out, new_lse = merge_parts(old_out, old_lse, out.float(), lse)
         self.out.index_copy_(0, at, new_out)
         self.lse.index_copy_(0, at, new_lse)
 
     def _merge(self, at: slice, out, lse) -> None:
-        self.out[at], self.lse[at] = _merge(self.out[at], self.lse[at], out.float(), lse)
+        self.out[at], self.lse[at] = merge_parts(self.out[at], self.lse[at], out.float(), lse)
 
 
-def _merge(o1, lse1, o2, lse2):
+def merge_parts(o1, lse1, o2, lse2):
     """Two parts' softmax-weighted outputs over disjoint keys -> the output over their union, and its lse."""
     lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - lse).nan_to_num_(0.0)  # a row with no keys yet has lse -inf: weight 0
     return o1 * w1[..., None] + o2 * torch.exp(lse2 - lse)[..., None], lse
 
 
-def _prefix_part(q, k, v, scale):
+def prefix_part(q, k, v, scale):
     """(m, H, D) queries over (P, H_kv, D) keys, all visible: ((m, H, Dv) out, (m, H) float32 lse).
 
     Grouped-query heads fold into the query axis, so the keys are read once per key head, not repeated.
@@ -209,7 +209,7 @@ def _single_part(q, k, v, valid, scale):
     return o.reshape(n, h, -1), lse.reshape(n, h)
 
 
-def _causal_part(q, k, v, scale):
+def causal_part(q, k, v, scale):
     """(s, H, D) queries over the same s tokens' (s, H_kv, D) keys, causal: (out, lse)."""
     s, h, d = q.shape
     g = h // k.shape[1]
