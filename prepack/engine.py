@@ -182,8 +182,8 @@ def decode(
             name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, len(r.prompt))
             why = ""
             if name == "token_budget":
-                why = (f"; {type(model).__name__}'s rotary frequencies depend on the length" if rope is not None
-                       else "; prompts with images run whole") + ", so its prompts are not chunked"
+                why = (f"; {type(model).__name__}'s rotary frequencies depend on the length, so its prompts are not chunked"
+                       if rope is not None else "; a prompt with images runs whole, so it is not chunked")
             raise ValueError(
                 f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
                 f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name}){why}"
