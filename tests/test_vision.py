@@ -80,6 +80,22 @@ def test_generate_with_images_gives_model_generate_tokens_of_each_chat_alone(mod
         assert mine.tolist() == want.tolist()
 
 
+def test_chats_with_images_that_share_a_long_system_prompt_run_whole_and_match_each_alone():
+    # a shared text prefix of well over 32 tokens: text requests would share it; requests with images run whole
+    model, processor = qwen("qwen2_5_vl")
+    system = {"role": "system", "content": " ".join(["the quick brown fox jumps over the lazy dog"] * 6)}
+    conversations = [[system, *c] for c in chats(3)]
+    got = prepack.generate(model, conversations, processor=processor, max_new_tokens=6)
+    first = prepack.prefill(model, conversations, processor=processor)
+    assert first.shared_tokens == 0
+    for mine, c, logits in zip(got, conversations, first.logits, strict=True):
+        o = alone(processor, c)
+        with torch.no_grad():
+            want = model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:]
+            assert (model(**o).logits[0, -1] - logits).abs().max() <= 1e-4
+        assert mine.tolist() == want.tolist()
+
+
 def test_a_chat_with_an_image_but_no_processor_is_refused():
     model, processor = qwen("qwen2_vl")
     with pytest.raises(ValueError, match="request 1 is a chat with an image entry; pass processor="):
