@@ -27,7 +27,7 @@ Pooling = Literal["last", "mean"]
 
 def classify(
     model, sequences: Sequence, *, backend: str = "auto", token_budget: int | None = None, capacity: int | None = None,
-    tokenizer=None, share_prefixes: bool = True,
+    tokenizer=None, processor=None, share_prefixes: bool = True,
 ) -> torch.Tensor:
     """Sequence-classification (or reward) logits of each request, packed.
 
@@ -40,7 +40,7 @@ def classify(
             may be unset.
         sequences: N requests, in any form :func:`prepack.prefill` takes (token ids, tokenizer
             output, strings or chats with ``tokenizer``).
-        backend, token_budget, capacity, tokenizer, share_prefixes: as in :func:`prepack.prefill`.
+        backend, token_budget, capacity, tokenizer, processor, share_prefixes: as in :func:`prepack.prefill`.
 
     Returns:
         (N, num_labels) float logits, in request order (a reward model's rewards are ``[:, 0]``).
@@ -48,7 +48,7 @@ def classify(
     head = classification_head(model)
     return forward_at(
         model, sequences, "last", output="hidden_states", reduce=lambda h, rows: head(h),
-        backend=backend, token_budget=token_budget, capacity=capacity, tokenizer=tokenizer,
+        backend=backend, token_budget=token_budget, capacity=capacity, tokenizer=tokenizer, processor=processor,
         share_prefixes=share_prefixes,
     )
 
@@ -78,6 +78,7 @@ def embed(
     token_budget: int | None = None,
     capacity: int | None = None,
     tokenizer=None,
+    processor=None,
     share_prefixes: bool = True,
 ) -> torch.Tensor:
     """One vector per request from the base model's last hidden state, packed.
@@ -89,7 +90,7 @@ def embed(
         pooling: ``"last"`` (the last token: decoder embedding models such as e5-mistral and
             gte-Qwen) or ``"mean"`` (every token of the request, equally weighted).
         normalize: scale each vector to unit L2 norm.
-        backend, token_budget, capacity, share_prefixes: as in :func:`prepack.prefill` (with
+        backend, token_budget, capacity, processor, share_prefixes: as in :func:`prepack.prefill` (with
             ``"mean"``, a shared prefix's hidden states are computed once and pooled into each request).
 
     Returns:
@@ -100,12 +101,12 @@ def embed(
     if pooling == "last":
         out = forward_at(
             model, sequences, "last", output="hidden_states", backend=backend, token_budget=token_budget,
-            capacity=capacity, tokenizer=tokenizer, share_prefixes=share_prefixes,
+            capacity=capacity, tokenizer=tokenizer, processor=processor, share_prefixes=share_prefixes,
         )
     else:
         parts = forward_at(
             model, sequences, "all", output="hidden_states", backend=backend, token_budget=token_budget,
-            capacity=capacity, tokenizer=tokenizer, share_prefixes=share_prefixes,
+            capacity=capacity, tokenizer=tokenizer, processor=processor, share_prefixes=share_prefixes,
         )
         lengths = np.array([len(p) for p in parts], np.int64)
         if len(parts):

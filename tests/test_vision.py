@@ -96,6 +96,24 @@ def test_chats_with_images_that_share_a_long_system_prompt_run_whole_and_match_e
         assert mine.tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_embed_of_chats_with_images_matches_each_chats_base_model_alone(pooling):
+    model, processor = qwen("qwen2_5_vl")
+    conversations = chats(4)
+    got = prepack.embed(model, conversations, processor=processor, pooling=pooling)
+    for vector, c in zip(got, conversations, strict=True):
+        with torch.no_grad():
+            hidden = model.model(**alone(processor, c)).last_hidden_state[0]  # (L, D), final norm applied
+        want = hidden.mean(0) if pooling == "mean" else hidden[-1]
+        assert (vector - want).abs().max() <= 1e-4
+
+
+def test_classify_with_processor_refuses_a_model_without_a_classification_head():
+    model, processor = qwen("qwen2_vl")
+    with pytest.raises(TypeError, match="has no sequence-classification head"):
+        prepack.classify(model, chats(2), processor=processor)
+
+
 def test_a_chat_with_an_image_but_no_processor_is_refused():
     model, processor = qwen("qwen2_vl")
     with pytest.raises(ValueError, match="request 1 is a chat with an image entry; pass processor="):
