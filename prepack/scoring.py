@@ -284,10 +284,12 @@ def _token_scores(targets: torch.Tensor):
     return reduce
 
 
-def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget, share_prefixes: bool):
+def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget, share_prefixes: bool,
+                 vision=None):
     """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy.
 
-    Requests that start alike share their common prefix (up to their spans: a scored position is never shared).
+    Requests that start alike share their common prefix (up to their spans: a scored position is never shared);
+    requests with images (``vision``) run whole.
     """
     if not tokens:
         return np.zeros(0), np.ones(0, bool)
@@ -295,7 +297,7 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
     flat = torch.from_numpy(np.concatenate(targets)).to(device)
     run = run_staged(
         model, tokens, backend=backend, token_budget=token_budget, spans=spans,
-        reduce=_token_scores(flat), share_prefixes=share_prefixes,
+        reduce=_token_scores(flat), share_prefixes=share_prefixes, vision=vision,
     )
     return _per_request(run.values, spans[:, 1] - spans[:, 0])
 

@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .forward import run_packed
 from .inputs import _is_chat, _with_images
 from .packing import token_array
 from .vision import join
@@ -24,7 +23,7 @@ from .vision import join
 def score_with_images(model, requests: Sequence, processor, *, max_length: int | None, truncate: str, backend: str,
                       token_budget: int | None) -> list:
     """N ``(chat, continuation)`` pairs -> N :class:`prepack.scoring.Score`, each as the model gives it alone."""
-    from .scoring import Score, _context_window, _per_request, _token_scores
+    from .scoring import Score, _check_continuation_ids, _context_window, _score_spans
 
     if truncate != "error":
         raise ValueError(f"truncate={truncate!r} would cut a context with images; pass truncate='error' with processor=")
@@ -48,14 +47,11 @@ def score_with_images(model, requests: Sequence, processor, *, max_length: int |
         continuations.append(cont)
     if not parts:
         return []
+    _check_continuation_ids(model, continuations)
     tokens = [t for p in parts for t in p.tokens]
-    vision = join([p.vision for p in parts])
     spans = np.array([(c - 1, c - 1 + len(t)) for c, t in zip(contexts, continuations)], np.int64)
-    device = next(model.parameters()).device
-    targets = torch.from_numpy(np.concatenate(continuations)).to(device)
-    run = run_packed(model, tokens, backend=backend, token_budget=token_budget, spans=spans, reduce=_token_scores(targets),
-                     vision=vision)
-    lp, greedy = _per_request(run.values, spans[:, 1] - spans[:, 0])
+    lp, greedy = _score_spans(model, tokens, spans, continuations, backend, token_budget, share_prefixes=False,
+                              vision=join([p.vision for p in parts]))
     return [Score(float(a), bool(b)) for a, b in zip(lp, greedy)]
 
 
