@@ -133,6 +133,7 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             outs[m] = fns[m](model, seqs, args)
             times[m].append(time.perf_counter() - t)
+            print(f"{m}: {times[m][-1]:.2f} s", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
     print("\n| method | seconds (median) | new tokens/s | engine speedup |\n|---|---|---|---|")
     for m in methods:
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
     print(f"\nengine: {stats.steps} steps, {stats.tokens} tokens, TTFT median {ttft:.2f} s; peak KV {stats.peak_kv_bytes / 2**20:.1f} MiB "
           f"= {stats.peak_kv_bytes / max(bound, 1):.2f}x peak live tokens ({stats.peak_live_tokens}) x {stats.kv_bytes_per_token} B/token")
     rows = []
-    for b in [int(x) for x in args.batch_sizes.split(",")]:
+    for b in [int(x) for x in args.batch_sizes.split(",") if x]:
         b = min(b, len(seqs))
         s, f = step_vs_forward(model, seqs, b, cached=min(256, min(len(x) for x in seqs[:b])))
         t = time.perf_counter()

@@ -182,13 +182,18 @@ def _continued_causal(q, k, v, scale: float) -> torch.Tensor:
 
 
 def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:
-    """Segments of one query each, (q_start, k_start, k_len): batched SDPA calls, written into ``out``.
+    """Segments of one query each, (q_start, k_start, k_len), written into ``out``.
 
     The query is the segment's last token (bottom-right alignment), so it sees key j of its segment iff
     ``k_len - 1 - j`` is inside the window's left side (a right side is moot: no key comes after it).
-    Segments are batched by key length, each batch padded to its longest (at most twice its shortest),
-    so one long request does not pad every other one's keys to its length.
+    On CPU with plain softmax, one fused call per segment on its keys in place (:func:`_single_views`).
+    Elsewhere (and with softcap, sinks or dropout) batched SDPA calls: segments batched by key length,
+    each batch padded to its longest (at most twice its shortest), so one long request does not pad
+    every other one's keys to its length.
     """
+    if q.device.type == "cpu" and softcap == 0 and sinks is None and not dropout_p:
+        _single_views(out, q, k, v, singles, window, scale)
+        return
     singles = sorted(singles, key=lambda s: s[2])
     first = 0
     for i in range(1, len(singles) + 1):
@@ -196,6 +201,23 @@ def _single_queries(out, q, k, v, singles, window, *, scale, softcap, dropout_p,
             _single_batch(out, q, k, v, singles[first:i], window, scale=scale, softcap=softcap,
                           dropout_p=dropout_p, sinks=sinks)
             first = i
+
+
+def _single_views(out, q, k, v, singles, window, scale: float) -> None:
+    """CPU: each one-query segment attends to its own keys where they lie, one fused SDPA call per segment.
+
+    No key is gathered or padded: the keys are a view of the stream. Grouped-query heads need no
+    repeat either: the G query heads of one key/value head are that head's G queries, (1, H_kv, G, D),
+    all seeing every key (a single query at the bottom right sees its whole segment, or the last
+    ``window[0] + 1`` keys under a window). Gathering the segments into a padded batch instead copies
+    every key per layer and step and sends SDPA down its masked path, several times slower on CPU.
+    """
+    groups = q.unflatten(1, (k.shape[1], -1))  # (T, H_kv, G, D)
+    keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, H_kv, Tk, D) views
+    for qs, ks, lk in singles:
+        first = ks if window[0] < 0 else max(ks, ks + lk - 1 - window[0])
+        o = F.scaled_dot_product_attention(groups[qs][None], keys[:, :, first:ks + lk], values[:, :, first:ks + lk], scale=scale)
+        out[qs] = o[0].flatten(0, 1)
 
 
 def _single_batch(out, q, k, v, singles, window, *, scale, softcap, dropout_p, sinks) -> None:

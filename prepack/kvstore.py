@@ -135,7 +135,7 @@ class KVStore:
         self.start[r], self.capacity[r] = self.top, cap
         self.top += cap
         if n:
-            self._move(np.arange(old, old + n), np.arange(self.start[r], self.start[r] + n))
+            self._move([(old, self.start[r], n)])
 
     def _is_last(self, r: int) -> bool:
         return self.start[r] + self.capacity[r] == self.top
@@ -143,25 +143,28 @@ class KVStore:
     def _compact(self) -> None:
         """Move every live region down to the bottom of the pool, in pool order (freed rows reused)."""
         keep = sorted(self.start, key=self.start.__getitem__)
-        src, dst, cursor = [], [], 0
+        moves, cursor = [], 0
         for r in keep:
             n = self.length[r]
             if self.start[r] != cursor and n:
-                src.append(np.arange(self.start[r], self.start[r] + n))
-                dst.append(np.arange(cursor, cursor + n))
+                moves.append((self.start[r], cursor, n))
             self.start[r] = cursor
             cursor += self.capacity[r]
-        if src:
-            self._move(np.concatenate(src), np.concatenate(dst))
+        self._move(moves)
         self.top = cursor
 
-    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy pool rows ``src`` to ``dst`` in every layer (gathered first, so overlaps are safe)."""
-        s = torch.from_numpy(src).to(self.device)
-        d = torch.from_numpy(dst).to(self.device)
-        for k, v in self.pools.values():
-            k.index_copy_(0, d, k.index_select(0, s))
-            v.index_copy_(0, d, v.index_select(0, s))
+    def _move(self, moves: list[tuple[int, int, int]]) -> None:
+        """Copy pool rows ``[src, src + n)`` to ``[dst, dst + n)`` for each (src, dst, n), in order, in every layer.
+
+        Whole ranges are copied as slices (a region's rows are contiguous); a range that overlaps its
+        destination (a compaction moving a region down by less than its length) is copied via a clone.
+        Every move goes down or to free rows above the top, so in order no move overwrites a later one's source.
+        """
+        for pool in self.pools.values():
+            for x in pool:
+                for src, dst, n in moves:
+                    rows = x[src:src + n]
+                    x[dst:dst + n] = rows.clone() if abs(src - dst) < n else rows
 
     def _resize(self, size: int) -> None:
         for i, (k, v) in list(self.pools.items()):

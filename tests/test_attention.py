@@ -116,10 +116,15 @@ def test_torch_backends_match_reference_on_gpu(backend):
     st.lists(st.integers(1, 40), min_size=1, max_size=8),
     st.sampled_from([(-1, -1), (3, 0), (0, 0)]),
     st.sampled_from([0.0, 5.0]),
+    st.sampled_from([(4, 4), (4, 2), (6, 1)]),
+    st.sampled_from([8, 5]),
 )
-def test_single_query_segments_match_flash_attn_reference(k_lengths, window, softcap):
-    """Decode steps: one new query per segment, continuing its segment's earlier keys (batched in one call)."""
-    args = random_varlen([1] * len(k_lengths), k_lengths=k_lengths)
+def test_single_query_segments_match_flash_attn_reference(k_lengths, window, softcap, heads, v_dim):
+    """Decode steps: one new query per segment, continuing its segment's earlier keys (on CPU one fused
+    call per segment on its keys in place, grouped query heads as one key head's queries; with softcap
+    batched under a mask). ``v_dim`` 5: values with a head dim of their own (MLA)."""
+    q, k, v, *rest = random_varlen([1] * len(k_lengths), heads=heads[0], kv_heads=heads[1], k_lengths=k_lengths)
+    args = (q, k, torch.randn(*v.shape[:2], v_dim, generator=torch.Generator().manual_seed(1)), *rest)
     want = varlen_attention_ref(*args, window_size=window, softcap=softcap)
     got = prepack.get_backend("sdpa_varlen")(*args, window_size=window, softcap=softcap)
     assert got.shape == want.shape
