@@ -27,12 +27,11 @@ import time
 import numpy as np
 import torch
 
+from prepack.bench.methods import cb_config, generate_batch
 from prepack.bench.models import build_model
 from prepack.bench.prompts import load_prompts
-from prepack.engine import EngineStats, decode
 from prepack.decoding import Rules
 from prepack.generation import generate_with_backends, left_pad
-from prepack.hf import disable
 from prepack.prefill import prefill_tokens
 
 
@@ -40,10 +39,11 @@ def eos_ids(vocab: int) -> list[int]:
     return list(range(0, vocab, 100))
 
 
-def run_engine(model, seqs, args, stats=None, max_batch=None):
-    return generate_with_backends(model, seqs, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-                                  eos_token_id=eos_ids(model.config.vocab_size), max_batch=max_batch,
-                                  progress=False).results
+def run_engine(model, seqs, args, max_batch=None):
+    """The engine's tokens per request and its :class:`EngineStats` (steps, KV, first-token times)."""
+    got = generate_with_backends(model, seqs, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                                 eos_token_id=eos_ids(model.config.vocab_size), max_batch=max_batch, progress=False)
+    return got.results, got.stats
 
 
 def run_waves(model, seqs, args, wave=256):
@@ -64,19 +64,10 @@ def run_waves(model, seqs, args, wave=256):
 
 def run_generate_batch(model, seqs, args):
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    disable(model)  # generate_batch runs the model's own attention (prepack's entry points switch it back)
-    page = 256
-    cb = ContinuousBatchingConfig(
-        page_size=page, num_blocks=sum(-(-(len(p) + args.new_tokens) // page) for p in seqs) + 1,
-        max_batch_tokens=sum(len(p) for p in seqs), max_requests_per_batch=len(seqs), auto_switch_to_flash=False,
-    )
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                               eos_token_id=eos_ids(model.config.vocab_size))
-    out = model.generate_batch(inputs=[list(p) for p in seqs], generation_config=config,
-                               continuous_batching_config=cb, warmup=False, progress_bar=False)
-    return [out[f"req_{i}"].generated_tokens for i in range(len(seqs))]
+    return generate_batch(model, seqs, config, args.new_tokens, config=args.cb_config, progress_bar=False)
 
 
 def step_vs_forward(model, seqs, batch: int, cached: int) -> tuple[float, float]:
@@ -84,10 +75,11 @@ def step_vs_forward(model, seqs, batch: int, cached: int) -> tuple[float, float]
     of the same ``batch`` one-token rows (packed, positions 0)."""
     from prepack.backends import choose
     from prepack.engine import _step
-    from prepack.hf import attention_needs
+    from prepack.hf import attention_needs, enable
     from prepack.kvstore import KVStore
     from prepack.scheduler import Request
 
+    enable(model)  # generate_batch ran the model's own attention
     kernel = choose("auto", device="cpu", dtype=torch.float32, needs=attention_needs(model, continues_keys=True))
     store = KVStore("cpu")
     rules = Rules(model, {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0}).for_request(torch.ones(1, dtype=torch.long), "cpu")
@@ -115,7 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--methods", default="engine,waves,generate_batch")
-    ap.add_argument("--batch-sizes", default="8,32,128")
+    ap.add_argument("--batch-sizes", default="32,128,256")
     ap.add_argument("--plot", default=None, help="where to save the tokens/s vs batch size plot (png)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -126,12 +118,20 @@ def main(argv=None) -> None:
           f"greedy, EOS every 100th id, max_new_tokens={args.new_tokens}, torch threads {torch.get_num_threads()}")
     fns = {"engine": run_engine, "waves": run_waves, "generate_batch": run_generate_batch}
     methods = args.methods.split(",")
+    if "generate_batch" in methods:  # sized before the timed runs: its memory probes are not its time
+        args.cb_config = cb_config(model, seqs, args.new_tokens)
+        print(f"generate_batch: max_batch_tokens {args.cb_config.max_batch_tokens}, {args.cb_config.num_blocks} pages "
+              f"of {args.cb_config.page_size}, up to {args.cb_config.max_requests_per_batch} requests a batch")
     times = {m: [] for m in methods}
-    outs = {}
+    for m in methods:  # warm-up: first calls pay one-off costs (thread pools, lazy imports) that no method should
+        fns[m](model, seqs[:2], argparse.Namespace(**{**vars(args), "new_tokens": 2, "cb_config": None}))
+    outs, stats = {}, None
     for _ in range(args.repeat):
         for m in methods:
             t = time.perf_counter()
             outs[m] = fns[m](model, seqs, args)
+            if m == "engine":
+                outs[m], stats = outs[m]
             times[m].append(time.perf_counter() - t)
             print(f"{m}: {times[m][-1]:.2f} s", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
@@ -143,20 +143,23 @@ def main(argv=None) -> None:
     if "engine" in outs and "waves" in outs:
         same = sum(list(map(int, a)) == list(map(int, b)) for a, b in zip(outs["engine"], outs["waves"], strict=True))
         print(f"\nengine vs waves: {same}/{len(seqs)} identical token lists (waves decode left-padded rows)")
-    stats = EngineStats()
-    rules = Rules(model, dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=eos_ids(model.config.vocab_size)))
-    list(decode(model, (np.asarray(s, np.int64) for s in seqs), rules, stats=stats))
+    if stats is None:
+        stats = run_engine(model, seqs, args)[1]
     ttft = statistics.median(stats.first_token_s.values())
     bound = stats.peak_live_tokens * stats.kv_bytes_per_token
-    print(f"\nengine: {stats.steps} steps, {stats.tokens} tokens, TTFT median {ttft:.2f} s; peak KV {stats.peak_kv_bytes / 2**20:.1f} MiB "
+    print(f"\nengine (its last timed run): {stats.steps} steps, {stats.tokens} tokens, at most {max(stats.batch_sizes)} requests "
+          f"at once, TTFT median {ttft:.2f} s; peak KV {stats.peak_kv_bytes / 2**20:.1f} MiB "
           f"= {stats.peak_kv_bytes / max(bound, 1):.2f}x peak live tokens ({stats.peak_live_tokens}) x {stats.kv_bytes_per_token} B/token")
     rows = []
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
         b = min(b, len(seqs))
         s, f = step_vs_forward(model, seqs, b, cached=min(256, min(len(x) for x in seqs[:b])))
-        t = time.perf_counter()
-        got = run_engine(model, seqs, args, max_batch=b)
-        tps = sum(len(o) for o in got) / (time.perf_counter() - t)
+        if b < max(stats.batch_sizes) or "engine" not in times:  # else the timed run above is this point
+            t = time.perf_counter()
+            got, _ = run_engine(model, seqs, args, max_batch=b)
+            tps = sum(len(o) for o in got) / (time.perf_counter() - t)
+        else:
+            tps = sum(len(o) for o in outs["engine"]) / med["engine"]
         rows.append((b, s, f, tps))
     print("\n| batch | decode step (ms) | no-KV forward (ms) | ratio | engine tokens/s at max_batch |\n|---|---|---|---|---|")
     for b, s, f, tps in rows:

@@ -191,29 +191,54 @@ def m_hf_packed_nocache(model, c: Call) -> Outcome:
 
 def m_hf_cb(model, c: Call) -> Outcome:
     """transformers' continuous batching (``generate_batch``, paged KV cache)."""
+    new = generate_batch(model, c.prompts, _generation_config(model, c), c.max_new_tokens)
+    return Outcome(torch.stack([t[0] for t in new]), new, f"{_hf_attention(model)} (paged)")
+
+
+def generate_batch(model, prompts: Sequence, generation_config, max_new_tokens: int, *, config=None, progress_bar: bool = True) -> list[torch.Tensor]:
+    """transformers' ``generate_batch`` on ``prompts``, sized generously to the workload; each request's new tokens.
+
+    Left to itself on CPU it sizes the paged cache from system memory (GBs, zero-filled on every call)
+    and prefills in small slices. Here the cache holds every request whole (prompt + ``max_new_tokens``)
+    and a forward takes every prompt token at once, or, where transformers refuses that footprint (its
+    attention masks are (M, cache + M) per forward), the largest share of them, halving, that it accepts
+    (:func:`cb_config`). It keeps the model's attention implementation, as padded and sorted do, so the
+    backend column says what ran (it would otherwise switch to flash where installed). A request
+    that fails inside generate_batch (it logs, and returns the others) raises here. ``config``: a
+    :func:`cb_config` made earlier (its probes then stay out of a timed call).
+    """
+    config = cb_config(model, prompts, max_new_tokens) if config is None else config
+    disable(model)  # generate_batch accepts only implementations it knows; prepack's next call switches back
+    out = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=generation_config,
+                               continuous_batching_config=config, warmup=False, progress_bar=progress_bar)
+    failed = [i for i in range(len(prompts)) if f"req_{i}" not in out or out[f"req_{i}"].error]
+    if failed:
+        raise RuntimeError(f"generate_batch failed requests {failed[:8]}{'...' if len(failed) > 8 else ''} (see its log)")
+    return [torch.tensor(out[f"req_{i}"].generated_tokens) for i in range(len(prompts))]
+
+
+def cb_config(model, prompts: Sequence, max_new_tokens: int):
+    """The ``ContinuousBatchingConfig`` :func:`generate_batch` runs with: a paged cache holding every request
+    whole, up to every prompt token per forward, halved until transformers accepts its memory footprint
+    (tried on a one-token request: transformers refuses an oversized cache only in its generation loop)."""
+    from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    # Sized to this workload: left to itself on CPU it sizes the paged cache from
-    # system memory (GBs, zero-filled on every call) and prefills in small slices.
-    # It keeps the model's attention implementation, as padded and sorted do, so
-    # the backend column says what ran (it would otherwise switch to flash where installed).
     page = 256
-    cb = ContinuousBatchingConfig(
-        page_size=page,
-        num_blocks=sum(-(-(len(p) + c.max_new_tokens) // page) for p in c.prompts) + 1,
-        max_batch_tokens=sum(len(p) for p in c.prompts),
-        max_requests_per_batch=len(c.prompts),
-        auto_switch_to_flash=False,
-    )
-    # generate_batch accepts only implementations it knows: hand it back the model's own (prepack's
-    # next call switches it again); the methods run one at a time, so no packed call is running
-    disable(model)
-    out = model.generate_batch(
-        inputs=[list(p) for p in c.prompts], generation_config=_generation_config(model, c),
-        continuous_batching_config=cb, warmup=False,
-    )
-    new = [torch.tensor(out[f"req_{i}"].generated_tokens) for i in range(len(c.prompts))]
-    return Outcome(torch.stack([t[0] for t in new]), new, f"{_hf_attention(model)} (paged)")
+    tokens = sum(len(p) for p in prompts)
+    while True:
+        config = ContinuousBatchingConfig(
+            page_size=page, num_blocks=sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 1,
+            max_batch_tokens=tokens, max_requests_per_batch=len(prompts), auto_switch_to_flash=False,
+        )
+        disable(model)
+        probe = model.generate_batch(inputs=[[1]], generation_config=GenerationConfig(max_new_tokens=1, do_sample=False),
+                                     continuous_batching_config=config, warmup=False, progress_bar=False)
+        if "req_0" in probe and not probe["req_0"].error:
+            return config
+        if tokens == 1:
+            raise RuntimeError("generate_batch refuses even one token per forward on this machine")
+        tokens = max(1, tokens // 2)
 
 
 METHOD_FNS: dict[str, Callable[..., Outcome]] = {
