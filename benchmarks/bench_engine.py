@@ -39,6 +39,16 @@ def eos_ids(vocab: int) -> list[int]:
     return list(range(0, vocab, 100))
 
 
+def until_eos(tokens, eos: set) -> list[int]:
+    """A row's tokens up to its first EOS (a padded batch fills finished rows with padding)."""
+    out = []
+    for t in map(int, tokens):
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
 def run_engine(model, seqs, args, max_batch=None):
     """The engine's tokens per request and its :class:`EngineStats` (steps, KV, first-token times)."""
     got = generate_with_backends(model, seqs, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
@@ -136,13 +146,15 @@ def main(argv=None) -> None:
             print(f"{m}: {times[m][-1]:.2f} s", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
     print("\n| method | seconds (median) | new tokens/s | engine speedup |\n|---|---|---|---|")
+    eos = set(eos_ids(model.config.vocab_size))
     for m in methods:
-        n = sum(len(o) for o in outs[m])
+        n = sum(len(until_eos(o, eos)) for o in outs[m])  # a padded route returns finished rows padded
         speed = f"{med[m] / med['engine']:.2f}x" if "engine" in med else ""
         print(f"| {m} | {med[m]:.2f} | {n / med[m]:.1f} | {speed} |")
-    if "engine" in outs and "waves" in outs:
-        same = sum(list(map(int, a)) == list(map(int, b)) for a, b in zip(outs["engine"], outs["waves"], strict=True))
-        print(f"\nengine vs waves: {same}/{len(seqs)} identical token lists (waves decode left-padded rows)")
+    for m in [m for m in ("generate_batch", "waves") if m in outs and "engine" in outs]:
+        same = sum(list(map(int, a)) == until_eos(b, eos) for a, b in zip(outs["engine"], outs[m], strict=True))
+        why = " (waves decode left-padded rows)" if m == "waves" else ""
+        print(f"\nengine vs {m}: {same}/{len(seqs)} identical token lists{why}")
     if stats is None:
         stats = run_engine(model, seqs, args)[1]
     ttft = statistics.median(stats.first_token_s.values())
