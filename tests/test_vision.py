@@ -15,7 +15,7 @@ import prepack
 from prepack.support import UnsupportedModelError
 
 from .models import cache_kwargs
-from .vision_chats import alone, chats, qwen_model, qwen_processor
+from .vision_models import alone, chats, qwen_model, qwen_processor
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -142,7 +142,7 @@ def test_images_on_a_row_backend_are_refused():
 
 
 def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
-    from .vision_chats import llava_model, llava_processor
+    from .vision_models import llava_model, llava_processor
 
     model, processor = llava_model(), llava_processor()
     conversations = chats(5)
@@ -157,7 +157,7 @@ def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
 
 def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but_text_prompts_still_pack():
     from .models import alone_last_logits, prompts
-    from .vision_chats import gemma3_model
+    from .vision_models import gemma3_model
 
     model = gemma3_model()
     ids = torch.tensor([[5, 131, 130, 130, 130, 130, 132, 7]])
@@ -171,7 +171,7 @@ def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but
 
 def test_a_processor_output_without_images_packs_as_text_even_for_gemma3():
     from .models import alone_last_logits, left_pad, prompts
-    from .vision_chats import gemma3_model
+    from .vision_models import gemma3_model
 
     model = gemma3_model()
     text = prompts([5, 9, 3])
