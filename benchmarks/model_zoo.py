@@ -32,6 +32,8 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for tests.models
+from tests.models import ROPE_ORIG, rope_parameters  # noqa: E402 - the RoPE rows' parameters, as tests/test_rope.py's
 from zoo_configs import CONFIG_TYPE, DEFAULT_FIXES, OVERRIDES  # noqa: E402 - hand-made tiny configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,34 +73,15 @@ SHRINK = dict(
     decoder_ffn_dim=128, encoder_ffn_dim=128,
 )
 # Rows beyond the model types: "<type>@<variant>", a RoPE type or a config variant on a base type.
-# RoPE thresholds at ORIG tokens, so that the prompts (up to 40 tokens) lie on both sides of them.
-ORIG = 16
-
-
-def _rope(rope_type: str, **extra) -> dict:
-    half = 8  # (head_dim 16) / 2
-    more = {
-        "linear": dict(factor=2.0),
-        "dynamic": dict(factor=2.0),
-        "yarn": dict(factor=4.0, original_max_position_embeddings=ORIG),
-        "longrope": dict(
-            short_factor=[1.0 + 0.1 * i for i in range(half)], long_factor=[4.0 + 2.0 * i for i in range(half)],
-            original_max_position_embeddings=ORIG,
-        ),
-        "llama3": dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=ORIG),
-        "proportional": dict(partial_rotary_factor=0.5),
-    }[rope_type]
-    return dict(rope_type=rope_type, rope_theta=10000.0, **more, **extra)
-
-
 # variant -> (config kwargs, what is done to the built model: None, "train", "bfloat16", "float16")
 VARIANTS: dict[str, tuple[dict, str | None]] = {
-    **{f"rope_{t}": (dict(rope_parameters=_rope(t)), None) for t in ("linear", "yarn", "longrope", "llama3", "proportional")},
+    **{f"rope_{t}": (dict(rope_parameters=rope_parameters(t)), None)
+       for t in ("linear", "yarn", "longrope", "llama3", "proportional")},
     # dynamic NTK scales past max_position_embeddings: 44 lets 40-token prompts prefill and refuses decoding past 44
-    "rope_dynamic": (dict(rope_parameters=_rope("dynamic"), max_position_embeddings=44), None),
-    "phi3_longrope": (dict(rope_parameters=_rope("longrope"), original_max_position_embeddings=ORIG), None),
-    "gemma3_longrope": (dict(rope_parameters={"full_attention": _rope("longrope"), "sliding_attention": dict(
-        rope_type="default", rope_theta=10000.0)}), None),
+    "rope_dynamic": (dict(rope_parameters=rope_parameters("dynamic"), max_position_embeddings=44), None),
+    "phi3_longrope": (dict(rope_parameters=rope_parameters("longrope"), original_max_position_embeddings=ROPE_ORIG), None),
+    "gemma3_longrope": (dict(rope_parameters={
+        "full_attention": rope_parameters("longrope"), "sliding_attention": rope_parameters("default")}), None),
     "use_cache_false": (dict(use_cache=False), None),
     "tied": (dict(tie_word_embeddings=True), None),
     "untied": (dict(tie_word_embeddings=False), None),
@@ -562,7 +545,7 @@ def write_markdown(rows: list[dict], path: str, command: str, seconds: float) ->
             "## RoPE and config variants",
             "",
             "`<type>@<variant>`: the tiny model of `<type>` with one change (`VARIANTS` in the script): a RoPE type "
-            f"with its threshold at {ORIG} tokens (prompts on both sides of it), `use_cache=False`, tied or untied "
+            f"with its threshold at {ROPE_ORIG} tokens (prompts on both sides of it), `use_cache=False`, tied or untied "
             "embeddings, a window of 4 (below most prompts), attention bias, partial rotary, train mode (with and "
             "without dropout), bf16 and fp16 on CPU (judged within "
             f"{HALF_ULPS} eps of the dtype at the logits' scale: packed and alone runs round differently; greedy tokens "

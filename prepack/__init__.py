@@ -6,7 +6,7 @@ The data flow, one module per step::
     lengths --planner--> Plan --packing--> PackedBatch (offsets, positions, cu_seqlens: layout)
             --attention (kernels), hf (support)--> forward --prefill--> per-request keys/values
             --kvcache--> DynamicCache / flash_attn_with_kvcache layouts --generation--> model.generate
-    prefill-only jobs: forward.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
+    prefill-only jobs: outputs.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
                                                                         --heads--> classify, embed
 
 ``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training (the
@@ -20,7 +20,7 @@ from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
-from .forward import forward_at
+from .outputs import forward_at
 from .generation import generate, generate_iter
 from .heads import classify, embed
 from .hf import ATTN_IMPLEMENTATION, disable, enable

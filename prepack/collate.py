@@ -15,7 +15,12 @@ that, from the restarts of its ``position_ids`` (the full schema, after
 
 The boundaries travel as ``cu_seq_lens_q/k`` keyword arguments, so a model in
 ``attn_implementation="prepack"`` (or ``"flash_attention_2"`` on a GPU) runs
-exact varlen attention and no dense (T, T) mask is built.
+exact varlen attention and no dense (T, T) mask is built. A torch batch also
+carries ``use_cache=False``: transformers' own ``sdpa`` / ``eager`` read the
+restarts of ``position_ids`` as sequence boundaries only when the forward has no
+cache (``masking_utils._preprocess_mask_arguments``), and a causal LM makes a
+``DynamicCache`` whenever ``use_cache`` is on (its config's default), in train
+mode too; with one, the sequences of a row would attend to each other.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class DataCollatorForPackedRows:
     (the tokens after ``sum(seq_lengths)``) becomes one sequence of its own, so
     it attends to nothing real.
 
+    A ``"pt"`` batch carries ``use_cache=False``, so ``model(**batch)`` (what ``Trainer`` and
+    ``SFTTrainer`` call) makes no cache and transformers' plain ``sdpa`` / ``eager`` attention keeps the
+    sequences of a row apart through the ``position_ids`` restarts. A ``"np"`` batch carries no
+    ``use_cache``: its values stay arrays (plus the ``max_length_q/k`` ints when asked), the form Ray
+    Data's ``map_batches`` (which refuses a non-array value) and other numpy consumers take; whoever
+    turns it into a model call passes ``use_cache=False`` too (or runs prepack's or flash-attn's varlen
+    attention, which read ``cu_seq_lens_q/k``).
+
     Attributes:
         return_flash_attn_kwargs: return ``cu_seq_lens_q/k`` and ``max_length_q/k``.
         separator_id: the label of each sequence's first token.
@@ -76,7 +89,8 @@ class DataCollatorForPackedRows:
         Returns:
             ``input_ids``, ``labels``, ``position_ids``: (1, T) int64, T = sum(L_b);
             ``cu_seq_lens_q``, ``cu_seq_lens_k``: (S + 1,) int32; ``max_length_q``,
-            ``max_length_k``: int, the longest sequence; ``seq_idx`` if asked.
+            ``max_length_k``: int, the longest sequence; ``seq_idx`` if asked; ``use_cache``: False
+            (``"pt"`` only).
         """
         return_tensors = return_tensors or self.return_tensors
         if return_tensors not in ("pt", "np"):
@@ -121,10 +135,13 @@ class DataCollatorForPackedRows:
             batch["seq_idx"] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[None]
         if return_tensors == "pt":
             batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            # A training step needs no cache, and with one transformers' sdpa/eager masks ignore the position_ids
+            # restarts (they look for packed sequences only when cache is None): the sequences would mix silently.
+            batch["use_cache"] = False
         return batch
 
 
-def to_flash_kwargs(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor | int]:
+def to_flash_kwargs(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor | int | bool]:
     """``DataCollatorForPackedRows()(rows)``: B packed rows -> one padding-free batch of torch tensors."""
     return DataCollatorForPackedRows()(rows)
 

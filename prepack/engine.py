@@ -38,6 +38,7 @@ import torch
 from . import layout
 from .backends import choose
 from .decoding import RequestRules, Rules
+from .forward import default_token_budget
 from .hf import attention_needs, enable, model_device
 from .step import PackedCall
 from .cascade import cascade_kernel
@@ -46,6 +47,7 @@ from .prefix_regions import sharing_refusal
 from .scheduler import Request, Scheduler
 from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
+from .vision import StepRunner
 from .wrapped import runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -153,7 +155,7 @@ def decode(
                     needs=attention_needs(model, continues_keys=True))
     if kernel.rows:
         raise ValueError(f"backend {kernel.name!r} lays requests out in rows; the decode engine needs a varlen backend")
-    token_budget = _budget(token_budget, "token_budget", _default_token_budget(model))
+    token_budget = _budget(token_budget, "token_budget", default_token_budget(model))
     kv_budget = _budget(kv_budget, "kv_budget", default_kv_budget(model))
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -167,8 +169,6 @@ def decode(
     enable(model)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
-        from .vision import StepRunner
-
         module = StepRunner(module, vision, rules.samples)
     slides = cache_slides(model)
     start_time = time.perf_counter()
@@ -417,12 +417,6 @@ def _budget(value, name: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _default_token_budget(model) -> int:
-    from .forward import default_token_budget
-
-    return default_token_budget(model)
 
 
 def default_kv_budget(model) -> int:

@@ -4,9 +4,10 @@
 micro-batch with prepack's attention (each forward carries a :class:`~prepack.step.PackedCall`), and
 returns what the caller asked for: each layer's keys and values (for
 :func:`~prepack.prefill`'s caches) and/or outputs at chosen token positions of
-each request. :func:`forward_at` is its public face; scoring, classification
-and embeddings (:mod:`prepack.scoring`, :mod:`prepack.heads`) are thin layers
-on top of it.
+each request. :func:`prepack.outputs.forward_at` is its public face (through
+:func:`prepack.staged.run_staged`, which shares prefixes and chunks long
+prompts); scoring, classification and embeddings (:mod:`prepack.scoring`,
+:mod:`prepack.heads`) are thin layers on top of them.
 
 Outputs are computed only where asked: logits go through the model's own LM
 head with ``logits_to_keep`` set to the chosen positions (so a (T, V) logits
@@ -35,7 +36,6 @@ import torch
 from . import kvcache, layout
 from .backends import KERNELS, Kernel, choose
 from .hf import attention_needs, cache_kwarg, enable, model_device
-from .inputs import check_prompts
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
@@ -50,7 +50,6 @@ ROW_BACKENDS = tuple(name for name, kernel in KERNELS.items() if kernel.rows)
 
 Output = Literal["logits", "hidden_states"]
 OUTPUTS: tuple[str, ...] = ("logits", "hidden_states")
-Positions = Literal["last", "all"] | Sequence[tuple[int, int]]
 Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # What a run keeps of each layer's keys and values: nothing, what the model caches (for per-request
 # caches; MLA caches compressed latents), what attention sees (for continuing a shared prefix), or both.
@@ -112,79 +111,6 @@ class PackedRun(NamedTuple):
     attention: list
 
 
-def forward_at(
-    model,
-    sequences: Sequence,
-    positions: Positions = "last",
-    *,
-    output: Output = "logits",
-    reduce: Reduce | None = None,
-    backend: str = "auto",
-    token_budget: int | None = None,
-    capacity: int | None = None,
-    tokenizer=None,
-    processor=None,
-    share_prefixes: bool = True,
-):
-    """Run many sequences through ``model`` in one packed forward; return outputs at chosen positions.
-
-    Exact against running each sequence alone: attention never crosses requests and position
-    ids restart at 0 for each.
-
-    Args:
-        model: a decoder-only transformers model whose attention goes through ``AttentionInterface``.
-        sequences: N requests, in any form :func:`prepack.prefill` takes (token ids, tokenizer
-            output, strings or chats with ``tokenizer``).
-        positions: ``"last"`` (each request's last token), ``"all"`` (every token), or N
-            ``(start, end)`` spans, ``0 <= start <= end <= len(request)``, in each request's own
-            token coordinates.
-        output: ``"logits"`` (the model's LM head, computed only at those positions) or
-            ``"hidden_states"`` (the base model's last hidden state, final norm applied).
-        reduce: ``reduce(values, rows) -> (K, ...)``, applied to each forward's (K, V or D)
-            outputs before the next forward runs, so that long outputs never pile up; ``rows``
-            (K,) int64 says where each row lands in the request-order result.
-        backend, token_budget, capacity, tokenizer, processor, share_prefixes: as in :func:`prepack.prefill`
-            (a shared prefix runs once; outputs at its positions are computed once and given to
-            every request that shares it; with ``reduce`` no asked position is shared).
-
-    Returns:
-        ``"last"``: an (N, X) tensor. Otherwise a list of N tensors, the i-th (end_i - start_i, X).
-        X is V for logits, D for hidden states, or what ``reduce`` returns.
-    """
-    prompts = check_prompts(model, sequences, tokenizer=tokenizer, processor=processor)
-    tokens = prompts.tokens
-    lengths = layout.lengths_of(tokens)
-    spans = request_spans(positions, lengths)
-    from .staged import run_staged  # staged runs are built on run_packed, below
-
-    run = run_staged(
-        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
-        spans=spans, output=output, reduce=reduce, lengths=lengths, share_prefixes=share_prefixes,
-        vision=prompts.vision,
-    )
-    if isinstance(positions, str) and positions == "last":
-        return run.values
-    return list(run.values.split((spans[:, 1] - spans[:, 0]).tolist()))
-
-
-def request_spans(positions: Positions, lengths: np.ndarray) -> np.ndarray:
-    """``positions`` as (N, 2) int64 ``[start, end)`` per request; errors name the request and the limit."""
-    n = len(lengths)
-    if isinstance(positions, str):
-        if positions == "last":
-            return np.stack([lengths - 1, lengths], 1)
-        if positions == "all":
-            return np.stack([np.zeros(n, np.int64), lengths], 1)
-        raise ValueError(f"positions must be 'last', 'all' or one (start, end) span per request, got {positions!r}")
-    spans = np.asarray(positions, dtype=np.int64) if len(positions) else np.zeros((0, 2), np.int64)
-    if spans.shape != (n, 2):
-        raise ValueError(f"positions must hold one (start, end) span per request: got shape {spans.shape} for {n} requests")
-    for i, (s, e) in enumerate(spans.tolist()):
-        if not 0 <= s <= e <= lengths[i]:
-            raise ValueError(f"request {i} has {lengths[i]} tokens but its span is ({s}, {e}); need 0 <= start <= end <= {lengths[i]}")
-    return spans
-
-
 def run_packed(
     model,
     tokens: Sequence[np.ndarray],
@@ -206,7 +132,7 @@ def run_packed(
         tokens: N int64 arrays, already checked (:func:`prepack.inputs.check_prompts`).
         spans: (N, 2) int64 ``[start, end)`` per request: where to return outputs (None: nowhere).
         output: ``"logits"`` or ``"hidden_states"``.
-        reduce: see :func:`forward_at`.
+        reduce: see :func:`prepack.outputs.forward_at`.
         kv: keep each layer's keys and values: ``"cache"`` what the model caches (per-request
             caches), ``"attention"`` what attention sees (a :class:`Prefix` for later requests),
             ``"both"`` the two (``chunks`` and ``attention``; the same tensors where they agree).

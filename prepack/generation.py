@@ -17,8 +17,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .backends import choose
 from .decoding import Rules
 from .engine import Completion, EngineStats, decode as _decode
+from .hf import attention_needs, model_device
 from .inputs import check_prompts, is_prompt_batch
 from .wrapped import check_can_generate
 
@@ -112,9 +114,6 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
         )
     stats = EngineStats()
     results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
-    from .backends import choose
-    from .hf import attention_needs, model_device
-
     name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
                   needs=attention_needs(model, continues_keys=True)).name
     return Generated(results, (name,), stats)

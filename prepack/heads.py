@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .forward import forward_at
+from .outputs import forward_at
 from .wrapped import unwrap
 
 Pooling = Literal["last", "mean"]

@@ -22,7 +22,7 @@ other than 0/1, strings without a tokenizer, a chat without a template.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,9 +30,7 @@ import torch
 from .hf import model_device
 from .packing import token_array
 from .support import check_model
-
-if TYPE_CHECKING:
-    from .vision import VisionPrompts
+from .vision import VisionPrompts, is_vision_model, join, model_inputs, split_requests, vision_family
 
 
 class Prompts(NamedTuple):
@@ -146,8 +144,6 @@ def _vision_keys(batch) -> list[str]:
 
 
 def _is_vision(model) -> bool:
-    from .vision import is_vision_model
-
     return is_vision_model(model)
 
 
@@ -167,8 +163,6 @@ def _text_only(batch) -> bool:
 
 def _with_images(model, batch) -> Prompts:
     """A vision-language model's processor output -> each request's tokens, images and positions."""
-    from .vision import model_inputs, split_requests, vision_family
-
     family = vision_family(model, _vision_keys(batch))
     tokens = _from_padded(batch, used=model_inputs(family))
     mask = batch["attention_mask"] if "attention_mask" in batch.keys() else None
@@ -182,8 +176,6 @@ def _with_images(model, batch) -> Prompts:
 
 def _chats_with_processor(model, chats: list, processor) -> Prompts:
     """Each chat through ``processor.apply_chat_template`` on its own (the inputs the model gets for it alone)."""
-    from .vision import join
-
     if model is None:
         raise ValueError("chats with processor= need the model to lay out their images")
     parts = []

@@ -16,6 +16,7 @@ continuation then runs against them (:class:`~prepack.forward.Prefix`): a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
@@ -27,7 +28,8 @@ from .hf import check_model
 from .packing import token_array
 from .rope import rope_dependence
 from .staged import run_staged
-from .inputs import check_prompts
+from .inputs import _is_chat, _with_images, check_prompts
+from .vision import join
 
 Truncate = Literal["error", "left"]
 
@@ -77,7 +79,7 @@ def score(
         backend, token_budget: as in :func:`prepack.prefill`; ``token_budget`` also bounds how
             many shared-context tokens are held at once.
         processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
-            pair whose chat may hold images (:mod:`prepack.vision_scoring`; contexts are not shared).
+            pair whose chat may hold images (:func:`score_with_images`; contexts are not shared).
 
     Returns:
         N :class:`Score` ``(logprob, is_greedy)``, in request order.
@@ -86,8 +88,6 @@ def score(
     if truncate not in ("error", "left"):
         raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
     if processor is not None:  # chats with images: each request runs whole with its own images
-        from .vision_scoring import score_with_images
-
         return score_with_images(model, requests, processor, max_length=max_length, truncate=truncate, backend=backend,
                                  token_budget=token_budget)
     limit = _context_window(model, max_length)
@@ -374,3 +374,58 @@ def _score_shared(model, groups: list[list[int]], contexts, continuations, backe
     )
     lp, greedy = _per_request(run.values, lengths)
     return lp0 + lp, greedy0 & greedy
+
+
+# --- chats with images (score(..., processor=)) ---------------------------------------------------
+
+
+def score_with_images(model, requests: Sequence, processor, *, max_length: int | None, truncate: str, backend: str,
+                      token_budget: int | None) -> list:
+    """N ``(chat, continuation)`` pairs -> N :class:`Score`, each as the model gives it alone.
+
+    The chat goes through ``processor.apply_chat_template`` on its own (generation prompt added, so the
+    continuation is the assistant's answer), the continuation is a string (its tokens are
+    ``processor.tokenizer(continuation, add_special_tokens=False)``) or token ids. The model runs on
+    ``(context + continuation)[:-1]`` with the context's images, and only the continuation's positions reach
+    the LM head. Each request runs whole: contexts with images are not shared between requests (the scores
+    are the same; only the work is).
+    """
+    if truncate != "error":
+        raise ValueError(f"truncate={truncate!r} would cut a context with images; pass truncate='error' with processor=")
+    limit = _context_window(model, max_length)
+    parts, contexts, continuations = [], [], []
+    for i, pair in enumerate(requests):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_chat(pair[0])):
+            raise ValueError(f"request {i}: with processor=, a request is a (chat, continuation) pair")
+        chat, continuation = pair
+        out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        if isinstance(continuation, str):
+            continuation = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        cont = token_array(continuation, i)
+        context = out["input_ids"][0]
+        if len(cont) == 0:
+            raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
+        if limit is not None and len(context) + len(cont) - 1 > limit:
+            raise ValueError(f"request {i} has {len(context) + len(cont) - 1} input tokens but the context window is {limit}")
+        parts.append(_with_images(model, _extended(out, cont[:-1])))
+        contexts.append(len(context))
+        continuations.append(cont)
+    if not parts:
+        return []
+    _check_continuation_ids(model, continuations)
+    tokens = [t for p in parts for t in p.tokens]
+    spans = np.array([(c - 1, c - 1 + len(t)) for c, t in zip(contexts, continuations)], np.int64)
+    lp, greedy = _score_spans(model, tokens, spans, continuations, backend, token_budget, share_prefixes=False,
+                              vision=join([p.vision for p in parts]))
+    return [Score(float(a), bool(b)) for a, b in zip(lp, greedy)]
+
+
+def _extended(out: Mapping, extra: np.ndarray) -> dict:
+    """A one-request processor output with ``extra`` text tokens appended (their token types 0)."""
+    ids = torch.cat([out["input_ids"][0], torch.from_numpy(extra)])[None]
+    batch = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+    batch.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for k in ("mm_token_type_ids", "token_type_ids"):
+        if batch.get(k) is not None:
+            batch[k] = torch.cat([batch[k][0], torch.zeros(len(extra), dtype=batch[k].dtype)])[None]
+    return batch

@@ -16,6 +16,12 @@ have different answers for these:
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+
+from .support import UnsupportedModelError
+
 
 def _inner(module):
     """The module one wrapper layer down, or None when ``module`` is not a known wrapper."""
@@ -49,8 +55,6 @@ def runner(model):
     configs = getattr(model, "peft_config", None)
     active = getattr(model, "active_adapter", None)
     if isinstance(configs, dict) and isinstance(active, str) and getattr(configs.get(active), "is_prompt_learning", False):
-        from .support import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"{type(model).__name__} has a prompt-learning adapter ({type(configs[active]).__name__}): it puts virtual "
             "tokens or keys before every prompt, which prepack's packed layout does not place; merge or drop the adapter"
@@ -73,16 +77,10 @@ def check_mode(model) -> None:
     """A model in train mode: refused where dropout is active (each run would differ, alone or packed), warned otherwise."""
     if not getattr(model, "training", False):
         return
-    import warnings
-
-    import torch
-
     active = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training]
     config = getattr(unwrap(model), "config", None)
     p = float(getattr(config, "attention_dropout", 0.0) or 0.0) if config is not None else 0.0
     if active or p > 0:
-        from .support import UnsupportedModelError
-
         what = f"dropout in {active[0]}" if active else f"attention_dropout={p}"
         raise UnsupportedModelError(
             f"{type(model).__name__} is in train mode with {what}: its outputs are random, so no packed result can "

@@ -63,6 +63,29 @@ VARIANTS = {
 }
 ALL_ARCHITECTURES = {**ARCHITECTURES, **VARIANTS}
 
+# RoPE of every type with its length threshold at ROPE_ORIG tokens, so that prompts of up to 40 tokens lie on both
+# sides of it (tests/test_rope.py; the RoPE rows of benchmarks/model_zoo.py); for a head_dim of ROPE_HEAD_DIM.
+ROPE_ORIG = 16
+ROPE_HEAD_DIM = 16
+
+
+def rope_parameters(rope_type: str) -> dict:
+    """A config's ``rope_parameters`` for ``rope_type`` (a key of transformers' ``ROPE_INIT_FUNCTIONS``, or "default")."""
+    half = ROPE_HEAD_DIM // 2
+    extra = {
+        "default": {},
+        "linear": dict(factor=2.0),
+        "dynamic": dict(factor=2.0),
+        "yarn": dict(factor=4.0, original_max_position_embeddings=ROPE_ORIG),
+        "longrope": dict(
+            short_factor=[1.0 + 0.1 * i for i in range(half)], long_factor=[4.0 + 2.0 * i for i in range(half)],
+            original_max_position_embeddings=ROPE_ORIG,
+        ),
+        "llama3": dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=ROPE_ORIG),
+        "proportional": dict(partial_rotary_factor=0.5),
+    }[rope_type]
+    return dict(rope_type=rope_type, rope_theta=10000.0, **extra)
+
 
 def build(arch: str, seed: int = 0):
     torch.manual_seed(seed)

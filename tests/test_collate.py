@@ -124,6 +124,55 @@ def test_naive_packing_without_restarts_or_masks_gives_a_different_loss():
     assert abs(naive.item() - alone.item()) > 1e-2
 
 
+def plain_model_in_training(attn: str):
+    """The tiny llama on transformers' own attention, in train mode with its config's default use_cache=True."""
+    model = build("llama").train()
+    model.set_attn_implementation(attn)
+    assert model.config.use_cache and model.config.attention_dropout == 0.0
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def packed_batch(seqs):
+    return DataCollatorForPackedRows()(list(pack_dataset(datasets.Dataset.from_dict({"input_ids": seqs}), 64)))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_on_plain_sdpa_or_eager_give_the_padded_batch_loss_and_gradients(attn):
+    seqs = token_lists([7, 3, 12, 5, 9])
+    model = plain_model_in_training(attn)
+    want_loss, want_grads = loss_and_grads(model, pad_examples([{"input_ids": s} for s in seqs]))
+    batch = packed_batch(seqs)
+    assert batch["use_cache"] is False  # the model makes no cache, so its mask splits at the position_ids restarts
+    loss, grads = loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_on_plain_sdpa_would_mix_their_sequences_if_the_model_made_a_cache():
+    seqs = token_lists([7, 3, 12, 5, 9])
+    model = plain_model_in_training("sdpa")
+    with torch.no_grad():
+        padded = model(**pad_examples([{"input_ids": s} for s in seqs])).loss
+        with_cache = model(**{**packed_batch(seqs), "use_cache": True}).loss
+    assert abs(with_cache.item() - padded.item()) > 1e-2
+
+
+def test_numpy_batches_hold_arrays_only():
+    batch = DataCollatorForPackedRows(return_flash_attn_kwargs=False, return_tensors="np")(
+        [{"input_ids": [5, 6, 7], "seq_lengths": [2, 1]}]
+    )
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]
+    assert all(isinstance(v, np.ndarray) for v in batch.values())
+
+
 SFT_SEQS = token_lists([7, 3, 12, 5, 9, 4, 11, 6, 2, 8])
 
 
@@ -135,11 +184,11 @@ def pad_examples(features):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def first_step_loss(tmp_path, model, dataset, collator, batch_size) -> float:
+def first_step_loss(tmp_path, model, dataset, collator, batch_size, **args) -> float:
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=batch_size, logging_steps=1,
         learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, remove_unused_columns=False,
-        disable_tqdm=True,
+        disable_tqdm=True, **args,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
@@ -155,6 +204,19 @@ def test_trainer_first_step_loss_on_packed_rows_matches_the_unpacked_examples(tm
     model = build("llama")
     model.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
     loss = first_step_loss(tmp_path, model, packed, DataCollatorForPackedRows(), len(packed))
+    assert loss == pytest.approx(unpacked, rel=1e-5)
+
+
+def test_trainer_with_use_cache_on_plain_sdpa_gives_the_unpacked_loss_on_packed_rows(tmp_path):
+    # TrainingArguments(use_cache=True) (PEFT methods ask for it) writes use_cache=True into the model's config;
+    # the batch's use_cache=False still keeps the forward cache-free, so sdpa splits the rows at their restarts
+    examples = datasets.Dataset.from_dict({"input_ids": SFT_SEQS})
+    packed = pack_dataset(examples, 24)
+    unpacked = first_step_loss(tmp_path, build("llama"), examples, pad_examples, len(examples), use_cache=True)
+    model = build("llama")
+    assert model.config._attn_implementation == "sdpa"
+    loss = first_step_loss(tmp_path, model, packed, DataCollatorForPackedRows(), len(packed), use_cache=True)
+    assert model.config.use_cache
     assert loss == pytest.approx(unpacked, rel=1e-5)
 
 

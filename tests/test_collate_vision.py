@@ -15,7 +15,7 @@ import prepack
 from prepack.collate_vision import DataCollatorForPackedVisionRows
 
 from . import models
-from .vision_models import FAMILIES, image
+from .vision_models import FAMILIES, image, model_and_processor
 
 
 def chats(placeholder: str):
@@ -26,7 +26,7 @@ def chats(placeholder: str):
         f"a user asks {placeholder} a question {placeholder} and the assistant answers it",
         f"{placeholder} packing prompts removes the padding",
     ]
-    images = [[image(16, 24, 1)], [], [image(24, 16, 2), image(16, 16, 3)], [image(24, 24, 4)]]
+    images = [[image(84, 56, 1)], [], [image(56, 84, 2), image(56, 56, 3)], [image(84, 84, 4)]]  # Qwen2-VL: 6, 6 + 4, 9 tokens
     return texts, images
 
 
@@ -43,10 +43,9 @@ def padded_batch(processor, texts, images) -> dict:
 
 
 def setup(family: str):
-    build, placeholder = FAMILIES[family]
-    model, processor = build()
+    model, processor = model_and_processor(family)
     model.train()  # no dropout in these configs: train mode changes nothing but what a Trainer would see
-    texts, images = chats(placeholder)
+    texts, images = chats(FAMILIES[family])
     packed = copy.deepcopy(model)
     packed.set_attn_implementation(prepack.ATTN_IMPLEMENTATION)
     return model, packed, processor, texts, images
@@ -103,9 +102,9 @@ def test_an_unpacked_batch_with_mrope_position_ids_runs_each_row_alone():
     """transformers PR #47342: 3-D mRoPE position ids must not make an unpacked batch look packed."""
     model, packed, processor, _, _ = setup("qwen2_5_vl")
     model.eval(), packed.eval()
-    _, placeholder = FAMILIES["qwen2_5_vl"]
+    placeholder = FAMILIES["qwen2_5_vl"]
     texts = [f"hello {placeholder} world", f"the {placeholder} quick"]  # equal lengths: no padding, no mask
-    images = [image(16, 24, 5), image(24, 16, 6)]
+    images = [image(84, 56, 5), image(56, 84, 6)]
     batch = dict(processor(text=texts, images=images, return_tensors="pt"))
     assert bool(batch.pop("attention_mask").all())
     mrope, _ = model.model.get_rope_index(

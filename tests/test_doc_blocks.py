@@ -119,12 +119,12 @@ def namespace(tmp_path, monkeypatch):
     for name, rows in (("train.jsonl", texts), ("test.jsonl", texts[:2])):
         Path(name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
     token_lists = [t.tolist() for t in models.prompts([5, 9, 3, 12])]
-    vlm, processor = vision_models.qwen2_5_vl()  # docs/vision_training.md
+    vlm, processor = vision_models.model_and_processor("qwen2_5_vl")  # docs/vision_training.md
     torch.manual_seed(0)
     return {
         "vlm": vlm,
         "processor": processor,
-        "images": [vision_models.image(16, 24, 1), vision_models.image(24, 16, 2), vision_models.image(16, 16, 3)],
+        "images": [vision_models.image(84, 56, 1), vision_models.image(56, 84, 2), vision_models.image(56, 56, 3)],
         "__name__": "__docs__",
         "model": models.build("llama"),
         "reward_model": LlamaForSequenceClassification(LlamaConfig(**models.COMMON, num_labels=2)).eval(),

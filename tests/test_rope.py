@@ -2,7 +2,7 @@
 
 transformers' ``dynamic_rope_update`` picks a forward's frequencies from its longest position;
 a packed forward's longest position is its longest request's. These tests put prompts on both
-sides of ``original_max_position_embeddings`` (ORIG) in one call and compare each with the
+sides of ``original_max_position_embeddings`` (ROPE_ORIG) in one call and compare each with the
 model run on it alone.
 """
 
@@ -25,37 +25,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import prepack
 from prepack.rope import rope_dependence
 from prepack.support import UnsupportedModelError
-from tests.models import COMMON, alone_last_logits, prompts
+from tests.models import COMMON, ROPE_HEAD_DIM, ROPE_ORIG, alone_last_logits, prompts, rope_parameters
 
-ORIG = 16
-HEAD_DIM = 16
-# prompts on both sides of ORIG, the short ones packed beside long ones
+# prompts on both sides of ROPE_ORIG, the short ones packed beside long ones
 LENGTHS = [10, 40, 16, 17, 5, 15]
 TOL = 1e-4  # logits of a few units, float32
 
 
-def rope(rope_type: str) -> dict:
-    """rope_parameters of ``rope_type`` with a threshold at ORIG tokens (max_position_embeddings = 4 * ORIG)."""
-    half = HEAD_DIM // 2
-    extra = {
-        "default": {},
-        "linear": dict(factor=2.0),
-        "dynamic": dict(factor=2.0),
-        "yarn": dict(factor=4.0, original_max_position_embeddings=ORIG),
-        "longrope": dict(
-            short_factor=[1.0 + 0.1 * i for i in range(half)], long_factor=[4.0 + 2.0 * i for i in range(half)],
-            original_max_position_embeddings=ORIG,
-        ),
-        "llama3": dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=ORIG),
-        "proportional": dict(partial_rotary_factor=0.5),
-    }[rope_type]
-    return dict(rope_type=rope_type, rope_theta=10000.0, **extra)
-
-
-def build(family: str, rope_type: str, max_positions: int = 4 * ORIG):
+def build(family: str, rope_type: str, max_positions: int = 4 * ROPE_ORIG):
     # a wide initialisation, so that a wrong frequency moves greedy tokens too
-    common = {**COMMON, "max_position_embeddings": max_positions, "head_dim": HEAD_DIM, "initializer_range": 0.3}
-    params = rope(rope_type)
+    common = {**COMMON, "max_position_embeddings": max_positions, "head_dim": ROPE_HEAD_DIM, "initializer_range": 0.3}
+    params = rope_parameters(rope_type)
     torch.manual_seed(0)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=params))
@@ -65,12 +45,12 @@ def build(family: str, rope_type: str, max_positions: int = 4 * ORIG):
         model = Qwen3ForCausalLM(Qwen3Config(**common, rope_parameters=params))
     elif family == "phi3":
         model = Phi3ForCausalLM(Phi3Config(
-            **common, pad_token_id=0, eos_token_id=2, bos_token_id=1, original_max_position_embeddings=ORIG, rope_parameters=params,
+            **common, pad_token_id=0, eos_token_id=2, bos_token_id=1, original_max_position_embeddings=ROPE_ORIG, rope_parameters=params,
         ))
     elif family == "gemma3":  # per-layer-type RoPE: the global layers scaled, the local ones default
         model = Gemma3ForCausalLM(Gemma3TextConfig(
             **common, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"full_attention": params, "sliding_attention": rope("default")},
+            rope_parameters={"full_attention": params, "sliding_attention": rope_parameters("default")},
         ))
     else:
         raise ValueError(family)
@@ -121,7 +101,7 @@ def test_longrope_detected_from_the_rotary_module_not_the_model_name():
 
 def test_longrope_generate_matches_each_prompt_generated_alone():
     model = build("phi3", "longrope")
-    seqs = prompts([10, 40, 4, 17, 5, 20])  # each stays on one side of ORIG while decoding 5 tokens
+    seqs = prompts([10, 40, 4, 17, 5, 20])  # each stays on one side of ROPE_ORIG while decoding 5 tokens
     got = prepack.generate(model, seqs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert len(got) == len(seqs)
     for s, g in zip(seqs, got, strict=True):
@@ -131,7 +111,7 @@ def test_longrope_generate_matches_each_prompt_generated_alone():
 
 
 def test_longrope_generate_across_the_original_length_is_refused():
-    """Alone, Phi-3's generate recomputes its cache when it crosses ORIG: model-specific, so refused, not guessed."""
+    """Alone, Phi-3's generate recomputes its cache when it crosses ROPE_ORIG: model-specific, so refused, not guessed."""
     model = build("phi3", "longrope")
     with pytest.raises(UnsupportedModelError, match=r"request 1 has 14 tokens and would decode up to 18 positions, across"):
         prepack.generate(model, prompts([10, 14]), max_new_tokens=5, do_sample=False, pad_token_id=0)

@@ -14,8 +14,8 @@ from transformers import DynamicCache
 import prepack
 from prepack.support import UnsupportedModelError
 
-from .models import cache_kwargs
-from .vision_chats import alone, chats, qwen_model, qwen_processor
+from .models import alone_last_logits, cache_kwargs, left_pad, prompts
+from .vision_models import alone, chats, gemma3_model, llava_model, llava_processor, qwen_model, qwen_processor
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -142,8 +142,6 @@ def test_images_on_a_row_backend_are_refused():
 
 
 def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
-    from .vision_chats import llava_model, llava_processor
-
     model, processor = llava_model(), llava_processor()
     conversations = chats(5)
     outs = [alone(processor, c) for c in conversations]
@@ -156,9 +154,6 @@ def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
 
 
 def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but_text_prompts_still_pack():
-    from .models import alone_last_logits, prompts
-    from .vision_chats import gemma3_model
-
     model = gemma3_model()
     ids = torch.tensor([[5, 131, 130, 130, 130, 130, 132, 7]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(1, 3, 28, 28),
@@ -170,9 +165,6 @@ def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but
 
 
 def test_a_processor_output_without_images_packs_as_text_even_for_gemma3():
-    from .models import alone_last_logits, left_pad, prompts
-    from .vision_chats import gemma3_model
-
     model = gemma3_model()
     text = prompts([5, 9, 3])
     ids, mask = left_pad(text)
