@@ -22,7 +22,6 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import layout
 from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
 from .hf import check_model
 from .packing import token_array
@@ -76,8 +75,8 @@ def score(
             with ``backend="sdpa_masked"`` pass ``share_contexts=False``).
         share_prefixes: requests whose contexts differ but start alike (a few-shot header) run the
             common prefix once (:mod:`prepack.prefixes`); ``False`` runs each such request whole.
-        backend, token_budget: as in :func:`prepack.prefill`; ``token_budget`` also bounds how
-            many shared-context tokens are held at once.
+        backend, token_budget: as in :func:`prepack.prefill`; a request longer than ``token_budget``
+            runs in chunks, and ``token_budget`` also bounds how many shared-context tokens are held at once.
         processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
             pair whose chat may hold images (:func:`score_with_images`; contexts are not shared).
 
@@ -108,18 +107,22 @@ def score(
             f"requests {shared[0][0]} and {shared[0][1]} share a context, and share_contexts needs a varlen backend, "
             f"not {backend!r}; pass share_contexts=False"
         )
+    # A shared context is prefilled in one forward and its continuations in the next: a group that does not fit
+    # the budget runs with the requests alone instead, whose long inputs run in chunks (and whose common context
+    # is still run once, as a shared prefix, with share_prefixes).
+    budget = token_budget or default_token_budget(model)
+    shared = [g for g in shared if len(contexts[g[0]]) + max(len(continuations[i]) for i in g) - 1 <= budget]
     alone = np.setdiff1d(np.arange(n), np.concatenate(shared) if shared else []).astype(np.int64)
     # what the model runs: (context + continuation)[:-1]; checked here so that errors name the request
     inputs = check_prompts(model, [np.concatenate([c, t[:-1]]) for c, t in zip(contexts, continuations)]).tokens
-    if token_budget is not None and n:
-        layout.check_fits([len(t) for t in inputs], token_budget, limit_name="token_budget", hint="raise token_budget")
     # one request = one sequence, scored at its continuation's positions
     tokens = [inputs[i] for i in alone]
     spans = np.array([(len(contexts[i]) - 1, len(contexts[i]) + len(continuations[i]) - 1) for i in alone], np.int64).reshape(-1, 2)
-    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget, share_prefixes)
+    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget, share_prefixes,
+                          names=alone)
     logprob[alone], greedy[alone] = lp, gr
     # shared contexts' keys and values are held while their continuations run: a budget's worth at a time
-    for wave in _waves(shared, contexts, token_budget or default_token_budget(model)):
+    for wave in _waves(shared, contexts, budget):
         lp, gr = _score_shared(model, wave, contexts, continuations, backend, token_budget)
         members = np.concatenate(wave)
         logprob[members], greedy[members] = lp, gr
@@ -285,11 +288,12 @@ def _token_scores(targets: torch.Tensor):
 
 
 def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget, share_prefixes: bool,
-                 vision=None):
+                 vision=None, names=None):
     """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy.
 
     Requests that start alike share their common prefix (up to their spans: a scored position is never shared);
-    requests with images (``vision``) run whole.
+    a request longer than ``token_budget`` runs in chunks; requests with images (``vision``) run whole.
+    ``names``: each request's number in the caller's list, for errors.
     """
     if not tokens:
         return np.zeros(0), np.ones(0, bool)
@@ -297,7 +301,7 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
     flat = torch.from_numpy(np.concatenate(targets)).to(device)
     run = run_staged(
         model, tokens, backend=backend, token_budget=token_budget, spans=spans,
-        reduce=_token_scores(flat), share_prefixes=share_prefixes, vision=vision,
+        reduce=_token_scores(flat), share_prefixes=share_prefixes, vision=vision, names=names,
     )
     return _per_request(run.values, spans[:, 1] - spans[:, 0])
 

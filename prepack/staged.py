@@ -90,6 +90,7 @@ def run_staged(
     lengths: np.ndarray | None = None,
     share_prefixes: bool = True,
     vision=None,
+    names: Sequence[int] | None = None,
 ) -> StagedRun:
     """:func:`~prepack.forward.run_packed` with shared prefixes run once and long sequences run in chunks.
 
@@ -104,6 +105,7 @@ def run_staged(
         vision: the requests' images (:class:`prepack.vision.VisionPrompts`), or None. A request with
             images runs whole, in one forward (its image features and mRoPE rows are laid out for the
             whole prompt): nothing is shared, and one longer than ``token_budget`` is refused.
+        names: the number of each request in the caller's own list, for errors (None: its position here).
     """
     if kv not in (None, "cache"):
         raise ValueError(f"kv must be None or 'cache', got {kv!r}")
@@ -118,7 +120,7 @@ def run_staged(
     if long and kernel.rows:
         i = int(np.argmax(lengths > token_budget))
         raise ValueError(
-            f"request {i} has {int(lengths[i])} tokens but token_budget is {token_budget}, and backend {kernel.name!r} "
+            f"request {i if names is None else names[i]} has {int(lengths[i])} tokens but token_budget is {token_budget}, and backend {kernel.name!r} "
             "lays requests out in rows, so it cannot prefill a prompt in chunks (use a varlen backend such as "
             "'sdpa_varlen', or raise token_budget)"
         )
@@ -130,7 +132,7 @@ def run_staged(
                 limits = np.minimum(limits, spans[:, 0])
             the_plan = plan_prefixes(tokens, limits=limits)
         if long and dep is not None:
-            _check_chunk_rope(model, dep, lengths, token_budget)
+            _check_chunk_rope(model, dep, lengths, token_budget, names)
     if kernel.rows or vision is not None or (the_plan.num_prefixes == 0 and not long):
         run = run_packed(
             model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans,
@@ -143,13 +145,13 @@ def run_staged(
     )
 
 
-def _check_chunk_rope(model, dep, lengths: np.ndarray, budget: int) -> None:
+def _check_chunk_rope(model, dep, lengths: np.ndarray, budget: int, names=None) -> None:
     """Refuse a long request whose chunks would get other RoPE frequencies than the whole request."""
     for i, n in enumerate(lengths.tolist()):
         ends = range(budget, n, budget)
         if n > budget and any(dep.key(e) != dep.key(n) for e in ends):
             raise ValueError(
-                f"request {i} has {n} tokens but token_budget is {budget}, and {type(model).__name__}'s "
+                f"request {i if names is None else names[i]} has {n} tokens but token_budget is {budget}, and {type(model).__name__}'s "
                 f"{dep.describe()} gives a chunk of it other rotary frequencies than the whole request: prepack "
                 "cannot prefill it in chunks exactly (raise token_budget to its length)"
             )

@@ -174,9 +174,29 @@ def test_a_request_longer_than_the_context_window_is_refused_without_truncate():
         prepack.score(build("llama"), [([1, 2], [3]), ([5] * 250, [6] * 10)])
 
 
-def test_a_request_over_the_token_budget_is_refused_with_its_index():
-    with pytest.raises(ValueError, match="request 2 has 21 tokens but token_budget is 16"):
-        prepack.score(build("llama"), [([1, 2], [3]), ([4], [5]), ([5] * 20, [6, 7])], token_budget=16)
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_requests_and_shared_contexts_longer_than_the_token_budget_run_in_chunks_and_match_lm_eval(share_contexts):
+    """Contexts of 9 to 31 tokens (3 of them shared by 4 choices) under a budget of 8: every input is chunked."""
+    model, requests = build("llama"), multiple_choice(seed=5)
+    mine = prepack.score(model, requests, token_budget=8, share_contexts=share_contexts)
+    assert_same_scores(mine, lm_eval_loglikelihoods(model, requests))
+
+
+def test_a_long_request_that_cannot_be_chunked_is_refused_with_its_own_index_beside_shared_contexts():
+    """LongRoPE: a chunk of request 2 would get other rotary frequencies than the whole request. Requests 0 and 1
+    share a context (run apart from it), so request 2 is the first of the others: the error still names it 2."""
+    from .test_rope import build as build_rope
+
+    requests = [([1, 2], [3]), ([1, 2], [4]), ([5] * 30, [6, 7])]
+    with pytest.raises(ValueError, match="request 2 has 31 tokens but token_budget is 8, and LlamaForCausalLM's"):
+        prepack.score(build_rope("llama", "longrope"), requests, token_budget=8)
+
+
+def test_a_request_over_the_token_budget_on_a_row_backend_is_refused_with_its_index():
+    """sdpa_masked lays requests out in rows and cannot chunk one; the error names the caller's request 2."""
+    requests = [([1, 2], [3]), ([1, 2], [4]), ([5] * 20, [6, 7])]  # 0 and 1 share a context
+    with pytest.raises(ValueError, match="request 2 has 21 tokens but token_budget is 16, and backend 'sdpa_masked'"):
+        prepack.score(build("llama"), requests, token_budget=16, backend="sdpa_masked", share_contexts=False)
 
 
 def test_string_pairs_are_encoded_as_lm_eval_encodes_them():
