@@ -130,8 +130,8 @@ def sdpa_varlen(
 ) -> torch.Tensor:
     """Torch SDPA on each segment separately: O(sum l_i^2) work, no (T, T) mask. Any device and dtype.
 
-    Segments of one query each (decode steps) run together in one SDPA call over their keys
-    gathered into (n, H_kv, longest, D) under a key mask: one call instead of n, the same math.
+    Segments of one query each (decode steps): on CPU one fused call each on its keys in place,
+    elsewhere batched under a key mask (:func:`_single_queries`).
     """
     scale, window = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_size)
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
