@@ -359,17 +359,9 @@ def cache_slides(model) -> list[bool]:
 
 def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[list[int], list]:
     """Each request's next token (its processors, then argmax or a draw from its own generator), and its log-prob."""
-    plain = [i for i, r in enumerate(reqs) if not r.rules.do_sample and not len(r.rules.processors)]
-    if len(plain) == len(reqs):  # all greedy, no processors: one argmax, no copy of the (n, V) logits
-        chosen = logits.argmax(-1)
-    else:
-        chosen = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-        if plain:
-            at = torch.tensor(plain, device=logits.device)
-            chosen[at] = logits.index_select(0, at).argmax(-1)
-    skip = set(plain)
+    chosen = logits.argmax(-1)  # every greedy request without processors: one argmax, no copy of the (n, V) logits
     for i, r in enumerate(reqs):
-        if i in skip:
+        if not r.rules.do_sample and not len(r.rules.processors):
             continue
         scores = logits[i : i + 1]
         if len(r.rules.processors):

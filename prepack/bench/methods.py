@@ -233,13 +233,14 @@ def cb_config(model, prompts: Sequence, max_new_tokens: int):
 
     page = 256
     tokens = sum(len(p) for p in prompts)
+    pages = sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 1
+    log = logging.getLogger("ContinuousBatchingLogger")  # a refused size is expected here: keep its traceback out
+    disable(model)
     while True:
         config = ContinuousBatchingConfig(
-            page_size=page, num_blocks=sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 1,
-            max_batch_tokens=tokens, max_requests_per_batch=len(prompts), auto_switch_to_flash=False,
+            page_size=page, num_blocks=pages, max_batch_tokens=tokens, max_requests_per_batch=len(prompts),
+            auto_switch_to_flash=False,
         )
-        disable(model)
-        log = logging.getLogger("ContinuousBatchingLogger")  # a refused size is expected here: keep its traceback out
         level = log.level
         log.setLevel(logging.CRITICAL)
         try:
