@@ -208,6 +208,10 @@ def decode(
                 raise RuntimeError("prepack's engine planned an empty step with requests left (a scheduling bug)")
             break
         reqs, logits = _step(module, kernel, store, feeds, units, rope, slides)
+        ready = sched.first_tokens()  # whole prompts held in a region: their first token from its logits
+        if ready:
+            reqs = reqs + ready
+            logits = torch.cat([logits, torch.stack([r.prefix.last_logits for r in ready])])
         stats.steps += 1
         stats.batch_sizes.append(sum(1 for k in feeds if k >= 0))
         stats.decode_rows.append(sum(1 for k in feeds if k >= 0 and units[k].tokens))
@@ -323,8 +327,10 @@ def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict, slide
     ids = torch.from_numpy(np.concatenate([u.pending[:n] for u, n in zip(fed, kv.q)]))[None].to(device)  # (1, T)
     offset = np.array([u.offset for u in fed], np.int64)  # a sharer's own keys follow its prefix region's
     pos = torch.from_numpy(layout.ranges(offset + kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
-    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if isinstance(u, Request) and n == len(u.pending)]
-    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each sampling segment
+    # a request that feeds the rest of its prompt or its newest token samples; a region that feeds its last
+    # tokens keeps its logits for the requests whose whole prompt it is
+    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if n == len(u.pending)]
+    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each such segment
     step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
     call = PackedCall(kv.layout, step_kernel, kv_store=kv)
     with torch.no_grad():
@@ -343,7 +349,15 @@ def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict, slide
                 "applies no window, so transformers' own decoding attends to fewer keys than its prefill did; "
                 "prepack's decode engine cannot reproduce that exactly"
             )
-    return [fed[i] for i in samples], out.logits[0].float()
+    logits = out.logits[0].float()
+    is_request = [isinstance(fed[i], Request) for i in samples]
+    for j, i in enumerate(samples):
+        if not is_request[j]:
+            fed[i].last_logits = logits[j]
+    if all(is_request):
+        return [fed[i] for i in samples], logits
+    rows = torch.tensor([j for j, ok in enumerate(is_request) if ok], dtype=torch.long, device=device)
+    return [fed[i] for i, ok in zip(samples, is_request) if ok], logits.index_select(0, rows)
 
 
 def cache_slides(model) -> list[bool]:

@@ -16,10 +16,10 @@ bottom before the pool itself grows (by ``growth``). Host-side bookkeeping is nu
 the per-step plan (:class:`StepKV`) is built once and read by every layer.
 
 A prompt prefix that several requests share is held once, in a region of its own keyed by a
-negative number: :meth:`KVStore.attach` makes a request read it before its own keys, and the
-region is freed with the last request attached to it (a reference count). Its keys are counted
-once in :meth:`KVStore.live_tokens` and in the pools' bytes. Attention over a sharer's two regions
-is merged from parts (:mod:`prepack.cascade`).
+negative number: :meth:`KVStore.attach` makes a request (or a child region) read it before its own
+keys, so regions form a tree, and a region is freed with the last request or region attached to it
+(a reference count). Its keys are counted once in :meth:`KVStore.live_tokens` and in the pools'
+bytes. Attention over a sharer's regions is merged from parts (:mod:`prepack.cascade`).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class KVStore:
         self.size = 0  # pool rows allocated per layer
         self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> (keys, values), (P, H_kv, D)
         self.peak_bytes = 0
-        self.prefix_of: dict[int, int] = {}  # request -> the shared prefix region it reads first
-        self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests attached to it
+        self.prefix_of: dict[int, int] = {}  # request or region -> the prefix region it continues
+        self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests and regions attached to it
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def live_tokens(self) -> int:
@@ -74,7 +74,8 @@ class KVStore:
         return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in self.pools.values())
 
     def attach(self, request: int, prefix: int) -> None:
-        """Make ``request`` read prefix region ``prefix`` (key < 0) before its own keys; counts a reference."""
+        """Make ``request`` (a request, or a region: a child) read prefix region ``prefix`` (key < 0) before its
+        own keys; counts a reference. ``prefix``'s own ancestors come before it."""
         if prefix >= 0:
             raise ValueError(f"prefix regions have negative keys, got {prefix}")
         if request in self.prefix_of:
@@ -82,18 +83,27 @@ class KVStore:
         self.prefix_of[request] = prefix
         self.sharers[prefix] = self.sharers.get(prefix, 0) + 1
 
+    def chain(self, key: int) -> list[int]:
+        """The prefix regions ``key`` continues, nearest first."""
+        out = []
+        while (key := self.prefix_of.get(key)) is not None:
+            out.append(key)
+        return out
+
     def free(self, request: int) -> list[int]:
         """Release ``request``'s region at once (its rows become garbage until the next compaction).
 
-        Its prefix region goes with it when no other request reads it. Returns the keys freed.
+        Each prefix region it continues goes with it when nothing else reads it. Returns the keys freed.
         """
         freed = [request]
         prefix = self.prefix_of.pop(request, None)
-        if prefix is not None:
+        while prefix is not None:
             self.sharers[prefix] -= 1
-            if not self.sharers[prefix]:
-                del self.sharers[prefix]
-                freed.append(prefix)
+            if self.sharers[prefix]:
+                break
+            del self.sharers[prefix]
+            freed.append(prefix)
+            prefix = self.prefix_of.pop(prefix, None)
         for key in freed:
             for d in (self.start, self.capacity, self.length):
                 d.pop(key, None)
@@ -186,7 +196,8 @@ class KVStore:
         q_lengths, k_lengths = _segments(gap, q, cached)
         end = int((starts + cached + q).max()) if len(order) else 0
         regions = {p: (self.start[p], self.length[p]) for p in self.sharers if p in self.start}
-        parts = shared_parts(order, q, cached, starts, self.prefix_of, regions, self.device, split_chunks=self.split_chunks)
+        chains = {key: self.chain(key) for key in order}
+        parts = shared_parts(order, q, cached, starts, chains, regions, self.device, split_chunks=self.split_chunks)
         base = None
         if parts is not None:
             # the kernel's own layout for the other rows: the merged rows' keys fold into the gap before them
