@@ -60,6 +60,7 @@ class KVStore:
         self.peak_bytes = 0
         self.prefix_of: dict[int, int] = {}  # request or region -> the prefix region it continues
         self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests and regions attached to it
+        self.most: dict[int, int] = {}  # request or region -> the most keys it will hold, where known
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def live_tokens(self) -> int:
@@ -83,6 +84,10 @@ class KVStore:
         self.prefix_of[request] = prefix
         self.sharers[prefix] = self.sharers.get(prefix, 0) + 1
 
+    def reserve(self, key: int, most: int) -> None:
+        """``key`` will never hold more than ``most`` keys: its region grows no further than that."""
+        self.most[key] = most
+
     def chain(self, key: int) -> list[int]:
         """The prefix regions ``key`` continues, nearest first."""
         out = []
@@ -105,7 +110,7 @@ class KVStore:
             freed.append(prefix)
             prefix = self.prefix_of.pop(prefix, None)
         for key in freed:
-            for d in (self.start, self.capacity, self.length):
+            for d in (self.start, self.capacity, self.length, self.most):
                 d.pop(key, None)
         if not self.start:  # nothing live: the whole pool is free again
             self.top = 0
@@ -130,6 +135,8 @@ class KVStore:
     def _grow_region(self, r: int, need: int) -> None:
         """Give request ``r`` a region of at least ``need`` rows (``growth`` times it, plus ``slack``)."""
         cap = int(math.ceil(need * self.growth)) + self.slack
+        if r in self.most:  # no room past what it can ever hold (a request's prompt and new tokens, a region's length)
+            cap = max(min(cap, self.most[r]), need)
         extra = cap - self.capacity[r] if self._is_last(r) else cap
         if self.top + extra > self.size:
             self._compact()  # reuse freed rows before growing the pool; ``r`` may end up last

@@ -157,6 +157,7 @@ class Scheduler:
             if region is not None:
                 self.store.attach(child.key, region.key)
             self.live[child.key], self.reserved[child.key] = child, len(child.pending)
+            self.store.reserve(child.key, len(child.pending))
             self.stats.prefix_regions += 1
             new.append(child)
             region = child
@@ -166,6 +167,7 @@ class Scheduler:
             if not len(r.pending):
                 self.awaiting.append(r)
         self.running[r.index], self.reserved[r.index] = r, own
+        self.store.reserve(r.index, own)
         if len(r.pending):
             new.append(r)
         self.prefilling += new
