@@ -228,7 +228,7 @@ def run_packed(
             packed, where = torch.cat(values), torch.cat(rows_of)
             result = packed.new_empty(packed.shape).index_copy_(0, where, packed)
         else:  # nothing ran (no requests, or only empty ones): still (0, X), as a run would give
-            result = _no_values(model, output, reduce, device)
+            result = no_values(model, output, reduce, device)
     return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result, attention=attention)
 
 
@@ -256,7 +256,7 @@ def default_token_budget(model) -> int:
     return int(min(max(free // 4 // per_token, 4096), 131072))
 
 
-def _no_values(model, output: str, reduce, device) -> torch.Tensor:
+def no_values(model, output: str, reduce, device) -> torch.Tensor:
     """(0, X) outputs of the width and dtype a forward gives: X is V (the LM head's), D, or what ``reduce`` makes of them."""
     dtype = next(model.parameters()).dtype
     hidden = torch.zeros(0, model.config.get_text_config(decoder=True).hidden_size, dtype=dtype, device=device)
