@@ -31,7 +31,7 @@ import torch
 
 from . import layout
 from .cascade import shared_parts
-from .step import StepLayout
+from .step import StepLayout, check_layer_idx
 from .support import UnsupportedModelError
 
 
@@ -44,13 +44,16 @@ class KVStore:
         slack: tokens of spare capacity a new region gets beyond what it must hold.
         split_chunks: attend a prompt chunk's earlier keys and its own as two merged parts
             (:func:`prepack.cascade.shared_parts`); only for plain causal softmax attention.
+        slides: per layer, whether the model's own cache keeps only a sliding window of keys
+            (:func:`prepack.engine.cache_slides`): such a layer's attention must apply a window.
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=()):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
         self.split_chunks = split_chunks
+        self.slides = tuple(slides)  # per layer: whether the model's own cache keeps only a sliding window of keys
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
@@ -254,24 +257,32 @@ class StepKV:
         self.base_layout = base  # with parts: the layout the kernel runs for the other queries
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
-        self.layers_seen: set[int] = set()
-        self.windows: dict[int, int | None] = {}  # layer -> the window (or chunk) its attention call applied
+        self._written: set[int] = set()  # layers whose keys this step holds: a second write would overwrite them
 
-    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
 
         The new keys are written after each request's cached ones; the returned stream is the pool up
-        to the last real key, cut into segments by :attr:`layout`.
+        to the last real key, cut into segments by :attr:`layout`. ``window``: the sliding window or chunk
+        the layer's attention applies; a layer whose own cache keeps only a window of keys
+        (:attr:`KVStore.slides`, known from the config before the first step) must apply one.
         """
+        check_layer_idx(layer_idx)
         if key.shape[0] != 1:
             raise UnsupportedModelError(f"layer {layer_idx} got keys of batch {key.shape[0]}; the engine runs one packed stream")
-        if layer_idx in self.layers_seen:
+        if layer_idx in self._written:
             raise UnsupportedModelError(
                 f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
                 "key/value stream per layer and cannot decode this model exactly"
             )
-        self.layers_seen.add(layer_idx)
         store = self.store
+        if layer_idx < len(store.slides) and store.slides[layer_idx] and not window:
+            raise UnsupportedModelError(
+                f"layer {layer_idx}'s cache keeps only a sliding window of keys, but its attention applies no window, "
+                "so transformers' own decoding attends to fewer keys than its prefill did; prepack's decode engine "
+                "cannot reproduce that exactly"
+            )
+        self._written.add(layer_idx)
         if layer_idx not in store.pools:  # the first step: every layer's pool at the size planned
             store.pools[layer_idx] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
         pool_k, pool_v = store.pools[layer_idx]
