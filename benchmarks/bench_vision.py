@@ -76,7 +76,7 @@ def main() -> None:
     packed = prepack.prefill(model, batch).logits
     assert torch.equal(packed.argmax(-1), padded.argmax(-1)), "prefill: last-token argmax differs from the padded batch"
     gen_kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False)
-    mine = prepack.generate(model, batch, **gen_kwargs)
+    mine = [g.tokens for g in prepack.generate(model, batch, **gen_kwargs)]
     with torch.no_grad():
         theirs = own.generate(**batch, **gen_kwargs)[:, mask.shape[1]:]
     eos = processor.tokenizer.eos_token_id

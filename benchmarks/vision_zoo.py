@@ -62,7 +62,7 @@ def check_family(model_type: str) -> dict:
     for mine, o in zip(got, outs):
         with torch.no_grad():
             ref = model.generate(**o, max_new_tokens=NEW_TOKENS, do_sample=False)[0, o["input_ids"].shape[1]:]
-        same += mine.tolist() == ref.tolist()
+        same += mine.tokens.tolist() == ref.tolist()
     ok = err <= TOL and same == len(outs)
     return {"outcome": "exact" if ok else "silently wrong", "class": type(model).__name__,
             "detail": f"max abs {err:.1e}; greedy tokens {same}/{len(outs)} equal"}

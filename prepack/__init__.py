@@ -22,6 +22,7 @@ from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
 from .generation import generate, generate_iter
+from .result import VLLM_FINISH_REASON, Generation
 from .heads import classify, embed
 from .hf import ATTN_IMPLEMENTATION, disable, enable
 from .hf import register as _register
@@ -44,6 +45,7 @@ __all__ = [
     "DataCollatorForPackedRows",
     "DataCollatorForPackedVisionRows",
     "FlashKVCache",
+    "Generation",
     "PackStats",
     "PackedBatch",
     "Plan",
@@ -75,5 +77,6 @@ __all__ = [
     "score_rolling",
     "to_flash_kwargs",
     "UnsupportedModelError",
+    "VLLM_FINISH_REASON",
 ]
 __version__ = "0.1.0"

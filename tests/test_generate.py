@@ -27,7 +27,7 @@ def alone(model, seqs, *, seed=None, **kwargs) -> list[list[int]]:
 
 
 def tokens(results) -> list[list[int]]:
-    return [r.tolist() for r in results]
+    return [r.tokens.tolist() for r in results]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
