@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import pytest
 
+import prepack
+import prepack.tiny
 from tests import models, vision_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +143,34 @@ def namespace(tmp_path, monkeypatch):
     }
 
 
+CHECKPOINT = re.compile(r"""^\s*name = ["']([^"']+)["']""", re.M)
+
+
+def stand_in_checkpoints(blocks: list[Block]) -> list[str]:
+    """The checkpoint names a file's blocks load (``name = "org/model"``, then ``from_pretrained(name)``): each is
+    answered offline by :mod:`prepack.tiny`'s model and tokenizer, saved under that name in the working directory
+    (``from_pretrained`` reads an existing directory before it would look for a download)."""
+    names = sorted({n for b in blocks if b.not_run is None for n in CHECKPOINT.findall(b.code)})
+    for name in names:
+        prepack.tiny.save_tiny_model(name)
+    return names
+
+
 @pytest.mark.parametrize("path", sorted(p for p, blocks in BLOCKS.items() if any(b.not_run is None for b in blocks)))
 def test_every_python_block_of_the_file_runs_in_order(path, namespace):
+    stand_in_checkpoints(BLOCKS[path])
     for block in BLOCKS[path]:
         if block.not_run is None:
             run_block(block, namespace)
+
+
+def test_the_readme_quickstart_loads_a_checkpoint_by_name_and_prints_text(namespace, capsys):
+    assert stand_in_checkpoints(BLOCKS["README.md"]) == ["Qwen/Qwen2.5-0.5B-Instruct"]
+    quickstart = next(b for b in BLOCKS["README.md"] if "from_pretrained(name)" in b.code)
+    fresh = {"__name__": "__docs__"}  # nothing from the fixture: the block defines all it uses
+    run_block(quickstart, fresh)
+    printed = [line.split(" ", 2) for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert [p[0] for p in printed] == ["0", "1"] and all(p[1] in ("eos", "length") for p in printed)
 
 
 def test_the_blocks_not_run_are_marked_with_a_reason_and_listed():
