@@ -3,7 +3,7 @@
 For each type in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, in fp32 on CPU:
 
 * the families prepack runs with images (``prepack.vision.FAMILIES``) are built with their own processor
-  classes (``tests/vision_models.py``) and checked against each request alone: last-token logits of
+  classes (``prepack/tiny_vision.py``) and checked against each request alone: last-token logits of
   ``prepack.prefill`` on 5 chats with 0-2 images (max abs <= 1e-4) and 8 greedy tokens of
   ``prepack.generate`` against ``model.generate`` on each chat alone -> ``exact`` or ``silently wrong``;
 * every other type is built tiny from its default config (the generic shrink of ``benchmarks/model_zoo.py``,
@@ -49,7 +49,7 @@ def check_family(model_type: str) -> dict:
     import torch
 
     import prepack
-    from tests.vision_models import alone, chats, llava_model, llava_processor, qwen_model, qwen_processor
+    from prepack.tiny_vision import alone, chats, llava_model, llava_processor, qwen_model, qwen_processor
 
     model, processor = (llava_model(), llava_processor()) if model_type == "llava" else (qwen_model(model_type), qwen_processor(model_type))
     conversations = chats(5)

@@ -1,8 +1,9 @@
 """Docs are runnable: every ```python block of README.md and docs/*.md runs, in order, file by file.
 
-Each file's blocks share one namespace, prepared with small offline stand-ins for the names the docs
-take as given (``model``, ``tok``, ``token_lists``, ``chats``, ``dataset``, ``tokenized``, ...): a
-random-weight Llama from ``tests/models.py`` and the BPE tokenizer trained there. A block written as
+Each file's blocks share one namespace, which starts empty: a page builds what it uses, from the package
+(``prepack.tiny``'s offline model and tokenizer, ``prepack.tiny_vision``'s vision-language ones) or written
+out, so every snippet runs as a reader copies it; a checkpoint a page loads by name is answered by
+``prepack.tiny``'s model saved under that name. A block written as
 an interactive session (``>>>`` lines) is run as a doctest, so its printed results are checked too.
 
 A block that cannot run here (a GPU, a cluster, a signature rather than code) says so in the markdown,
@@ -24,7 +25,6 @@ import pytest
 
 import prepack
 import prepack.tiny
-from tests import models, vision_models
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -109,40 +109,18 @@ def run_session(block: Block, namespace: dict) -> None:
 
 @pytest.fixture
 def namespace(tmp_path, monkeypatch):
-    """What the docs take as given, tiny and offline; the working directory is a fresh temporary one."""
+    """A fresh namespace and working directory (a temporary one): each file's blocks build what they use
+    (``prepack.tiny``'s model, say), so nothing here comes from tests/; only the data files a page loads are written."""
     import datasets
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
-    tok = models.tokenizer()
     texts = ["hello world how are you today", "the quick brown fox jumps over the lazy dog",
              "a user asks a question", "packing prompts removes the padding from the prefill"]
     # docs/data_pipeline.md loads these two files
     for name, rows in (("train.jsonl", texts), ("test.jsonl", texts[:2])):
         Path(name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
-    token_lists = [t.tolist() for t in models.prompts([5, 9, 3, 12])]
-    vlm, processor = vision_models.model_and_processor("qwen2_5_vl")  # docs/vision_training.md
-    torch.manual_seed(0)
-    return {
-        "vlm": vlm,
-        "processor": processor,
-        "images": [vision_models.image(84, 56, 1), vision_models.image(56, 84, 2), vision_models.image(56, 56, 3)],
-        "__name__": "__docs__",
-        "model": models.build("llama"),
-        "reward_model": LlamaForSequenceClassification(LlamaConfig(**models.COMMON, num_labels=2)).eval(),
-        "tok": tok,
-        "tokenizer": tok,
-        "token_lists": token_lists,
-        "documents": [t.tolist() for t in models.prompts([40, 7], seed=1)],
-        "bos": 2,
-        "chats": [[{"role": "user", "content": "hello world"}],
-                  [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps"},
-                   {"role": "user", "content": "over the lazy dog"}]],
-        "dataset": datasets.Dataset.from_dict({"text": texts}),
-        "tokenized": datasets.Dataset.from_dict({"input_ids": token_lists}),
-    }
+    return {"__name__": "__docs__"}
 
 
 CHECKPOINT = re.compile(r"""^\s*name = ["']([^"']+)["']""", re.M)
