@@ -53,7 +53,7 @@ def run_engine(model, seqs, args, max_batch=None):
     """The engine's tokens per request and its :class:`EngineStats` (steps, KV, first-token times)."""
     got = generate_with_backends(model, seqs, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                                  eos_token_id=eos_ids(model.config.vocab_size), max_batch=max_batch, progress=False)
-    return got.results, got.stats
+    return [g.tokens for g in got.results], got.stats
 
 
 def run_waves(model, seqs, args, wave=256):

@@ -93,7 +93,7 @@ def bench(model, seqs, dtype, repeat: int, new_tokens: int) -> None:
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     for backend in backends:
         got = prepack.generate(model, seqs, backend=backend, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        same = sum(g.tolist() == w[: len(g)].tolist() for g, w in zip(got, want[:, ids.shape[1]:]))
+        same = sum(g.tokens.tolist() == w[: len(g.tokens)].tolist() for g, w in zip(got, want[:, ids.shape[1]:]))
         print(f"greedy {new_tokens} tokens, prepack.generate({backend}) vs model.generate: {same}/{len(seqs)} identical")
 
     methods = {PADDED: lambda: padded_prefill(model, ids, mask)}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepack  # noqa: E402
 from prepack.bench.measure import time_interleaved  # noqa: E402
 from prepack.bench.prompts import load_prompts  # noqa: E402
-from tests.vision_models import image, qwen_model, qwen_processor  # noqa: E402
+from prepack.tiny_vision import image, qwen_model, qwen_processor  # noqa: E402
 
 # the text model: small, but large enough that its work, not Python overhead, is what the methods differ in
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
@@ -76,7 +76,7 @@ def main() -> None:
     packed = prepack.prefill(model, batch).logits
     assert torch.equal(packed.argmax(-1), padded.argmax(-1)), "prefill: last-token argmax differs from the padded batch"
     gen_kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False)
-    mine = prepack.generate(model, batch, **gen_kwargs)
+    mine = [g.tokens for g in prepack.generate(model, batch, **gen_kwargs)]
     with torch.no_grad():
         theirs = own.generate(**batch, **gen_kwargs)[:, mask.shape[1]:]
     eos = processor.tokenizer.eos_token_id

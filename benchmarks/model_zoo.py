@@ -359,7 +359,7 @@ def check(model_type: str) -> dict:
             model, seqs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
             pad_token_id=pad_id, token_budget=TOKEN_BUDGET,
         )
-        got = [g.tolist() for g in got]
+        got = [g.tokens.tolist() for g in got]
         differ = [i for i, (a, b) in enumerate(zip(got, want_tokens)) if a != b[: len(a)] or len(a) == 0]
         row["tokens_differ"] = len(differ)
         if differ and not details and all(alone_generate(model, seqs[i], pad_id) == got[i] for i in differ):

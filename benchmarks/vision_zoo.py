@@ -3,7 +3,7 @@
 For each type in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, in fp32 on CPU:
 
 * the families prepack runs with images (``prepack.vision.FAMILIES``) are built with their own processor
-  classes (``tests/vision_models.py``) and checked against each request alone: last-token logits of
+  classes (``prepack/tiny_vision.py``) and checked against each request alone: last-token logits of
   ``prepack.prefill`` on 5 chats with 0-2 images (max abs <= 1e-4) and 8 greedy tokens of
   ``prepack.generate`` against ``model.generate`` on each chat alone -> ``exact`` or ``silently wrong``;
 * every other type is built tiny from its default config (the generic shrink of ``benchmarks/model_zoo.py``,
@@ -49,7 +49,7 @@ def check_family(model_type: str) -> dict:
     import torch
 
     import prepack
-    from tests.vision_models import alone, chats, llava_model, llava_processor, qwen_model, qwen_processor
+    from prepack.tiny_vision import alone, chats, llava_model, llava_processor, qwen_model, qwen_processor
 
     model, processor = (llava_model(), llava_processor()) if model_type == "llava" else (qwen_model(model_type), qwen_processor(model_type))
     conversations = chats(5)
@@ -62,7 +62,7 @@ def check_family(model_type: str) -> dict:
     for mine, o in zip(got, outs):
         with torch.no_grad():
             ref = model.generate(**o, max_new_tokens=NEW_TOKENS, do_sample=False)[0, o["input_ids"].shape[1]:]
-        same += mine.tolist() == ref.tolist()
+        same += mine.tokens.tolist() == ref.tolist()
     ok = err <= TOL and same == len(outs)
     return {"outcome": "exact" if ok else "silently wrong", "class": type(model).__name__,
             "detail": f"max abs {err:.1e}; greedy tokens {same}/{len(outs)} equal"}

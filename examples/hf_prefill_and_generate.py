@@ -1,4 +1,4 @@
-"""Packed prefill + ``model.generate`` decoding gives exactly the tokens of plain left-padded ``model.generate``, faster.
+"""``prepack.generate`` (packed prefill, then prepack's own decode engine) gives exactly the tokens of left-padded ``model.generate``, faster.
 
 Runs offline on a random-weight preset::
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     greedy = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
     def packed():
-        return prepack.generate(model, seqs, **greedy)  # N 1-D tensors of new tokens
+        return [g.tokens for g in prepack.generate(model, seqs, **greedy)]  # N 1-D tensors of new tokens
 
     def padded():
         ids, mask = left_pad(prompts.token_ids, 0, "cpu")  # (N, L_max) each

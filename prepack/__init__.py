@@ -1,11 +1,15 @@
-"""prepack: sequence packing for LLM prefill and data pipelines.
+"""prepack: run many prompts through a transformers model without padding, each exactly as if alone.
 
-The data flow, one module per step::
+Start with :func:`generate` (results are :class:`Generation`), :func:`prefill` (logits and per-request
+caches), :func:`score` (log-likelihoods, lm-eval) or :func:`pack_dataset` (padding-free training rows);
+docs/api.md has every public name with an example. The data flow, one module per step::
 
     prompts --inputs--> token arrays
     lengths --planner--> Plan --packing--> PackedBatch (offsets, positions, cu_seqlens: layout)
             --attention (kernels), hf (support)--> forward --prefill--> per-request keys/values
-            --kvcache--> DynamicCache / flash_attn_with_kvcache layouts --generation--> model.generate
+            --kvcache--> DynamicCache / flash_attn_with_kvcache layouts
+    generation: engine (prepack's own decode loop: one packed forward per step, never model.generate)
+                --result--> one Generation per request
     prefill-only jobs: outputs.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
                                                                         --heads--> classify, embed
 
@@ -22,6 +26,7 @@ from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
 from .generation import generate, generate_iter
+from .result import VLLM_FINISH_REASON, Generation
 from .heads import classify, embed
 from .hf import ATTN_IMPLEMENTATION, disable, enable
 from .hf import register as _register
@@ -44,6 +49,7 @@ __all__ = [
     "DataCollatorForPackedRows",
     "DataCollatorForPackedVisionRows",
     "FlashKVCache",
+    "Generation",
     "PackStats",
     "PackedBatch",
     "Plan",
@@ -75,5 +81,6 @@ __all__ = [
     "score_rolling",
     "to_flash_kwargs",
     "UnsupportedModelError",
+    "VLLM_FINISH_REASON",
 ]
 __version__ = "0.1.0"

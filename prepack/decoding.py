@@ -16,7 +16,10 @@ called exactly as ``generate`` calls it, on the request's own (1, L) ids.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -39,6 +42,22 @@ REFUSED = {
     "synced_gpus": "prepack's engine runs on one device",
     "custom_generate": "prepack's engine runs its own decoding loop; call model.generate for a custom one",
 }
+# prepack.generate's own keywords (beside model.generate's), offered when a caller misspells one
+CALL_OPTIONS = (
+    "backend", "token_budget", "kv_budget", "max_batch", "tokenizer", "decode", "return_logprobs", "seed",
+    "progress", "processor", "share_prefixes",
+)
+# other libraries' names for generate's options (vLLM's SamplingParams, OpenAI's API)
+_ALIASES = {
+    "max_tokens": "max_new_tokens", "n": "num_return_sequences", "logprobs": "return_logprobs",
+    "stop": "stop_strings", "best_of": "num_return_sequences", "min_tokens": "min_new_tokens",
+}
+# the transformers loggers that build one request's rules (their warnings concern the call's configuration,
+# the same for every request: the first request's are shown, the others' dropped)
+_RULE_LOGGERS = (
+    "transformers.generation.utils", "transformers.generation.configuration_utils",
+    "transformers.generation.logits_process", "transformers.generation.stopping_criteria",
+)
 # our own keywords handed to GenerationMixin's builders, not to the GenerationConfig
 _BUILDER_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
 
@@ -105,10 +124,7 @@ class Rules:
             kwargs["max_new_tokens"] = max(self.max_new)  # checked by transformers; each prompt's is set per request
         config, unused = model._prepare_generation_config(generation_config, **kwargs)
         if unused:
-            raise ValueError(
-                f"prepack.generate does not take {', '.join(sorted(unused))}: not a generation option it can honour "
-                "(prepack builds the model inputs itself)"
-            )
+            raise ValueError(unknown_keywords(sorted(unused), valid=[*config.to_dict(), *_BUILDER_KWARGS, *CALL_OPTIONS]))
         mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
         if mode not in ("greedy_search", "sample"):
             raise ValueError(f"prepack.generate decodes greedily or by sampling; this configuration asks for {mode!r}")
@@ -130,12 +146,14 @@ class Rules:
             if index >= len(self.max_new):
                 raise ValueError(f"request {index} has no max_new_tokens: {len(self.max_new)} were given, one per prompt")
             config.max_new_tokens = self.max_new[index]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_transformers(quiet):
             if quiet:  # the call's first request already warned about the same configuration
                 warnings.simplefilter("ignore")
             config = model._prepare_generated_length(config, self.default_max, self.default_min, "input_ids", n, None)
             model._validate_generated_length(config, n, self.default_max)
-            model._prepare_special_tokens(config, False, device=device)
+            # a batch of one, as generate sees this prompt alone: the pad id resolves to the first EOS when unset,
+            # and transformers' advice to pass an attention mask (for padded batches; prepack pads nothing) stays out
+            model._prepare_special_tokens(config, None, device=device, batch_size=1)
             ids = prompt[None].to(device)
             processors = model._get_logits_processor(
                 generation_config=config, input_ids_seq_length=n, encoder_input_ids=ids,
@@ -157,3 +175,32 @@ class Rules:
             max_length=int(max_length), eos=eos, processors=processors, criteria=other,
             do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0) if config.do_sample else 1.0,
         )
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """Drop what transformers' generation loggers say inside the block when ``quiet`` (later requests of a call)."""
+    if not quiet:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _RULE_LOGGERS]
+    drop = logging.Filter("prepack.nothing")  # a name no record has: every record is dropped
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+def unknown_keywords(names: list[str], valid) -> str:
+    """The refusal of keywords neither ``model.generate`` nor prepack takes, each with the nearest valid name."""
+    parts = []
+    for name in names:
+        near = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, sorted(set(valid)), n=1, cutoff=0.75)), None)
+        parts.append(f"{name} (did you mean {near}?)" if near else name)
+    return (
+        f"prepack.generate does not take {', '.join(parts)}: not a generation option of model.generate "
+        "(GenerationConfig) nor an argument of prepack.generate"
+    )

@@ -12,6 +12,7 @@ and values itself; the tokens are what ``model.generate`` gives with or without 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Sequence
 
@@ -19,9 +20,10 @@ import torch
 
 from .backends import choose
 from .decoding import Rules
-from .engine import Completion, EngineStats, decode as _decode
+from .engine import EngineStats, decode as _decode
 from .hf import attention_needs, model_device
 from .inputs import check_prompts, is_prompt_batch
+from .result import Generation
 from .wrapped import check_can_generate
 
 _BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds", "position_ids")
@@ -58,10 +60,10 @@ def generate(
         kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
             its most new tokens); memory follows the keys actually cached.
         max_batch: most requests decoding at once (None: as the budgets allow).
-        tokenizer: tokenizes string or chat prompts; decodes with ``decode``; stop strings use it.
-        decode: return strings (``tokenizer.decode`` of the new tokens, special tokens skipped).
-        return_logprobs: return :class:`~prepack.engine.Completion` objects: ``.tokens``,
-            ``.logprobs`` (``log_softmax(logits / temperature)`` of each chosen token) and ``.finish_reason``.
+        tokenizer: tokenizes string or chat prompts; fills each result's ``.text``; stop strings use it.
+        decode: deprecated (returns bare strings; read ``.text`` instead), removed in the next release.
+        return_logprobs: fill each result's ``.logprobs`` (``log_softmax(logits / temperature)`` of each
+            chosen token).
         seed: request i samples from its own generator seeded ``seed + i`` (None: drawn from torch's
             global RNG, so ``torch.manual_seed`` makes a call reproducible). A request's samples do not
             depend on its neighbours, the budgets or the batch size.
@@ -80,10 +82,12 @@ def generate(
             streamers and score outputs are refused.
 
     Returns:
-        N * G results (G = ``num_return_sequences``), prompt-major: 1-D int64 tensors of new tokens
-        (ending at the EOS token when one was produced), strings with ``decode``, or
-        :class:`~prepack.engine.Completion` with ``return_logprobs``.
+        N * G :class:`~prepack.Generation` results (G = ``num_return_sequences``), prompt-major (prompt
+        ``i``'s sample ``g`` at ``i * G + g``): ``.tokens`` ((n,) int64, the new tokens, ending at the EOS
+        token when one was produced), ``.text`` (with ``tokenizer``), ``.logprobs`` (with
+        ``return_logprobs``), ``.finish_reason``, ``.prompt`` and ``.sample``.
     """
+    _warn_decode(decode, tokenizer)
     return generate_with_backends(
         model, sequences, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
         tokenizer=tokenizer, decode=decode, return_logprobs=return_logprobs, seed=seed, progress=progress,
@@ -133,10 +137,20 @@ def generate_iter(
     :func:`generate` does) or any other iterable, read lazily as requests finish, so a prompt set larger
     than memory streams through (e.g. ``generate_iter(model, (row["text"] for row in dataset), tokenizer=tok)``);
     each element is one prompt. ``order="input"`` yields in request order, ``"completion"`` as requests
-    finish (then pass ``return_logprobs=True`` to read each one's ``.index``). ``total`` sizes the progress
+    finish (each :class:`~prepack.Generation` says its ``.prompt`` and ``.sample``). ``total`` sizes the progress
     bar (default: the number of prompts, when known). Other arguments as in :func:`generate`.
     """
+    _warn_decode(kwargs.get("decode", False), kwargs.get("tokenizer"))
     yield from _run(model, prompts, order=order, total=total, **kwargs)
+
+
+def _warn_decode(decode: bool, tokenizer) -> None:
+    if decode and tokenizer is not None:  # without a tokenizer, decode=True is refused (in _run)
+        warnings.warn(
+            "prepack.generate(decode=True) is deprecated and will be removed in the next release: without it, each "
+            "result is a prepack.Generation whose .text is the decoded string (pass tokenizer=)",
+            DeprecationWarning, stacklevel=3,
+        )
 
 
 def _run(
@@ -148,7 +162,7 @@ def _run(
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
     check_can_generate(model)
     if decode and return_logprobs:
-        raise ValueError("pass decode=True or return_logprobs=True, not both (decode Completion.tokens yourself)")
+        raise ValueError("pass return_logprobs=True without decode=True: each Generation carries .text and .logprobs together")
     for key in _BUILT_HERE:
         if key in generate_kwargs:
             raise ValueError(f"prepack.generate builds {key!r} itself from the prompts; do not pass it")
@@ -174,12 +188,12 @@ def _run(
             seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
             share_prefixes=share_prefixes,
         ):
-            if return_logprobs:
-                yield done
-            elif decode:
-                yield tokenizer.decode(done.tokens, skip_special_tokens=True)
+            text = None if tokenizer is None else tokenizer.decode(done.tokens, skip_special_tokens=True)
+            if decode:
+                yield text
             else:
-                yield done.tokens
+                prompt, sample = divmod(done.index, rules.samples)
+                yield Generation(done.index, prompt, sample, done.tokens, text, done.logprobs, done.finish_reason)
     finally:
         if bar is not None:
             bar.close()

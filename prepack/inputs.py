@@ -67,10 +67,16 @@ def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts
             "or a list of 1-D prompts"
         )
     if isinstance(inputs, str):
-        raise ValueError("got a single string; pass a list of prompts (e.g. [text])")
+        raise ValueError("got a single string; wrap it in a list of prompts: [text]")
+    if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 1:
+        raise ValueError(f"got one 1-D tensor of {len(inputs)} token ids; wrap it in a list of prompts: [ids]")
     if not isinstance(inputs, (Sequence, torch.Tensor, np.ndarray)) or isinstance(inputs, bytes):
         raise ValueError(f"prompts must be a list, a tensor or tokenizer output, got {type(inputs).__name__}")
     items = list(inputs)
+    if is_chat(items):
+        raise ValueError(f"got a single chat of {len(items)} messages; wrap it in a list of prompts: [chat]")
+    if items and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in items):
+        raise ValueError(f"got a single list of {len(items)} token ids; wrap it in a list of prompts: [ids]")
     if items and all(isinstance(x, str) for x in items):
         return Prompts(_tokenize(items, _need_tokenizer(tokenizer, "strings")), True)
     if items and all(is_chat(x) for x in items):

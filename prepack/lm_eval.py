@@ -122,11 +122,11 @@ class PrepackLM(HFLM):
         prompts = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]
         # every request as if alone: hf's max_length counts the padded context, so each request gets the same
         # number of new tokens instead; its stop strings stop it (lm-eval cuts the text at them afterwards)
-        new = generate(
+        new = [g.tokens for g in generate(
             self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget,
             max_new_tokens=max_length - context.shape[1], stop_strings=list(stop) or None, tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
-        )
+        )]
         width = max((len(x) for x in new), default=0)
         out = context.new_full((len(new), context.shape[1] + width), self.tokenizer.pad_token_id)
         out[:, : context.shape[1]] = context

@@ -167,5 +167,5 @@ class PrepackPredictor:
 
         new = generate(self.model, prompts, **self.task_kwargs)
         out = np.empty(len(new), dtype=object)
-        out[:] = [t.cpu().numpy() for t in new]
+        out[:] = [g.tokens.cpu().numpy() for g in new]
         return {"generated_ids": out}

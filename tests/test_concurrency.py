@@ -138,7 +138,7 @@ def test_threaded_generate_on_one_eager_model_gives_the_single_threaded_tokens()
         for r in range(5):
             assert len(got[i][r]) == len(want[i])
             for g, w in zip(got[i][r], want[i], strict=True):
-                assert g.tolist() == w.tolist()
+                assert g.tokens.tolist() == w.tokens.tolist()
 
 
 def test_enable_is_visible_idempotent_and_reversible():

@@ -1,8 +1,9 @@
 """Docs are runnable: every ```python block of README.md and docs/*.md runs, in order, file by file.
 
-Each file's blocks share one namespace, prepared with small offline stand-ins for the names the docs
-take as given (``model``, ``tok``, ``token_lists``, ``chats``, ``dataset``, ``tokenized``, ...): a
-random-weight Llama from ``tests/models.py`` and the BPE tokenizer trained there. A block written as
+Each file's blocks share one namespace, which starts empty: a page builds what it uses, from the package
+(``prepack.tiny``'s offline model and tokenizer, ``prepack.tiny_vision``'s vision-language ones) or written
+out, so every snippet runs as a reader copies it; a checkpoint a page loads by name is answered by
+``prepack.tiny``'s model saved under that name. A block written as
 an interactive session (``>>>`` lines) is run as a doctest, so its printed results are checked too.
 
 A block that cannot run here (a GPU, a cluster, a signature rather than code) says so in the markdown,
@@ -22,7 +23,8 @@ from typing import NamedTuple
 
 import pytest
 
-from tests import models, vision_models
+import prepack
+import prepack.tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -34,6 +36,8 @@ MARK = re.compile(r"^<!--\s*not run\b:?\s*(.*?)\s*-->\s*$")
 NOT_RUN = {
     ("docs/data_pipeline.md", "import ray"),  # a Ray cluster, S3 and a CUDA GPU
     ("docs/scoring.md", "prepack.forward_at(model, sequences, positions=\"last\" | \"all\" | [(start, end), ...],"),
+    ("docs/api.md", "vision_collate = prepack.DataCollatorForPackedVisionRows(vlm)   # vlm: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA"),
+    ("docs/api.md", "import ray"),  # starts Ray (tests/test_ray_data.py runs both stages)
 }
 
 
@@ -105,47 +109,48 @@ def run_session(block: Block, namespace: dict) -> None:
 
 @pytest.fixture
 def namespace(tmp_path, monkeypatch):
-    """What the docs take as given, tiny and offline; the working directory is a fresh temporary one."""
+    """A fresh namespace and working directory (a temporary one): each file's blocks build what they use
+    (``prepack.tiny``'s model, say), so nothing here comes from tests/; only the data files a page loads are written."""
     import datasets
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
-    tok = models.tokenizer()
     texts = ["hello world how are you today", "the quick brown fox jumps over the lazy dog",
              "a user asks a question", "packing prompts removes the padding from the prefill"]
     # docs/data_pipeline.md loads these two files
     for name, rows in (("train.jsonl", texts), ("test.jsonl", texts[:2])):
         Path(name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
-    token_lists = [t.tolist() for t in models.prompts([5, 9, 3, 12])]
-    vlm, processor = vision_models.model_and_processor("qwen2_5_vl")  # docs/vision_training.md
-    torch.manual_seed(0)
-    return {
-        "vlm": vlm,
-        "processor": processor,
-        "images": [vision_models.image(84, 56, 1), vision_models.image(56, 84, 2), vision_models.image(56, 56, 3)],
-        "__name__": "__docs__",
-        "model": models.build("llama"),
-        "reward_model": LlamaForSequenceClassification(LlamaConfig(**models.COMMON, num_labels=2)).eval(),
-        "tok": tok,
-        "tokenizer": tok,
-        "token_lists": token_lists,
-        "documents": [t.tolist() for t in models.prompts([40, 7], seed=1)],
-        "bos": 2,
-        "chats": [[{"role": "user", "content": "hello world"}],
-                  [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps"},
-                   {"role": "user", "content": "over the lazy dog"}]],
-        "dataset": datasets.Dataset.from_dict({"text": texts}),
-        "tokenized": datasets.Dataset.from_dict({"input_ids": token_lists}),
-    }
+    return {"__name__": "__docs__"}
+
+
+CHECKPOINT = re.compile(r"""^\s*name = ["']([^"']+)["']""", re.M)
+
+
+def stand_in_checkpoints(blocks: list[Block]) -> list[str]:
+    """The checkpoint names a file's blocks load (``name = "org/model"``, then ``from_pretrained(name)``): each is
+    answered offline by :mod:`prepack.tiny`'s model and tokenizer, saved under that name in the working directory
+    (``from_pretrained`` reads an existing directory before it would look for a download)."""
+    names = sorted({n for b in blocks if b.not_run is None for n in CHECKPOINT.findall(b.code)})
+    for name in names:
+        prepack.tiny.save_tiny_model(name)
+    return names
 
 
 @pytest.mark.parametrize("path", sorted(p for p, blocks in BLOCKS.items() if any(b.not_run is None for b in blocks)))
 def test_every_python_block_of_the_file_runs_in_order(path, namespace):
+    stand_in_checkpoints(BLOCKS[path])
     for block in BLOCKS[path]:
         if block.not_run is None:
             run_block(block, namespace)
+
+
+def test_the_readme_quickstart_loads_a_checkpoint_by_name_and_prints_text(namespace, capsys):
+    assert stand_in_checkpoints(BLOCKS["README.md"]) == ["Qwen/Qwen2.5-0.5B-Instruct"]
+    quickstart = next(b for b in BLOCKS["README.md"] if "from_pretrained(name)" in b.code)
+    fresh = {"__name__": "__docs__"}  # nothing from the fixture: the block defines all it uses
+    run_block(quickstart, fresh)
+    printed = [line.split(" ", 2) for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert [p[0] for p in printed] == ["0", "1"] and all(p[1] in ("eos", "length") for p in printed)
 
 
 def test_the_blocks_not_run_are_marked_with_a_reason_and_listed():

@@ -75,7 +75,7 @@ def test_greedy_tokens_match_generate_on_each_prompt_alone(arch, case):
     got = prepack.generate(model, seqs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     want = [oracle.alone_generate(model, s, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0) for s in seqs]
     assert len(got) == len(want)
-    assert [g.tolist() for g in got] == want
+    assert [g.tokens.tolist() for g in got] == want
 
 
 def test_the_oracle_sees_a_wrong_answer():

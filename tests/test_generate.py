@@ -27,7 +27,7 @@ def alone(model, seqs, *, seed=None, **kwargs) -> list[list[int]]:
 
 
 def tokens(results) -> list[list[int]]:
-    return [r.tolist() for r in results]
+    return [r.tokens.tolist() for r in results]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -284,7 +284,7 @@ def test_the_documented_cache_route_gives_ordinary_generates_tokens():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "kv_scatter.md").read_text()
-    block = re.search(r"## Continuing a prefill.*?```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"## Continuing a prefill.*?runs this block\):\n\n```python\n(.*?)```", text, re.S).group(1)
     model, seqs = build("mistral"), prompts([1, 5, 17, 3])
     scope = {"model": model, "token_lists": [s.tolist() for s in seqs]}
     exec(block, scope)

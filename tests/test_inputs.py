@@ -48,11 +48,10 @@ def test_chats_go_through_the_tokenizers_chat_template(tok):
     torch.testing.assert_close(prepack.prefill(model, chats, tokenizer=tok).logits, prepack.prefill(model, ids).logits)
 
 
-def test_generate_can_return_text(tok):
+def test_generate_with_a_tokenizer_gives_each_results_text(tok):
     model = build("llama")
-    out = prepack.generate(model, TEXTS, tokenizer=tok, decode=True, max_new_tokens=3, do_sample=False)
-    tokens = prepack.generate(model, TEXTS, tokenizer=tok, max_new_tokens=3, do_sample=False)
-    assert out == [tok.decode(t, skip_special_tokens=True) for t in tokens]
+    out = prepack.generate(model, TEXTS, tokenizer=tok, max_new_tokens=3, do_sample=False)
+    assert [g.text for g in out] == [tok.decode(g.tokens, skip_special_tokens=True) for g in out]
 
 
 def test_unpadded_tokenizer_output_gives_each_rows_own_logits(tok):

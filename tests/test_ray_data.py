@@ -94,5 +94,5 @@ def test_generate_in_a_ray_actor_pool_gives_prepack_generate_tokens():
         batch_size=3, concurrency=1,
     ).take_all()
     got = [list(r["generated_ids"]) for r in sorted(out, key=lambda r: r["i"])]
-    want = [t.tolist() for t in prepack.generate(load_llama(), seqs, **kwargs)]
+    want = [g.tokens.tolist() for g in prepack.generate(load_llama(), seqs, **kwargs)]
     assert got == want

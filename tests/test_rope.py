@@ -107,7 +107,7 @@ def test_longrope_generate_matches_each_prompt_generated_alone():
     for s, g in zip(seqs, got, strict=True):
         with torch.no_grad():
             want = model.generate(s[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert g.tolist() == want[0, len(s):].tolist()
+        assert g.tokens.tolist() == want[0, len(s):].tolist()
 
 
 def test_longrope_generate_across_the_original_length_is_refused():
@@ -152,4 +152,4 @@ def test_dynamic_ntk_generate_within_max_positions_matches_each_prompt_alone():
     for s, g in zip(seqs, got, strict=True):
         with torch.no_grad():
             want = model.generate(s[None], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert g.tolist() == want[0, len(s):].tolist()
+        assert g.tokens.tolist() == want[0, len(s):].tolist()

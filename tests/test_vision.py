@@ -77,7 +77,7 @@ def test_generate_with_images_gives_model_generate_tokens_of_each_chat_alone(mod
         o = alone(processor, c)
         with torch.no_grad():
             want = model.generate(**o, max_new_tokens=8, do_sample=False)[0, o["input_ids"].shape[1]:]
-        assert mine.tolist() == want.tolist()
+        assert mine.tokens.tolist() == want.tolist()
 
 
 def test_chats_with_images_that_share_a_long_system_prompt_run_whole_and_match_each_alone():
@@ -93,7 +93,7 @@ def test_chats_with_images_that_share_a_long_system_prompt_run_whole_and_match_e
         with torch.no_grad():
             want = model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:]
             assert (model(**o).logits[0, -1] - logits).abs().max() <= 1e-4
-        assert mine.tolist() == want.tolist()
+        assert mine.tokens.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -150,7 +150,7 @@ def test_llava_prefill_and_generate_with_images_match_each_chat_alone():
     got = prepack.generate(model, conversations, processor=processor, max_new_tokens=6)
     for mine, o in zip(got, outs, strict=True):
         with torch.no_grad():
-            assert mine.tolist() == model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
+            assert mine.tokens.tolist() == model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
 
 
 def test_gemma3_with_images_is_refused_for_its_bidirectional_image_attention_but_text_prompts_still_pack():
@@ -200,7 +200,7 @@ def test_generate_admits_prompts_with_images_over_several_steps_and_samples_each
         o = alone(processor, c)
         with torch.no_grad():
             want = model.generate(**o, max_new_tokens=6, do_sample=False)[0, o["input_ids"].shape[1]:].tolist()
-        assert got[2 * i].tolist() == want and got[2 * i + 1].tolist() == want
+        assert got[2 * i].tokens.tolist() == want and got[2 * i + 1].tokens.tolist() == want
 
 
 def test_an_image_text_to_text_type_not_checked_against_the_model_alone_is_refused_naming_it():

@@ -86,7 +86,7 @@ def test_generate_matches_each_prompt_generated_alone(wrapped):
     for s, g in zip(seqs, got, strict=True):
         with torch.no_grad():
             want = oracle.generate(input_ids=s[None], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert g.tolist() == want[0, len(s):].tolist()
+        assert g.tokens.tolist() == want[0, len(s):].tolist()
 
 
 def _logprob(oracle, ctx, cont):

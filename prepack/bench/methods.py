@@ -166,7 +166,7 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
         out = generate_with_backends(
             model, c.prompts, backend=backend, generation_config=_generation_config(model, c), progress=False,
         )
-        new = out.results
+        new = [g.tokens for g in out.results]
         ran = ", ".join(out.backends)  # the kernel the decode engine ran
         return Outcome(torch.stack([t[0] for t in new]), new, ran)
 
