@@ -20,6 +20,7 @@ import contextlib
 import copy
 import difflib
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -184,7 +185,11 @@ def _quiet_transformers(quiet: bool):
         yield
         return
     loggers = [logging.getLogger(name) for name in _RULE_LOGGERS]
-    drop = logging.Filter("prepack.nothing")  # a name no record has: every record is dropped
+    me = threading.get_ident()
+
+    def drop(record: logging.LogRecord) -> bool:  # this thread's records only: another thread's still print
+        return record.thread != me
+
     for lg in loggers:
         lg.addFilter(drop)
     try:

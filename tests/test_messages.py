@@ -107,3 +107,26 @@ def test_a_tokenizer_fills_text_without_warnings():
         out = prepack.generate(model, ["hello world"] * 10, tokenizer=tok, max_new_tokens=2, do_sample=False)
     assert all(isinstance(g.text, str) for g in out)
     assert [r.getMessage() for r in records] == []
+
+
+def test_quieting_later_requests_drops_only_the_calling_threads_transformers_logs():
+    """The filter that keeps later requests quiet is on a shared logger: another thread's records still print."""
+    import logging
+    import threading
+
+    from prepack.decoding import _RULE_LOGGERS, _quiet_transformers
+
+    logger, seen = logging.getLogger(_RULE_LOGGERS[0]), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with _quiet_transformers(True):
+            logger.error("from the quiet call")
+            other = threading.Thread(target=logger.error, args=("from another thread",))
+            other.start()
+            other.join()
+        logger.error("after the call")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["from another thread", "after the call"]
