@@ -19,6 +19,7 @@ packing and batch inference on Ray Data.
 from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
+from .training import PackedTrainingCallback, check_packed_training
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
 from .generation import generate, generate_iter
@@ -46,10 +47,12 @@ __all__ = [
     "FlashKVCache",
     "PackStats",
     "PackedBatch",
+    "PackedTrainingCallback",
     "Plan",
     "PrefillResult",
     "Score",
     "Varlen",
+    "check_packed_training",
     "classify",
     "disable",
     "embed",
