@@ -67,6 +67,8 @@ from .packer import (
     LEAN_COLUMNS,
     SCALAR_COLUMNS,
     SCHEMAS,
+    Algorithm,
+    Overflow,
     PackOptions,
     ScalarColumns,
     Schema,
@@ -76,8 +78,7 @@ from .packer import (
     pack_table,
     pack_with_cuts,
 )
-from .packing import Overflow
-from .planner import Algorithm, lower_bound_l2
+from .planner import lower_bound_l2
 
 if TYPE_CHECKING:
     import datasets
