@@ -19,6 +19,7 @@ packing and batch inference on Ray Data.
 from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
+from .sampler import PackedRowSampler
 from .training import PackedTrainingCallback, check_packed_training
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
@@ -47,6 +48,7 @@ __all__ = [
     "FlashKVCache",
     "PackStats",
     "PackedBatch",
+    "PackedRowSampler",
     "PackedTrainingCallback",
     "Plan",
     "PrefillResult",
