@@ -81,6 +81,17 @@ def _deal(sizes: np.ndarray) -> np.ndarray:
     return labels[np.lexsort((tie, pos))]
 
 
+def _labels(group_sizes: np.ndarray, k: int) -> np.ndarray:
+    """For consecutive groups of these sizes, each group's items dealt over k bins (``_deal(_even(n, k))``)."""
+    cache: dict[int, np.ndarray] = {}
+    parts = []
+    for n in group_sizes.tolist():
+        if n not in cache:
+            cache[n] = _deal(_even(n, k))
+        parts.append(cache[n])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def _even(n: int, k: int) -> np.ndarray:
     """(k,) n items split into k counts that differ by at most one."""
     return np.full(k, n // k, np.int64) + (np.arange(k) < n % k)
@@ -126,16 +137,12 @@ def balance_rows(
     by_cost = shuffled[np.argsort(-costs[shuffled], kind="stable")]
     step = np.empty(R, np.int64)
     step[by_cost] = rng.permutation(steps)[_deal(step_sizes)]
-    rank = np.empty(R, np.int64)
-    micro = np.empty(R, np.int64)
-    # per step, its rows by cost (by_cost's order kept): dealt to ranks, then each rank's to its micro-steps
+    # per step, its rows by cost (by_cost's order kept): dealt to ranks, then each rank's rows to its micro-steps.
+    # Step sizes take at most three values, so each deal is computed once per size.
     in_step = by_cost[np.argsort(step[by_cost], kind="stable")]
-    starts = np.searchsorted(step[in_step], np.arange(steps + 1))
-    for s in range(steps):
-        rows = in_step[starts[s] : starts[s + 1]]
-        r = _deal(_even(len(rows), W))
-        rank[rows] = r
-        for k in range(W):
-            mine = rows[r == k]
-            micro[mine] = _deal(_even(len(mine), M))
+    rank = np.empty(R, np.int64)
+    rank[in_step] = _labels(np.bincount(step, minlength=steps), W)
+    in_slot = in_step[np.argsort(step[in_step] * W + rank[in_step], kind="stable")]  # by (step, rank), cost order kept
+    micro = np.empty(R, np.int64)
+    micro[in_slot] = _labels(np.bincount(step * W + rank, minlength=steps * W), M)
     return Schedule(step=step, rank=rank, micro=micro, steps=steps)
