@@ -19,8 +19,6 @@ packing and batch inference on Ray Data.
 from .backends import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
-from .sampler import PackedRowSampler
-from .training import PackedTrainingCallback, check_packed_training
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
 from .generation import generate, generate_iter
@@ -82,3 +80,15 @@ __all__ = [
     "UnsupportedModelError",
 ]
 __version__ = "0.1.0"
+
+# Training helpers subclass transformers' Trainer classes, whose import pulls in the Trainer's dependencies
+# (peft, accelerate: seconds): they load on first use, not with ``import prepack``.
+_LAZY = {"PackedRowSampler": "sampler", "PackedTrainingCallback": "training", "check_packed_training": "training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
