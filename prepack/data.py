@@ -73,7 +73,6 @@ from .packer import (
     Schema,
     check_pool_size,
     log_cuts,
-    log_truncation,
     pack_table,
     pack_with_cuts,
 )
