@@ -52,10 +52,13 @@ __all__ = [
     "Generation",
     "PackStats",
     "PackedBatch",
+    "PackedRowSampler",
+    "PackedTrainingCallback",
     "Plan",
     "PrefillResult",
     "Score",
     "Varlen",
+    "check_packed_training",
     "classify",
     "disable",
     "embed",
@@ -84,3 +87,15 @@ __all__ = [
     "VLLM_FINISH_REASON",
 ]
 __version__ = "0.1.0"
+
+# Training helpers subclass transformers' Trainer classes, whose import pulls in the Trainer's dependencies
+# (peft, accelerate: seconds): they load on first use, not with ``import prepack``.
+_LAZY = {"PackedRowSampler": "sampler", "PackedTrainingCallback": "training", "check_packed_training": "training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

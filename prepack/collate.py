@@ -21,6 +21,12 @@ restarts of ``position_ids`` as sequence boundaries only when the forward has no
 cache (``masking_utils._preprocess_mask_arguments``), and a causal LM makes a
 ``DynamicCache`` whenever ``use_cache`` is on (its config's default), in train
 mode too; with one, the sequences of a row would attend to each other.
+
+That holds only for models whose mask builder reads ``position_ids``: OPT, BioGPT
+and XGLM (and every type ``docs/packed_training_models.md`` marks) mix packed
+sequences on ``sdpa`` / ``eager`` anyway. The collator holds no model, so it
+cannot tell: :func:`prepack.check_packed_training` (or
+:class:`prepack.PackedTrainingCallback` in a ``Trainer``) refuses such a model.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class DataCollatorForPackedRows:
 
     A ``"pt"`` batch carries ``use_cache=False``, so ``model(**batch)`` (what ``Trainer`` and
     ``SFTTrainer`` call) makes no cache and transformers' plain ``sdpa`` / ``eager`` attention keeps the
-    sequences of a row apart through the ``position_ids`` restarts. A ``"np"`` batch carries no
+    sequences of a row apart through the ``position_ids`` restarts, in models whose mask reads them (not
+    OPT, BioGPT or XGLM: check the model with :func:`prepack.check_packed_training`). A ``"np"`` batch carries no
     ``use_cache``: its values stay arrays (plus the ``max_length_q/k`` ints when asked), the form Ray
     Data's ``map_batches`` (which refuses a non-array value) and other numpy consumers take; whoever
     turns it into a model call passes ``use_cache=False`` too (or runs prepack's or flash-attn's varlen

@@ -53,7 +53,6 @@ so ``import prepack`` works without them.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,17 +66,18 @@ from .packer import (
     LEAN_COLUMNS,
     SCALAR_COLUMNS,
     SCHEMAS,
+    Algorithm,
+    Overflow,
     PackOptions,
     ScalarColumns,
     Schema,
     check_pool_size,
     log_cuts,
-    log_truncation,
     pack_table,
     pack_with_cuts,
 )
-from .packing import Overflow
-from .planner import Algorithm, lower_bound_l2
+from .planner import lower_bound_l2
+from .stream import PackedStream
 
 if TYPE_CHECKING:
     import datasets
@@ -257,7 +257,7 @@ def pack_iterable(
     overflow: Overflow = "error",
     pad_id: int | None = None,
     max_per_row: int | None = None,
-) -> Iterator[dict[str, list]]:
+) -> PackedStream:
     """Stream packed rows from any iterable of examples, holding at most ``pool_size`` examples at a time.
 
     Each pool of ``pool_size`` consecutive examples is planned and packed on its
@@ -272,11 +272,12 @@ def pack_iterable(
             the packer's options, see :class:`prepack.packer.PackOptions`.
 
     Returns:
-        An iterator of dicts, one per packed row, with the columns listed in :mod:`prepack.data`;
-        example numbers (``example_ids``, errors) count from 0 across the whole stream.
+        A :class:`prepack.stream.PackedStream`: an iterator of dicts, one per packed row, with the columns
+        listed in :mod:`prepack.data` (example numbers count from 0 across the whole stream), and
+        ``state_dict()`` / ``load_state_dict()`` to resume it exactly where it was, the pool in flight included.
     """
     options = PackOptions(capacity, column, schema, scalar_columns, algorithm, overflow, pad_id, max_per_row)
-    return _stream_rows(examples, options, check_pool_size(pool_size))
+    return PackedStream(examples, options, check_pool_size(pool_size))
 
 
 def pack_iterable_dataset(
@@ -375,18 +376,9 @@ def _pack_map_batch(batch, indices, options: PackOptions):
 
 
 def _stream_rows(examples: Iterable, options: PackOptions, pool_size: int | None) -> Iterator[dict[str, list]]:
-    """The rows of :func:`pack_iterable`: one plan per pool of ``pool_size`` examples (None: the whole stream)."""
-    it = iter(examples)
-    start = cut_examples = cut_tokens = 0
-    while pool := list(itertools.islice(it, pool_size)):
-        table = arrow.to_table(arrow.pool_columns(pool, options.column, start), options.column, first_id=start)
-        ids = np.arange(start, start + len(pool), dtype=np.int64)
-        table, cuts = pack_with_cuts(table, options, example_ids=ids)
-        cut_examples += int(np.count_nonzero(cuts))
-        cut_tokens += int(cuts.sum())
-        start += len(pool)
-        yield from table.to_pylist()
-    log_truncation(cut_examples, start, cut_tokens, options, who="pack_iterable ")
+    """The rows of :func:`pack_iterable` as a generator, for ``IterableDataset.from_generator`` (which resumes it
+    by running it again and skipping the rows it yielded: packing is deterministic, so the rows are the same)."""
+    yield from PackedStream(examples, options, pool_size)
 
 
 def _pack_split(

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from . import arrow, layout
-from .packing import Overflow, check_overflow
-from .planner import ALGORITHMS, Algorithm, check_capacity, plan
+from . import arrow, layout, pieces
+from .packing import OVERFLOWS
+from .planner import ALGORITHMS, check_capacity, plan
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("prepack.data")
 
 Schema = Literal["lean", "full"]
+# The packer's overflow: the planner's, plus TRL's bfd_split ("split": cut into capacity-long pieces, keep all).
+Overflow = Literal["error", "truncate_left", "truncate_right", "split"]
+DATA_OVERFLOWS: tuple[str, ...] = (*OVERFLOWS, "split")
+# The planner's algorithms, plus TRL's "wrapped" (the stream cut every capacity tokens, boundaries kept).
+Algorithm = Literal["bfd", "ffd", "binpacking", "sorted", "none", "wrapped"]
+PACK_ALGORITHMS: tuple[str, ...] = (*ALGORITHMS, "wrapped")
 ScalarColumns = Literal["drop", "keep", "error"]
 SCHEMAS: tuple[str, ...] = ("lean", "full")
 SCALAR_COLUMNS: tuple[str, ...] = ("drop", "keep", "error")
@@ -67,10 +73,17 @@ class PackOptions:
         schema: ``"lean"`` (default) or ``"full"``: the columns listed in :mod:`prepack.data`.
         scalar_columns: what to do with columns that are not lists: ``"drop"`` (default, with a
             warning naming them), ``"keep"`` (one value per sequence, like ``seq_lengths``) or ``"error"``.
-        algorithm: the planner's algorithm, see :func:`prepack.plan`.
+        algorithm: the planner's algorithm, see :func:`prepack.plan`; or ``"wrapped"``: the examples'
+            concatenated stream cut every ``capacity`` tokens (TRL's ``strategy="wrapped"``), each row
+            recording where one example ends and the next begins (``seq_lengths``), so a padding-free
+            batch keeps them apart. ``"wrapped"`` cuts every example it must, so it takes no ``overflow``
+            and no ``max_per_row``.
         overflow: an example longer than ``capacity``: ``"error"`` (default) raises,
-            ``"truncate_left"`` keeps its last ``capacity`` tokens, ``"truncate_right"`` its first.
-            Cuts are logged, and recorded in the ``truncated`` column of the full schema.
+            ``"truncate_left"`` keeps its last ``capacity`` tokens, ``"truncate_right"`` its first
+            (TRL's ``strategy="bfd"``), ``"split"`` cuts it into pieces of ``capacity`` tokens and a
+            shorter rest, each placed as an example of its own, keeping every token (TRL's
+            ``"bfd_split"``; each piece's ``example_ids`` entry is its example). Cuts are logged, and
+            the tokens dropped are recorded in the ``truncated`` column of the full schema.
         pad_id: ``None`` (default) gives padding-free rows of varying length; a token id (>= 0)
             pads every row to ``capacity`` with it (labels -100, position 0, other list columns 0).
         max_per_row: at most this many examples per row (None: no limit).
@@ -96,9 +109,17 @@ class PackOptions:
             raise ValueError(f"schema must be one of {SCHEMAS}, got {self.schema!r}")
         if self.scalar_columns not in SCALAR_COLUMNS:
             raise ValueError(f"scalar_columns must be one of {SCALAR_COLUMNS}, got {self.scalar_columns!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-        check_overflow(self.overflow)
+        if self.algorithm not in PACK_ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(PACK_ALGORITHMS)}")
+        if self.overflow not in DATA_OVERFLOWS:
+            raise ValueError(f"overflow must be one of {', '.join(map(repr, DATA_OVERFLOWS))}, got {self.overflow!r}")
+        if self.algorithm == "wrapped" and self.overflow != "error":
+            raise ValueError(
+                f'algorithm="wrapped" cuts examples at row boundaries itself, so it takes no overflow (got '
+                f"{self.overflow!r}); leave overflow at its default"
+            )
+        if self.algorithm == "wrapped" and self.max_per_row is not None:
+            raise ValueError('algorithm="wrapped" fills every row to capacity, so it takes no max_per_row')
         if self.pad_id is not None and (not _is_int(self.pad_id) or self.pad_id < 0):
             raise ValueError(f"pad_id must be a token id (an integer >= 0) or None, got {self.pad_id!r}")
         if self.max_per_row is not None and (not _is_int(self.max_per_row) or self.max_per_row < 1):
@@ -181,14 +202,16 @@ def pack_with_cuts(
         raise ValueError(f"example_ids has {len(ids)} entries for {table.num_rows} examples")
     lengths, flat, scalar_cols = _read_columns(table, ids, options)
     lengths, flat, cuts = _truncate(lengths, flat, ids, options)
-    order, row_counts = _plan_pools(lengths, options, pool_size)
+    # pieces (P,) in the examples' flat buffer, each with its example in `source` (P = N unless cut)
+    order, row_counts, lengths, source = _plan_pools(lengths, options, pool_size)
     columns = _packed_columns(flat, lengths, order, row_counts, options)
+    example = source[order]  # (P,) each placed piece's example
     if options.schema == "full":
         row_ptr = layout.starts(np.append(row_counts, 0))
-        columns["example_ids"] = arrow.list_array(row_ptr, ids[order])
-        columns["truncated"] = arrow.list_array(row_ptr, cuts[order].astype(np.int32))
+        columns["example_ids"] = arrow.list_array(row_ptr, ids[example])
+        columns["truncated"] = arrow.list_array(row_ptr, cuts[example].astype(np.int32))
     if scalar_cols:
-        taken = pa.array(order)
+        taken = pa.array(example)
         row_ptr = layout.starts(np.append(row_counts, 0))
         for name in scalar_cols:  # one value per sequence, in row order
             col = table.column(name).take(taken)
@@ -260,8 +283,8 @@ def _truncate(lengths: np.ndarray, flat: dict[str, np.ndarray], ids: np.ndarray,
     """Apply ``overflow``: (lengths (N,), flat values, cuts (N,) int64, the tokens cut from each example)."""
     C = options.capacity
     cuts = np.maximum(lengths - C, 0)
-    if not cuts.any():
-        return lengths, flat, cuts
+    if not cuts.any() or options.overflow == "split" or options.algorithm == "wrapped":
+        return lengths, flat, np.zeros_like(lengths)  # split and wrapped cut examples into pieces, keeping every token
     if options.overflow == "error":
         layout.check_fits(
             lengths, C, what="example", ids=ids,
@@ -275,21 +298,38 @@ def _truncate(lengths: np.ndarray, flat: dict[str, np.ndarray], ids: np.ndarray,
     return lengths - cuts, {name: v[keep] for name, v in flat.items()}, cuts
 
 
-def _plan_pools(lengths: np.ndarray, options: PackOptions, pool_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Plan each pool of ``pool_size`` consecutive examples on its own; rows of later pools come after.
+def _plan_pools(lengths: np.ndarray, options: PackOptions, pool_size: int | None):
+    """Cut (``overflow="split"``, ``"wrapped"``) and plan each pool of ``pool_size`` consecutive examples on its
+    own; rows of later pools come after.
+
+    Args:
+        lengths: (N,) int64, the examples' lengths (after truncation).
 
     Returns:
-        order: (N,) int64, example indices in packed order (row by row).
-        row_counts: (R,) int64, examples in each row.
+        order: (P,) int64, piece indices in packed order (row by row).
+        row_counts: (R,) int64, pieces in each row.
+        pieces: (P,) int64, the pieces' lengths, back to back in the examples' flat buffer (the examples
+            themselves when nothing is cut).
+        source: (P,) int64, each piece's example.
     """
-    n = len(lengths)
+    n, C = len(lengths), options.capacity
     pool = n if pool_size is None else pool_size
-    orders, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    parts: list[tuple] = [(np.zeros(0, np.int64),) * 4]
+    done = 0  # pieces of earlier pools
     for s in range(0, n, max(pool, 1)):
-        p = plan(lengths[s : s + pool], options.capacity, algorithm=options.algorithm, max_per_row=options.max_per_row)
-        orders.append(p.order + s)
-        counts.append(p.row_counts)
-    return np.concatenate(orders), np.concatenate(counts)
+        pool_lengths = lengths[s : s + pool]
+        if options.algorithm == "wrapped":
+            cut, source, row_counts = pieces.wrap(pool_lengths, C)
+            order = np.arange(len(cut), dtype=np.int64)
+        else:
+            cut, source = (pieces.split(pool_lengths, C) if options.overflow == "split"
+                           else (pool_lengths, np.arange(len(pool_lengths), dtype=np.int64)))
+            p = plan(cut, C, algorithm=options.algorithm, max_per_row=options.max_per_row)
+            order, row_counts = p.order, p.row_counts
+        parts.append((order + done, row_counts, cut, source + s))
+        done += len(cut)
+    order, row_counts, cut, source = (np.concatenate(x).astype(np.int64) for x in zip(*parts))
+    return order, row_counts, cut, source
 
 
 def _packed_columns(flat, lengths, order, row_counts, options: PackOptions) -> dict[str, Any]:

@@ -40,9 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .packer import PackOptions, ScalarColumns, Schema, check_pool_size, log_cuts, pack_with_cuts
-from .packing import Overflow
-from .planner import Algorithm
+from .packer import Algorithm, Overflow, PackOptions, ScalarColumns, Schema, check_pool_size, log_cuts, pack_with_cuts
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -35,6 +35,7 @@ MARK = re.compile(r"^<!--\s*not run\b:?\s*(.*?)\s*-->\s*$")
 # (file, first line of code) of every block marked not run; the reason is in the markdown.
 NOT_RUN = {
     ("docs/data_pipeline.md", "import ray"),  # a Ray cluster, S3 and a CUDA GPU
+    ("docs/data_pipeline.md", "class PackedTrainer(Trainer):"),  # torchrun; examples/packed_sft_multirank.py runs it
     ("docs/scoring.md", "prepack.forward_at(model, sequences, positions=\"last\" | \"all\" | [(start, end), ...],"),
     ("docs/api.md", "vision_collate = prepack.DataCollatorForPackedVisionRows(vlm)   # vlm: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA"),
     ("docs/api.md", "import ray"),  # starts Ray (tests/test_ray_data.py runs both stages)

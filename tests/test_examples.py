@@ -81,3 +81,35 @@ def test_benchmark_padded_vs_packed_writes_the_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 2 | prefill | prepack |" in out
     assert "batch 2, prefill: padded (sdpa) " in out and "after 1 warm-up round, methods interleaved" in out
+
+
+def _torchrun(script_args, cwd):
+    """``torchrun --nproc_per_node 2 examples/packed_sft_multirank.py ...``: the (step, loss) lines rank 0 prints."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(EXAMPLES.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(EXAMPLES / "packed_sft_multirank.py"), *script_args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '{"step"' in line]
+    return {d["step"]: d["loss"] for d in lines}
+
+
+def test_multirank_packed_sft_resumes_from_a_checkpoint_with_the_uninterrupted_losses(tmp_path):
+    import shutil
+
+    whole = _torchrun(["--output-dir", str(tmp_path / "a"), "--max-steps", "4"], tmp_path)
+    assert sorted(whole) == [1, 2, 3, 4]
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = _torchrun(["--output-dir", str(tmp_path / "b"), "--max-steps", "4", "--resume"], tmp_path)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - whole[step]) <= 1e-6 * abs(whole[step]), (step, resumed[step], whole[step])
