@@ -22,7 +22,7 @@ from .decoding import Rules
 from .engine import Completion, EngineStats, decode as _decode
 from .hf import attention_needs, model_device
 from .inputs import check_prompts, is_prompt_batch
-from .wrapped import check_can_generate
+from .wrapped import check_can_generate, check_mode
 
 _BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds", "position_ids")
 _SHOW_PROGRESS_OVER = 256  # prompts; a bar by default for calls longer than this
@@ -112,6 +112,9 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
             f"generate takes a list of prompts, got {type(sequences).__name__}; for an iterator or another iterable "
             "of prompts use prepack.generate_iter"
         )
+    for key in ("order", "total"):
+        if key in kwargs:
+            raise ValueError(f"{key}= is an option of prepack.generate_iter; prepack.generate returns every result at once, in input order")
     stats = EngineStats()
     results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
     name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
@@ -147,6 +150,7 @@ def _run(
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
     check_can_generate(model)
+    check_mode(model)  # as prefill and score: refused in train mode with active dropout (and at any step it is set)
     if decode and return_logprobs:
         raise ValueError("pass decode=True or return_logprobs=True, not both (decode Completion.tokens yourself)")
     for key in _BUILT_HERE:
