@@ -186,3 +186,26 @@ def test_argument_values_generate_would_not_take_are_refused_naming_the_argument
 def test_generate_refuses_order_naming_generate_iter():
     with pytest.raises(ValueError, match=r"order= is an option of prepack.generate_iter"):
         prepack.generate(build("llama"), prompts([5]), max_new_tokens=2, order="completion", **GREEDY)
+
+
+def reward_model(pad_token_id=2):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(**COMMON, num_labels=1, pad_token_id=pad_token_id)).eval()
+
+
+def own_forward(model, seqs) -> torch.Tensor:
+    """The oracle: the classifier's own forward on each sequence alone, its own head choosing the token."""
+    with torch.no_grad():
+        return torch.cat([model(s[None]).logits for s in seqs])
+
+
+def test_classify_scores_the_last_token_that_is_not_the_pad_id_as_the_models_own_head():
+    """pad = EOS (id 2), as in many Llama-style reward models: a prompt ending in EOS is scored before its EOS run."""
+    model = reward_model(pad_token_id=2)
+    eos = torch.tensor([2])
+    seqs = [torch.cat([s, eos]) for s in prompts([5, 9])] + [torch.cat([s, eos, eos]) for s in prompts([4], seed=1)] + prompts([7])
+    got = prepack.classify(model, seqs)
+    assert (got - own_forward(model, seqs)).abs().max() <= 1e-4
+
