@@ -8,7 +8,8 @@ types routed through prepack:
   the choices of a question is prefilled once), with ``hf``'s left truncation;
 * ``loglikelihood_rolling`` -> :func:`prepack.score_rolling`, lm-eval's windows;
 * ``generate_until`` -> :func:`prepack.generate` (prepack's decode engine, each
-  request as if alone, stopping at lm-eval's stop sequences as stop strings).
+  request as if alone, stopping where ``hf``'s own stop-sequence check on its
+  generated tokens stops it).
 
 Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, same
 greedy flags and generations), so the metrics are too.
@@ -32,10 +33,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 try:
     from lm_eval.api.registry import model_registry
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils_hf import MultiTokenEOSCriteria
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("prepack.lm_eval needs lm-evaluation-harness: pip install 'prepack[lm_eval]'") from e
 
@@ -121,10 +124,12 @@ class PrepackLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         prompts = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]
         # every request as if alone: hf's max_length counts the padded context, so each request gets the same
-        # number of new tokens instead; its stop strings stop it (lm-eval cuts the text at them afterwards)
+        # number of new tokens instead. Its stop sequences are hf's own check, on its generated tokens only (a stop
+        # sequence that starts in the context does not stop it); lm-eval cuts the text at them afterwards
+        criteria = StoppingCriteriaList([GeneratedStop(s, self.tokenizer) for s in stop])
         new = generate(
             self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget,
-            max_new_tokens=max_length - context.shape[1], stop_strings=list(stop) or None, tokenizer=self.tokenizer,
+            max_new_tokens=max_length - context.shape[1], stopping_criteria=criteria, tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
         )
         width = max((len(x) for x in new), default=0)
@@ -133,6 +138,28 @@ class PrepackLM(HFLM):
         for i, tokens in enumerate(new):
             out[i, context.shape[1] : context.shape[1] + len(tokens)] = tokens
         return out
+
+
+class GeneratedStop(StoppingCriteria):
+    """lm-eval's ``hf`` stop-sequence check (its ``MultiTokenEOSCriteria``) for one request of prepack's engine.
+
+    ``hf`` checks the decoded last tokens of each row's generated part, past the padded context; here a request's
+    ids are its own prompt and new tokens, so the generated part starts where the first call's ids end but one
+    (the engine calls a request's criteria after each new token, on its own copy of them).
+    """
+
+    def __init__(self, sequence: str, tokenizer):
+        self.sequence, self.tokenizer = sequence, tokenizer
+        self.check = MultiTokenEOSCriteria(sequence, tokenizer, initial_decoder_input_length=0, batch_size=1)
+        self.started = False
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> bool:
+        if not self.started:  # (1, L): the prompt and the first new token
+            self.check.initial_decoder_input_length, self.started = input_ids.shape[1] - 1, True
+        return self.check(input_ids, scores)
+
+    def __deepcopy__(self, memo):  # a fresh check per request; the tokenizer is read-only and shared
+        return GeneratedStop(self.sequence, self.tokenizer)
 
 
 register()

@@ -209,3 +209,33 @@ def test_classify_scores_the_last_token_that_is_not_the_pad_id_as_the_models_own
     got = prepack.classify(model, seqs)
     assert (got - own_forward(model, seqs)).abs().max() <= 1e-4
 
+
+
+def test_lm_eval_generate_until_ignores_a_stop_sequence_that_starts_in_the_context_as_hf_does():
+    """Contexts end in "\\n", the stop sequence is "\\n\\n", and the model is nudged towards "\\n": hf checks only the
+    generated text, so a first "\\n" does not stop it; the oracle is lm-eval's own hf model."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from prepack.lm_eval import PrepackLM
+
+    from .lm_eval_oracle import hflm
+    from .models import build_llama_vocab, byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.eos_token = "[PAD]"
+    model = build_llama_vocab(len(tok))
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+
+    def nudge(module, args, logits):
+        logits = logits.clone()
+        logits[..., newline] += 0.3
+        return logits
+
+    model.lm_head.register_forward_hook(nudge)
+    contexts = ["the quick brown fox\n", "hello world\n", "the lazy dog\n", "how are you\n", "fox jumps over\n", "today\n"]
+    requests = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": False}), i)
+                for i, c in enumerate(contexts)]
+    want = hflm(model, tokenizer=tok).generate_until(requests, disable_tqdm=True)
+    assert any(w.startswith("\n") for w in want)  # the case in question occurs
+    assert PrepackLM(pretrained=model, tokenizer=tok, batch_size=4).generate_until(requests, disable_tqdm=True) == want
