@@ -11,8 +11,9 @@ types routed through prepack:
   request as if alone, stopping where ``hf``'s own stop-sequence check on its
   generated tokens stops it).
 
-Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, same
-greedy flags and generations), so the metrics are too.
+Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, summed
+in the dtype ``hf`` sums them in; same greedy flags and generations), so the
+metrics are too.
 
 lm-eval 0.4 finds models in a registry filled when lm-eval imports its own
 modules; it has no plugin entry point, so the plain ``lm_eval`` command does not
@@ -24,7 +25,10 @@ know ``prepack``. Importing this module registers it, and running it is the
 
 Model args beyond ``hf``'s: ``token_budget`` (tokens per packed forward, default
 8192 or the context window if larger), ``attn_backend`` (prepack's attention
-backend, default ``auto``) and ``share_contexts`` (default true). ``batch_size``
+backend, default ``auto``), ``share_contexts`` (default true) and ``sum_dtype``
+(default: sum each request's token log-probabilities in the logits' dtype, as
+``hf`` does, so a bf16 model's sums are bf16-rounded as ``hf``'s are;
+``sum_dtype=float64`` sums the same per-token values exactly). ``batch_size``
 is accepted and ignored: packing sizes the batches.
 """
 
@@ -68,6 +72,7 @@ class PrepackLM(HFLM):
         token_budget: int | None = None,
         attn_backend: str = "auto",
         share_contexts: bool = True,
+        sum_dtype: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
@@ -80,6 +85,9 @@ class PrepackLM(HFLM):
         self.token_budget = int(token_budget) if token_budget is not None else max(DEFAULT_TOKEN_BUDGET, self.max_length)
         self.attn_backend = attn_backend
         self.share_contexts = share_contexts if isinstance(share_contexts, bool) else str(share_contexts).lower() == "true"
+        if sum_dtype not in (None, "float64", torch.float64):
+            raise ValueError(f"lm-eval model 'prepack' takes sum_dtype=float64 (or none: hf's sum), got {sum_dtype!r}")
+        self.sum_dtype = None if sum_dtype is None else torch.float64
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """``[(cache_key, context_ids, continuation_ids), ...]`` -> ``[(logprob, is_greedy), ...]``, as ``hf``."""
@@ -92,6 +100,7 @@ class PrepackLM(HFLM):
         scores = score(
             self.model, [(c, t) for _, c, t in requests], max_length=self.max_length, truncate="left",
             share_contexts=self.share_contexts, backend=self.attn_backend, token_budget=self.token_budget,
+            sum_dtype=self.sum_dtype,
         )
         out = []
         for (key, _, _), s in zip(requests, scores):
@@ -106,7 +115,7 @@ class PrepackLM(HFLM):
         documents = [self.tok_encode(req.args[0]) for req in requests]
         out = score_rolling(
             self.model, documents, prefix_token_id=self.prefix_token_id, max_length=self.max_length,
-            backend=self.attn_backend, token_budget=self.token_budget,
+            backend=self.attn_backend, token_budget=self.token_budget, sum_dtype=self.sum_dtype,
         )
         for req, ll in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, ll)

@@ -239,3 +239,44 @@ def test_lm_eval_generate_until_ignores_a_stop_sequence_that_starts_in_the_conte
     want = hflm(model, tokenizer=tok).generate_until(requests, disable_tqdm=True)
     assert any(w.startswith("\n") for w in want)  # the case in question occurs
     assert PrepackLM(pretrained=model, tokenizer=tok, batch_size=4).generate_until(requests, disable_tqdm=True) == want
+
+
+def bf16_requests():
+    g = torch.Generator().manual_seed(0)
+    reqs = []
+    for _ in range(6):
+        ctx = torch.randint(3, 128, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+        reqs.append((None, ctx, torch.randint(3, 128, (40,), generator=g).tolist()))  # sums near -195: bf16 steps of 1
+    reqs.append((None, reqs[0][1], torch.randint(3, 128, (30,), generator=g).tolist()))  # a shared context
+    return reqs
+
+
+def test_lm_eval_in_bf16_sums_log_likelihoods_as_hf_does():
+    pytest.importorskip("lm_eval")
+    from prepack.lm_eval import PrepackLM
+
+    from .lm_eval_oracle import hflm
+
+    model, reqs = build("llama").to(torch.bfloat16), bf16_requests()
+    hf = hflm(model, batch_size=4)
+    want = hf._loglikelihood_tokens(reqs)
+    got = PrepackLM(pretrained=model, tokenizer=hf.tokenizer)._loglikelihood_tokens(reqs)
+    assert [lp for lp, _ in got] == [lp for lp, _ in want]
+
+
+def test_lm_eval_sum_dtype_float64_sums_each_requests_own_token_log_probs_exactly():
+    pytest.importorskip("lm_eval")
+    from prepack.lm_eval import PrepackLM
+
+    from .lm_eval_oracle import word_tokenizer
+
+    model, reqs = build("llama").to(torch.bfloat16), bf16_requests()
+    want = []
+    with torch.no_grad():
+        for _, ctx, cont in reqs:  # the plain model on the request alone, its bf16 log-probs summed in float64
+            logits = model(torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1 :]
+            want.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).double().sum().item())
+    got = PrepackLM(pretrained=model, tokenizer=word_tokenizer(), sum_dtype="float64")._loglikelihood_tokens(reqs)
+    # within two bf16 steps of one token's log-prob (0.03 near -5): the packed bf16 forward rounds a few values
+    # differently from the one-request forward; the bf16-rounded sums differ by up to 0.44 here
+    assert np.abs(np.array([lp for lp, _ in got]) - want).max() <= 0.07
