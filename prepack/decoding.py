@@ -153,7 +153,12 @@ class Rules:
     def max_length_of(self, n: int, index: int) -> int:
         """Prompt + new tokens at which prompt ``index`` (``n`` tokens) stops at the latest, for checks before it runs."""
         new = self.max_new[index] if self.max_new is not None and index < len(self.max_new) else self.config.max_new_tokens
-        return n + new if new is not None else self.config.max_length
+        if new is not None:
+            return n + new
+        if self.default_max:  # _prepare_generated_length's default: max_length new tokens, within the positions
+            most = getattr(self.model.config, "max_position_embeddings", None)
+            return self.config.max_length + n if most is None else min(self.config.max_length + n, most)
+        return self.config.max_length
 
     def for_request(self, prompt: torch.Tensor, device, *, index: int = 0, request: int | None = None,
                     quiet: bool = False) -> RequestRules:

@@ -433,7 +433,9 @@ def _budget(value, name: str, default: int) -> int:
 def position_limit(model) -> int | None:
     """Positions a learned absolute position table holds (GPT-2's ``wpe``, OPT's ``embed_positions``), or None
     for a model without one (RoPE, ALiBi, sinusoidal: ``model.generate`` runs past ``max_position_embeddings``)."""
-    for name, m in unwrap(model).named_modules():
+    base = unwrap(model)
+    decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else None
+    for name, m in (decoder if isinstance(decoder, torch.nn.Module) else base).named_modules():  # not a vision tower's
         if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings"):
             return m.num_embeddings - int(getattr(m, "offset", 0) or 0)  # OPT's table starts at offset 2
     return None

@@ -147,6 +147,11 @@ def _run(
     decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
     stats=None, processor=None, share_prefixes: bool = True, **generate_kwargs,
 ) -> Iterator:
+    for name, value in (("decode", decode), ("return_logprobs", return_logprobs), ("share_prefixes", share_prefixes)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress must be True, False or None, got {progress!r}")
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
     check_can_generate(model)

@@ -106,6 +106,12 @@ def test_a_bad_max_batch_is_refused_naming_it(entry, value):
         list(getattr(prepack, entry)(model, seqs, max_new_tokens=2, max_batch=value, **GREEDY))
 
 
+@pytest.mark.parametrize("option", ["decode", "return_logprobs", "share_prefixes", "progress"])
+def test_a_flag_that_is_not_a_bool_is_refused_naming_it(option):
+    with pytest.raises(ValueError, match=rf"{option} must be True"):
+        prepack.generate(build("llama"), prompts([5]), max_new_tokens=2, **{option: "yes"}, **GREEDY)
+
+
 def test_max_time_counts_from_a_requests_admission_not_from_its_queueing():
     """Alone each request takes about 6 * 0.03 s; queued one at a time, the last waits over 1.5 s before it starts."""
     from transformers import LogitsProcessorList
@@ -145,7 +151,9 @@ def test_train_mode_set_while_generate_iter_is_paused_is_refused_at_the_next_ste
 
 def gpt2(n_positions: int = 32):
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=n_positions)).eval()
+    return GPT2LMHeadModel(GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=n_positions, bos_token_id=1, eos_token_id=2,
+    )).eval()
 
 
 def test_a_request_past_gpt2s_position_table_is_refused_before_any_request_runs():
@@ -280,3 +288,19 @@ def test_lm_eval_sum_dtype_float64_sums_each_requests_own_token_log_probs_exactl
     # within two bf16 steps of one token's log-prob (0.03 near -5): the packed bf16 forward rounds a few values
     # differently from the one-request forward; the bf16-rounded sums differ by up to 0.44 here
     assert np.abs(np.array([lp for lp, _ in got]) - want).max() <= 0.07
+
+
+def test_a_list_whose_request_exceeds_kv_budget_is_refused_before_any_request_runs():
+    calls = []
+
+    class Count(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            calls.append(1)
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    with pytest.raises(ValueError, match=r"request 2 needs 24 tokens \(20 prompt, at most 5 new\) but kv_budget is 16"):
+        prepack.generate(build("llama"), prompts([4, 6, 20]), max_new_tokens=5, kv_budget=16, max_batch=1,
+                         logits_processor=LogitsProcessorList([Count()]), **GREEDY)
+    assert calls == []  # nothing decoded, so nothing was computed and lost
