@@ -57,7 +57,8 @@ def generate(
             model whose rotary frequencies depend on the length).
         kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
             its most new tokens); memory follows the keys actually cached.
-        max_batch: most requests decoding at once (None: as the budgets allow).
+        max_batch: most requests decoding at once (None: as the budgets allow). Budgets, ``max_batch``,
+            ``seed`` and lengths are integers (Python, numpy or 0-d tensors); anything else is refused.
         tokenizer: tokenizes string or chat prompts; decodes with ``decode``; stop strings use it.
         decode: return strings (``tokenizer.decode`` of the new tokens, special tokens skipped).
         return_logprobs: return :class:`~prepack.engine.Completion` objects: ``.tokens``,
@@ -77,7 +78,14 @@ def generate(
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
             ``num_return_sequences``, ``generation_config``, ``logits_processor``, ``stopping_criteria``,
             ``use_cache`` (any value: the tokens are the same) .... Beam search, assisted decoding,
-            streamers and score outputs are refused.
+            streamers and score outputs are refused. Each request gets its own deep copy of
+            ``logits_processor`` and ``stopping_criteria`` (their state is its own, as in its own
+            ``model.generate`` call); ``prefix_allowed_tokens_fn`` gets the request's index as its batch id
+            (``p * G + g``); ``max_time`` counts from the request's admission, not from the call.
+
+    A model in train mode with active dropout is refused, as by every entry point (also when set between
+    steps of a paused :func:`generate_iter`). When ``sequences`` is a list, every request's limits
+    (``kv_budget``, a learned position table such as GPT-2's) are checked before any request runs.
 
     Returns:
         N * G results (G = ``num_return_sequences``), prompt-major: 1-D int64 tensors of new tokens

@@ -183,9 +183,13 @@ def test_integer_scalars_generate_accepts_are_accepted(kwargs):
     (dict(max_new_tokens=[5.7, 5]), r"max_new_tokens\[0\] must be a positive integer, got 5.7"),
     (dict(max_new_tokens=[5, 0]), r"max_new_tokens\[1\] must be a positive integer, got 0"),
     (dict(max_new_tokens=[[5], [5]]), r"max_new_tokens\[0\] must be a positive integer"),
+    (dict(max_new_tokens=5.7), r"max_new_tokens must be a positive integer, got 5.7"),
+    (dict(max_new_tokens="5"), r"max_new_tokens must be a positive integer, got '5'"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be a positive integer, got True"),
+    (dict(max_new_tokens=5, min_new_tokens=1.5), r"min_new_tokens must be an integer, got 1.5"),
     (dict(max_new_tokens=5, seed=1.5), r"seed must be an integer, got 1.5"),
     (dict(max_new_tokens=5, seed="3"), r"seed must be an integer, got '3'"),
-], ids=["float_in_list", "zero_in_list", "nested", "float_seed", "str_seed"])
+], ids=["float_in_list", "zero_in_list", "nested", "float", "str", "bool", "float_min_new", "float_seed", "str_seed"])
 def test_argument_values_generate_would_not_take_are_refused_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         prepack.generate(build("llama"), prompts([5, 9]), **kwargs, **GREEDY)
