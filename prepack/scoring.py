@@ -328,12 +328,13 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
 def _per_request(values: torch.Tensor, span_len: np.ndarray, sum_dtype: torch.dtype | None = None, first=None):
     """(K, 2) per-token [log p, is argmax], request after request -> per-request sum of log p and all() of argmax.
 
-    ``sum_dtype``: float64 sums exactly; another dtype (the logits', None: float32) sums as torch sums a tensor
-    of it (accumulated in float32, then rounded to it), as lm-eval's ``hf`` model sums. ``first``: (N,) float64
-    log-probs to add into each request's sum (a shared context's first continuation token), or None.
+    ``sum_dtype``: each sum is rounded to it at the end (None: float64), as torch's sum of a tensor of that dtype
+    rounds its wider accumulator (lm-eval's ``hf`` model sums a bf16 model's log-probs in bf16). The sum itself
+    runs in float64, the closest to any order a kernel adds in. ``first``: (N,) float64 log-probs to add into each
+    request's sum (a shared context's first continuation token), or None.
     """
     n = len(span_len)
-    acc = torch.float64 if sum_dtype == torch.float64 else torch.float32
+    acc = torch.float64
     lp = torch.zeros(n, dtype=acc, device=values.device)
     hits = np.zeros(n)
     if values.numel():  # else nothing after the first token
