@@ -126,15 +126,13 @@ class Rules:
         ) and model.generation_config.min_length is None
         self.max_new = None  # per-prompt max_new_tokens, when a sequence is given
         given = kwargs.get("max_new_tokens")
-        if isinstance(given, (np.ndarray, torch.Tensor)) and given.ndim == 0:  # a 0-d integer, as generate takes
-            kwargs["max_new_tokens"] = positive_integer(given, "max_new_tokens")
-        elif given is not None and not isinstance(given, (list, tuple, np.ndarray, torch.Tensor)):
-            kwargs["max_new_tokens"] = positive_integer(given, "max_new_tokens")  # 5.7 or True: refused, not rounded
-        elif isinstance(given, (list, tuple, np.ndarray, torch.Tensor)):
+        if isinstance(given, (list, tuple)) or isinstance(given, (np.ndarray, torch.Tensor)) and given.ndim > 0:
             if not len(given):
                 raise ValueError("max_new_tokens must hold one integer >= 1 per prompt, got an empty sequence")
             self.max_new = [positive_integer(n, f"max_new_tokens[{i}]") for i, n in enumerate(given)]
             kwargs["max_new_tokens"] = max(self.max_new)  # checked by transformers; each prompt's is set per request
+        elif given is not None:  # an integer, 0-d arrays and tensors included; 5.7 or True refused, never rounded
+            kwargs["max_new_tokens"] = positive_integer(given, "max_new_tokens")
         for key in ("max_length", "min_length", "min_new_tokens"):  # lengths, as integers (min_* may be 0)
             if kwargs.get(key) is not None:
                 kwargs[key] = positive_integer(kwargs[key], key) if key == "max_length" else integer(kwargs[key], key)
