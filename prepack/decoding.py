@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import logging
 import threading
 import warnings
@@ -63,6 +64,29 @@ _RULE_LOGGERS = (
 _BUILDER_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
 
 
+def integer(value, name: str) -> int:
+    """``value`` as an int when it is one: a Python, numpy or 0-d tensor/array integer (not a bool), as
+    ``model.generate`` takes; else a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex):
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def positive_integer(value, name: str) -> int:
+    """:func:`integer`, refused below 1."""
+    try:
+        n = integer(value, name)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
 @dataclass
 class RequestRules:
     """How one request decodes and stops, as ``model.generate`` would for its prompt alone.
@@ -74,6 +98,8 @@ class RequestRules:
         criteria: the stopping criteria other than max length and EOS (stop strings, max time, custom).
         do_sample: multinomial sampling (else greedy argmax).
         temperature: what the chosen token's log-probability divides the logits by.
+        clocks: the ``MaxTimeCriteria`` that ``max_time`` built, whose clock the engine starts when it
+            admits the request (alone, its ``model.generate`` call would start then).
     """
 
     max_length: int
@@ -82,6 +108,7 @@ class RequestRules:
     criteria: object
     do_sample: bool
     temperature: float
+    clocks: tuple = ()
 
 
 class Rules:
@@ -118,11 +145,17 @@ class Rules:
             generation_config is None or generation_config.min_length is None
         ) and model.generation_config.min_length is None
         self.max_new = None  # per-prompt max_new_tokens, when a sequence is given
-        if isinstance(kwargs.get("max_new_tokens"), (list, tuple, np.ndarray, torch.Tensor)):
-            self.max_new = [int(n) for n in kwargs["max_new_tokens"]]
-            if not self.max_new or min(self.max_new) < 1:
-                raise ValueError(f"max_new_tokens must hold one integer >= 1 per prompt, got {kwargs['max_new_tokens']!r}")
+        given = kwargs.get("max_new_tokens")
+        if isinstance(given, (list, tuple)) or isinstance(given, (np.ndarray, torch.Tensor)) and given.ndim > 0:
+            if not len(given):
+                raise ValueError("max_new_tokens must hold one integer >= 1 per prompt, got an empty sequence")
+            self.max_new = [positive_integer(n, f"max_new_tokens[{i}]") for i, n in enumerate(given)]
             kwargs["max_new_tokens"] = max(self.max_new)  # checked by transformers; each prompt's is set per request
+        elif given is not None:  # an integer, 0-d arrays and tensors included; 5.7 or True refused, never rounded
+            kwargs["max_new_tokens"] = positive_integer(given, "max_new_tokens")
+        for key in ("max_length", "min_length", "min_new_tokens"):  # lengths, as integers (min_* may be 0)
+            if kwargs.get(key) is not None:
+                kwargs[key] = positive_integer(kwargs[key], key) if key == "max_length" else integer(kwargs[key], key)
         config, unused = model._prepare_generation_config(generation_config, **kwargs)
         if unused:
             raise ValueError(unknown_keywords(sorted(unused), valid=[*config.to_dict(), *_BUILDER_KWARGS, *CALL_OPTIONS]))
@@ -137,9 +170,30 @@ class Rules:
         config.num_return_sequences = 1  # each sample is a request of its own
         self.config = config
 
-    def for_request(self, prompt: torch.Tensor, device, *, index: int = 0, quiet: bool = False) -> RequestRules:
-        """The rules of prompt ``index``, ``prompt`` ((L,) int64), built as ``generate`` builds them for it alone."""
-        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+    def max_length_of(self, n: int, index: int) -> int:
+        """Prompt + new tokens at which prompt ``index`` (``n`` tokens) stops at the latest, for checks before it runs."""
+        new = self.max_new[index] if self.max_new is not None and index < len(self.max_new) else self.config.max_new_tokens
+        if new is not None:
+            return n + new
+        if self.default_max:  # _prepare_generated_length's default: max_length new tokens, within the positions
+            most = getattr(self.model.config, "max_position_embeddings", None)
+            return self.config.max_length + n if most is None else min(self.config.max_length + n, most)
+        return self.config.max_length
+
+    def for_request(self, prompt: torch.Tensor, device, *, index: int = 0, request: int | None = None,
+                    quiet: bool = False) -> RequestRules:
+        """The rules of prompt ``index``, ``prompt`` ((L,) int64), built as ``generate`` builds them for it alone.
+
+        The request gets its own deep copy of the caller's ``logits_processor`` and ``stopping_criteria``
+        (they may keep state, as one ``model.generate`` call per prompt would let them), and
+        ``prefix_allowed_tokens_fn`` receives ``request`` (default ``index``) as its batch id: the row
+        ``model.generate`` gives that request in a batch of all the prompts (prompt-major, ``p * G + g``
+        with ``num_return_sequences=G``), which for one prompt alone is the row it gets alone.
+        """
+        from transformers import LogitsProcessorList
+        from transformers.generation.stopping_criteria import (
+            EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, StoppingCriteriaList,
+        )
 
         model, n = self.model, int(prompt.shape[0])
         config = copy.deepcopy(self.config)
@@ -156,12 +210,17 @@ class Rules:
             # and transformers' advice to pass an attention mask (for padded batches; prepack pads nothing) stays out
             model._prepare_special_tokens(config, None, device=device, batch_size=1)
             ids = prompt[None].to(device)
+            allowed = self.builders["prefix_allowed_tokens_fn"]
+            if allowed is not None:  # each request decodes as one row: give the fn the request's own batch id
+                batch_id = index if request is None else request
+                allowed = functools.partial(_with_batch_id, allowed, batch_id)
+            mine = _own_copies(self.builders["stopping_criteria"], "stopping_criteria", StoppingCriteriaList)
             processors = model._get_logits_processor(
                 generation_config=config, input_ids_seq_length=n, encoder_input_ids=ids,
-                prefix_allowed_tokens_fn=self.builders["prefix_allowed_tokens_fn"],
-                logits_processor=self.builders["logits_processor"], device=device, model_kwargs={},
+                prefix_allowed_tokens_fn=allowed, device=device, model_kwargs={},
+                logits_processor=_own_copies(self.builders["logits_processor"], "logits_processor", LogitsProcessorList),
             )
-            criteria = model._get_stopping_criteria(config, self.builders["stopping_criteria"], self.tokenizer)
+            criteria = model._get_stopping_criteria(config, mine, self.tokenizer)
         max_length, eos, other = None, frozenset(), StoppingCriteriaList()
         for c in criteria:
             if type(c) is MaxLengthCriteria:
@@ -172,9 +231,12 @@ class Rules:
                 other.append(c)
         if max_length is None:
             raise ValueError("prepack.generate needs a length limit (max_new_tokens or max_length)")
+        # max_time's clock (built by transformers here, not one of the caller's own criteria) starts at admission
+        clocks = tuple(c for c in other if type(c) is MaxTimeCriteria and not any(c is m for m in mine))
         return RequestRules(
             max_length=int(max_length), eos=eos, processors=processors, criteria=other,
             do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0) if config.do_sample else 1.0,
+            clocks=clocks,
         )
 
 
@@ -209,3 +271,22 @@ def unknown_keywords(names: list[str], valid) -> str:
         f"prepack.generate does not take {', '.join(parts)}: not a generation option of model.generate "
         "(GenerationConfig) nor an argument of prepack.generate"
     )
+
+
+def _with_batch_id(fn, batch_id: int, _row: int, ids: torch.Tensor):
+    return fn(batch_id, ids)
+
+
+def _own_copies(objects, name: str, kind):
+    """A deep copy of each of the caller's processors or criteria, for one request; one that cannot be copied is refused."""
+    out = kind()
+    for k, obj in enumerate(objects):
+        try:
+            out.append(copy.deepcopy(obj))
+        except Exception as e:  # noqa: BLE001 - whatever deepcopy raises, the caller gets the object's name
+            raise ValueError(
+                f"{name}[{k}] ({type(obj).__name__}) cannot be copied ({type(e).__name__}: {e}); prepack gives every "
+                "request its own copy, as its own model.generate call would have one: make it copyable with "
+                "copy.deepcopy (e.g. a __deepcopy__ that shares what is read-only)"
+            ) from e
+    return out

@@ -30,14 +30,14 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from . import layout
 from .backends import choose
-from .decoding import RequestRules, Rules
+from .decoding import RequestRules, Rules, integer, positive_integer
 from .forward import default_token_budget
 from .hf import attention_needs, enable, model_device
 from .step import PackedCall
@@ -48,7 +48,7 @@ from .scheduler import Request, Scheduler
 from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
 from .vision import StepRunner
-from .wrapped import runner, unwrap
+from .wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
 _ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
@@ -145,6 +145,8 @@ def decode(
         progress: a tqdm bar to update per finished request, or None.
         vision: the prompts' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
     """
+    max_batch = None if max_batch is None else positive_integer(max_batch, "max_batch")
+    seed = None if seed is None else integer(seed, "seed")
     if order not in ("input", "completion"):
         raise ValueError(f"order must be 'input' or 'completion', got {order!r}")
     if not isinstance(share_prefixes, bool):
@@ -175,25 +177,43 @@ def decode(
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
     store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model)), deque()
 
-    def admit_check(r: Request) -> None:
-        need_kv = r.rules.max_length - 1
-        if need_kv > kv_budget or (not chunk and len(r.prompt) > token_budget):
-            name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, len(r.prompt))
+    positions = position_limit(model)
+
+    def limits(index: int, n: int, max_length: int) -> None:
+        """Refuse request ``index`` (an ``n``-token prompt, decoding up to ``max_length``) if it cannot run."""
+        need_kv = max_length - 1  # the last new token is never fed back
+        if positions is not None and need_kv > positions:
+            raise ValueError(
+                f"request {index} needs {need_kv} positions ({n} prompt + {max_length - n} new tokens, the last not fed "
+                f"back) but {type(model).__name__}'s position table holds {positions}; lower max_new_tokens to at most "
+                f"{positions - n + 1} or shorten the prompt (model.generate would fail with an IndexError)"
+            )
+        if need_kv > kv_budget or (not chunk and n > token_budget):
+            name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, n)
             why = ""
             if name == "token_budget":
                 why = (f"; {type(model).__name__}'s rotary frequencies depend on the length, so its prompts are not chunked"
                        if rope is not None else "; a prompt with images runs whole, so it is not chunked")
             raise ValueError(
-                f"request {r.index} needs {have} tokens ({len(r.prompt)} prompt, at most "
-                f"{r.rules.max_length - len(r.prompt)} new) but {name} is {limit} (raise {name}){why}"
+                f"request {index} needs {have} tokens ({n} prompt, at most {max_length - n} new) but {name} is {limit} "
+                f"(raise {name}){why}"
             )
+
+    if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost
+        for p, prompt in enumerate(prompts):
+            limits(p * rules.samples, len(prompt), rules.max_length_of(len(prompt), p))
+
+    def admit_check(r: Request) -> None:
+        limits(r.index, len(r.prompt), r.rules.max_length)
         if rope is not None:
             _check_rope(model, rope, r)
+        for clock in r.rules.clocks:  # alone, its max_time would count from its own generate call: from now
+            clock.initial_timestamp = time.time()
 
     sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
                       admit_check=admit_check, chunk=chunk, share=share, stats=stats)
     done, next_out = {}, 0
-    exhausted = False
+    exhausted, training = False, model.training
     while True:
         while not exhausted and len(waiting) < 2 * (max_batch or 64):  # read ahead, lazily
             nxt = next(requests, None)
@@ -201,6 +221,10 @@ def decode(
                 exhausted = True
             else:
                 waiting.append(nxt)
+        if model.training != training:  # switched between steps (a paused generate_iter): the rule of every entry point
+            training = model.training
+            if training:
+                check_mode(model)
         feeds, units = sched.next_step(waiting)
         if not feeds:
             if sched.running or waiting:
@@ -255,15 +279,14 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
     """Each prompt's ``rules.samples`` requests, numbered prompt-major, each with its rules and generator."""
     index = itertools.count()
     for p, prompt in enumerate(prompts):
-        one = rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=p > 0)
         for _ in range(rules.samples):
             i = next(index)
+            # each request gets rules of its own: its own copies of processors and criteria that keep state, its batch id
+            own = rules.for_request(torch.from_numpy(prompt), device, index=p, request=i, quiet=i > 0)
             gen = None
-            if one.do_sample:
+            if own.do_sample:
                 gen = torch.Generator(device=device)
                 gen.manual_seed(seed + i)
-            # each sample gets rules of its own: some processors and criteria keep per-sequence state
-            own = one if i % rules.samples == 0 else rules.for_request(torch.from_numpy(prompt), device, index=p, quiet=True)
             yield Request(i, prompt, own, gen)
 
 
@@ -409,11 +432,18 @@ def check_engine_model(model) -> None:
 
 
 def _budget(value, name: str, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return default if value is None else positive_integer(value, name)
+
+
+def position_limit(model) -> int | None:
+    """Positions a learned absolute position table holds (GPT-2's ``wpe``, OPT's ``embed_positions``), or None
+    for a model without one (RoPE, ALiBi, sinusoidal: ``model.generate`` runs past ``max_position_embeddings``)."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else None
+    for name, m in (decoder if isinstance(decoder, torch.nn.Module) else base).named_modules():  # not a vision tower's
+        if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings"):
+            return m.num_embeddings - int(getattr(m, "offset", 0) or 0)  # OPT's table starts at offset 2
+    return None
 
 
 def default_kv_budget(model) -> int:

@@ -24,7 +24,7 @@ from .engine import EngineStats, decode as _decode
 from .hf import attention_needs, model_device
 from .inputs import check_prompts, is_prompt_batch
 from .result import Generation
-from .wrapped import check_can_generate
+from .wrapped import check_can_generate, check_mode
 
 _BUILT_HERE = ("input_ids", "attention_mask", "cache", "past_key_values", "inputs_embeds", "position_ids")
 _SHOW_PROGRESS_OVER = 256  # prompts; a bar by default for calls longer than this
@@ -59,7 +59,8 @@ def generate(
             model whose rotary frequencies depend on the length).
         kv_budget: most cached keys reserved at once (each running request reserves its prompt plus
             its most new tokens); memory follows the keys actually cached.
-        max_batch: most requests decoding at once (None: as the budgets allow).
+        max_batch: most requests decoding at once (None: as the budgets allow). Budgets, ``max_batch``,
+            ``seed`` and lengths are integers (Python, numpy or 0-d tensors); anything else is refused.
         tokenizer: tokenizes string or chat prompts; fills each result's ``.text``; stop strings use it.
         decode: deprecated (returns bare strings; read ``.text`` instead), removed in the next release.
         return_logprobs: fill each result's ``.logprobs`` (``log_softmax(logits / temperature)`` of each
@@ -79,7 +80,14 @@ def generate(
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``,
             ``num_return_sequences``, ``generation_config``, ``logits_processor``, ``stopping_criteria``,
             ``use_cache`` (any value: the tokens are the same) .... Beam search, assisted decoding,
-            streamers and score outputs are refused.
+            streamers and score outputs are refused. Each request gets its own deep copy of
+            ``logits_processor`` and ``stopping_criteria`` (their state is its own, as in its own
+            ``model.generate`` call); ``prefix_allowed_tokens_fn`` gets the request's index as its batch id
+            (``p * G + g``); ``max_time`` counts from the request's admission, not from the call.
+
+    A model in train mode with active dropout is refused, as by every entry point (also when set between
+    steps of a paused :func:`generate_iter`). When ``sequences`` is a list, every request's limits
+    (``kv_budget``, a learned position table such as GPT-2's) are checked before any request runs.
 
     Returns:
         N * G :class:`~prepack.Generation` results (G = ``num_return_sequences``), prompt-major (prompt
@@ -116,6 +124,9 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
             f"generate takes a list of prompts, got {type(sequences).__name__}; for an iterator or another iterable "
             "of prompts use prepack.generate_iter"
         )
+    for key in ("order", "total"):
+        if key in kwargs:
+            raise ValueError(f"{key}= is an option of prepack.generate_iter; prepack.generate returns every result at once, in input order")
     stats = EngineStats()
     results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
     name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
@@ -158,9 +169,15 @@ def _run(
     decode: bool = False, return_logprobs: bool = False, seed=None, progress=None, total=None, order="input",
     stats=None, processor=None, share_prefixes: bool = True, **generate_kwargs,
 ) -> Iterator:
+    for name, value in (("decode", decode), ("return_logprobs", return_logprobs), ("share_prefixes", share_prefixes)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress must be True, False or None, got {progress!r}")
     if decode and tokenizer is None:
         raise ValueError("decode=True needs tokenizer= to turn the new tokens into text")
     check_can_generate(model)
+    check_mode(model)  # as prefill and score: refused in train mode with active dropout (and at any step it is set)
     if decode and return_logprobs:
         raise ValueError("pass return_logprobs=True without decode=True: each Generation carries .text and .logprobs together")
     for key in _BUILT_HERE:

@@ -1,11 +1,13 @@
 """Packed sequence classification, reward scoring and embeddings: a head on :func:`prepack.forward_at`'s hidden states.
 
 A ``*ForSequenceClassification`` model (a reward model in TRL's sense is one
-with ``num_labels=1``) scores the hidden state of each sequence's last real
-token. transformers finds that token by looking for ``pad_token_id`` in a
-padded batch, and refuses a batch larger than one when no pad token is
-configured. A packed batch has no padding: prepack knows where each request
-ends and applies the head there, so no ``pad_token_id`` is needed.
+with ``num_labels=1``) scores the hidden state of one token per sequence, and
+prepack takes the token the model's own head takes on that sequence alone: the
+rightmost token that is not ``pad_token_id`` (the first when all are; the last
+when no pad id is configured). So a reward prompt that ends in EOS, where pad =
+EOS as in many Llama-style reward models, is scored at the token before its EOS,
+as its own forward scores it. transformers refuses a batch larger than one when
+no pad token is configured; a packed batch has no padding, so prepack needs none.
 
 Embeddings pool the base model's last hidden state over each request's own
 tokens: its last token, or the mean of all of them (what sentence-transformers
@@ -19,6 +21,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .inputs import check_prompts
 from .outputs import forward_at
 from .wrapped import unwrap
 
@@ -46,11 +49,24 @@ def classify(
         (N, num_labels) float logits, in request order (a reward model's rewards are ``[:, 0]``).
     """
     head = classification_head(model)
-    return forward_at(
-        model, sequences, "last", output="hidden_states", reduce=lambda h, rows: head(h),
-        backend=backend, token_budget=token_budget, capacity=capacity, tokenizer=tokenizer, processor=processor,
-        share_prefixes=share_prefixes,
-    )
+    kwargs = dict(backend=backend, token_budget=token_budget, capacity=capacity, tokenizer=tokenizer, processor=processor,
+                  share_prefixes=share_prefixes)
+    pad = unwrap(model).config.get_text_config().pad_token_id
+    if pad is None:  # the head's own rule without a pad id: the last token
+        return forward_at(model, sequences, "last", output="hidden_states", reduce=lambda h, rows: head(h), **kwargs)
+    # the head's own rule: the rightmost token that is not pad_token_id (position 0 when all are), so a request
+    # ending in EOS where pad = EOS is scored where the model's forward scores it
+    checked = check_prompts(model, sequences, tokenizer=tokenizer, processor=processor)
+    spans = []
+    for t in checked.tokens:
+        real = np.flatnonzero(np.asarray(t) != pad)
+        at = int(real[-1]) if len(real) else 0
+        spans.append((at, at + 1))
+    if not spans:
+        return forward_at(model, [], "last", output="hidden_states", reduce=lambda h, rows: head(h), **kwargs)
+    if checked.vision is None:  # the token ids already made: not tokenized twice
+        sequences, kwargs["tokenizer"] = list(checked.tokens), None
+    return torch.cat(forward_at(model, sequences, spans, output="hidden_states", reduce=lambda h, rows: head(h), **kwargs))
 
 
 def classification_head(model) -> torch.nn.Module:
@@ -87,8 +103,10 @@ def embed(
         model: a decoder-only transformers model (a causal LM, a classifier or a bare
             ``*Model``); its base model's last hidden state is pooled.
         sequences: N requests, in any form :func:`prepack.prefill` takes (with ``tokenizer`` for text).
-        pooling: ``"last"`` (the last token: decoder embedding models such as e5-mistral and
-            gte-Qwen) or ``"mean"`` (every token of the request, equally weighted).
+        pooling: ``"last"`` (the request's last token, whatever its id: decoder embedding models such as
+            e5-mistral and gte-Qwen append an EOS and pool it, and sentence-transformers' ``lasttoken``
+            pooling reads the attention mask, not the pad id) or ``"mean"`` (every token of the request,
+            equally weighted).
         normalize: scale each vector to unit L2 norm.
         backend, token_budget, capacity, processor, share_prefixes: as in :func:`prepack.prefill` (with
             ``"mean"``, a shared prefix's hidden states are computed once and pooled into each request).

@@ -8,10 +8,12 @@ types routed through prepack:
   the choices of a question is prefilled once), with ``hf``'s left truncation;
 * ``loglikelihood_rolling`` -> :func:`prepack.score_rolling`, lm-eval's windows;
 * ``generate_until`` -> :func:`prepack.generate` (prepack's decode engine, each
-  request as if alone, stopping at lm-eval's stop sequences as stop strings).
+  request as if alone, stopping where ``hf``'s own stop-sequence check on its
+  generated tokens stops it).
 
-Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, same
-greedy flags and generations), so the metrics are too.
+Results are ``hf``'s, per request (log-likelihoods within fp32 rounding, summed
+in the dtype ``hf`` sums them in; same greedy flags and generations), so the
+metrics are too.
 
 lm-eval 0.4 finds models in a registry filled when lm-eval imports its own
 modules; it has no plugin entry point, so the plain ``lm_eval`` command does not
@@ -23,7 +25,10 @@ know ``prepack``. Importing this module registers it, and running it is the
 
 Model args beyond ``hf``'s: ``token_budget`` (tokens per packed forward, default
 8192 or the context window if larger), ``attn_backend`` (prepack's attention
-backend, default ``auto``) and ``share_contexts`` (default true). ``batch_size``
+backend, default ``auto``), ``share_contexts`` (default true) and ``sum_dtype``
+(default: sum each request's token log-probabilities in the logits' dtype, as
+``hf`` does, so a bf16 model's sums are bf16-rounded as ``hf``'s are;
+``sum_dtype=float64`` sums the same per-token values exactly). ``batch_size``
 is accepted and ignored: packing sizes the batches.
 """
 
@@ -32,10 +37,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 try:
     from lm_eval.api.registry import model_registry
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils_hf import MultiTokenEOSCriteria
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("prepack.lm_eval needs lm-evaluation-harness: pip install 'prepack[lm_eval]'") from e
 
@@ -65,6 +72,7 @@ class PrepackLM(HFLM):
         token_budget: int | None = None,
         attn_backend: str = "auto",
         share_contexts: bool = True,
+        sum_dtype: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
@@ -77,6 +85,9 @@ class PrepackLM(HFLM):
         self.token_budget = int(token_budget) if token_budget is not None else max(DEFAULT_TOKEN_BUDGET, self.max_length)
         self.attn_backend = attn_backend
         self.share_contexts = share_contexts if isinstance(share_contexts, bool) else str(share_contexts).lower() == "true"
+        if sum_dtype not in (None, "float64", torch.float64):
+            raise ValueError(f"lm-eval model 'prepack' takes sum_dtype=float64 (or none: hf's sum), got {sum_dtype!r}")
+        self.sum_dtype = None if sum_dtype is None else torch.float64
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """``[(cache_key, context_ids, continuation_ids), ...]`` -> ``[(logprob, is_greedy), ...]``, as ``hf``."""
@@ -89,6 +100,7 @@ class PrepackLM(HFLM):
         scores = score(
             self.model, [(c, t) for _, c, t in requests], max_length=self.max_length, truncate="left",
             share_contexts=self.share_contexts, backend=self.attn_backend, token_budget=self.token_budget,
+            sum_dtype=self.sum_dtype,
         )
         out = []
         for (key, _, _), s in zip(requests, scores):
@@ -103,7 +115,7 @@ class PrepackLM(HFLM):
         documents = [self.tok_encode(req.args[0]) for req in requests]
         out = score_rolling(
             self.model, documents, prefix_token_id=self.prefix_token_id, max_length=self.max_length,
-            backend=self.attn_backend, token_budget=self.token_budget,
+            backend=self.attn_backend, token_budget=self.token_budget, sum_dtype=self.sum_dtype,
         )
         for req, ll in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, ll)
@@ -121,10 +133,12 @@ class PrepackLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         prompts = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]
         # every request as if alone: hf's max_length counts the padded context, so each request gets the same
-        # number of new tokens instead; its stop strings stop it (lm-eval cuts the text at them afterwards)
+        # number of new tokens instead. Its stop sequences are hf's own check, on its generated tokens only (a stop
+        # sequence that starts in the context does not stop it); lm-eval cuts the text at them afterwards
+        criteria = StoppingCriteriaList([GeneratedStop(s, self.tokenizer) for s in stop])
         new = [g.tokens for g in generate(
             self.model, prompts, backend=self.attn_backend, token_budget=self.token_budget,
-            max_new_tokens=max_length - context.shape[1], stop_strings=list(stop) or None, tokenizer=self.tokenizer,
+            max_new_tokens=max_length - context.shape[1], stopping_criteria=criteria, tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs,
         )]
         width = max((len(x) for x in new), default=0)
@@ -133,6 +147,28 @@ class PrepackLM(HFLM):
         for i, tokens in enumerate(new):
             out[i, context.shape[1] : context.shape[1] + len(tokens)] = tokens
         return out
+
+
+class GeneratedStop(StoppingCriteria):
+    """lm-eval's ``hf`` stop-sequence check (its ``MultiTokenEOSCriteria``) for one request of prepack's engine.
+
+    ``hf`` checks the decoded last tokens of each row's generated part, past the padded context; here a request's
+    ids are its own prompt and new tokens, so the generated part starts where the first call's ids end but one
+    (the engine calls a request's criteria after each new token, on its own copy of them).
+    """
+
+    def __init__(self, sequence: str, tokenizer):
+        self.sequence, self.tokenizer = sequence, tokenizer
+        self.check = MultiTokenEOSCriteria(sequence, tokenizer, initial_decoder_input_length=0, batch_size=1)
+        self.started = False
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> bool:
+        if not self.started:  # (1, L): the prompt and the first new token
+            self.check.initial_decoder_input_length, self.started = input_ids.shape[1] - 1, True
+        return self.check(input_ids, scores)
+
+    def __deepcopy__(self, memo):  # a fresh check per request; the tokenizer is read-only and shared
+        return GeneratedStop(self.sequence, self.tokenizer)
 
 
 register()

@@ -29,6 +29,7 @@ from .rope import rope_dependence
 from .staged import run_staged
 from .inputs import is_chat, with_images, check_prompts
 from .vision import join
+from .wrapped import unwrap
 
 Truncate = Literal["error", "left"]
 
@@ -57,6 +58,7 @@ def score(
     token_budget: int | None = None,
     tokenizer=None,
     processor=None,
+    sum_dtype: torch.dtype | None = None,
 ) -> list[Score]:
     """Log-likelihood of each continuation given its context, packed; lm-eval ``loglikelihood`` semantics.
 
@@ -79,6 +81,9 @@ def score(
             runs in chunks, and ``token_budget`` also bounds how many shared-context tokens are held at once.
         processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
             pair whose chat may hold images (:func:`score_with_images`; contexts are not shared).
+        sum_dtype: the dtype the per-token log-probabilities are summed in. None (default): the logits'
+            dtype, as lm-eval's ``hf`` model sums them (``float(logprobs.sum())``; in bf16 that rounds a
+            sum of -200 to a multiple of 1); ``torch.float64``: the exact sum of the same per-token values.
 
     Returns:
         N :class:`Score` ``(logprob, is_greedy)``, in request order.
@@ -88,7 +93,7 @@ def score(
         raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
     if processor is not None:  # chats with images: each request runs whole with its own images
         return score_with_images(model, requests, processor, max_length=max_length, truncate=truncate, backend=backend,
-                                 token_budget=token_budget)
+                                 token_budget=token_budget, sum_dtype=sum_dtype)
     limit = _context_window(model, max_length)
     requests = list(requests)
     if any(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) for pair in requests):
@@ -118,12 +123,13 @@ def score(
     # one request = one sequence, scored at its continuation's positions
     tokens = [inputs[i] for i in alone]
     spans = np.array([(len(contexts[i]) - 1, len(contexts[i]) + len(continuations[i]) - 1) for i in alone], np.int64).reshape(-1, 2)
+    sum_dtype = _sum_dtype(model, sum_dtype)
     lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget, share_prefixes,
-                          names=alone)
+                          names=alone, sum_dtype=sum_dtype)
     logprob[alone], greedy[alone] = lp, gr
     # shared contexts' keys and values are held while their continuations run: a budget's worth at a time
     for wave in _waves(shared, contexts, budget):
-        lp, gr = _score_shared(model, wave, contexts, continuations, backend, token_budget)
+        lp, gr = _score_shared(model, wave, contexts, continuations, backend, token_budget, sum_dtype)
         members = np.concatenate(wave)
         logprob[members], greedy[members] = lp, gr
     return [Score(float(a), bool(b)) for a, b in zip(logprob, greedy)]
@@ -137,6 +143,7 @@ def score_rolling(
     max_length: int | None = None,
     backend: str = "auto",
     token_budget: int | None = None,
+    sum_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Log-likelihood of whole documents, in lm-eval ``loglikelihood_rolling`` windows; packed.
 
@@ -149,7 +156,8 @@ def score_rolling(
         documents: N token-id lists; an empty one scores 0.0 (it has nothing to predict).
         prefix_token_id: the token the first window is conditioned on (lm-eval: BOS, else EOS).
         max_length: the context window (default: ``max_position_embeddings``).
-        backend, token_budget: as in :func:`score`. Windows that share a context (every document's
+        backend, token_budget, sum_dtype: as in :func:`score` (each window is summed in ``sum_dtype``, the
+            windows in float64, as lm-eval's ``hf`` model sums them). Windows that share a context (every document's
             first window is conditioned on ``prefix_token_id`` alone) share its prefill on varlen
             backends; ``"sdpa_masked"``, which cannot continue a shared prefix, runs each window whole.
 
@@ -168,7 +176,7 @@ def score_rolling(
             owner.append(i)
     scores = score(
         model, pairs, max_length=limit, share_contexts=backend not in ROW_BACKENDS, backend=backend,
-        token_budget=token_budget,
+        token_budget=token_budget, sum_dtype=sum_dtype,
     )
     out = np.zeros(len(documents))
     np.add.at(out, np.asarray(owner, np.int64), np.array([s.logprob for s in scores]))
@@ -275,6 +283,17 @@ def _check_continuation_ids(model, continuations: list[np.ndarray]) -> None:
             raise ValueError(f"request {i} has continuation token id {cont.max()} but the model's vocab_size is {vocab}")
 
 
+def _sum_dtype(model, sum_dtype):
+    """``sum_dtype`` checked; None -> the dtype of the model's logits (its output embeddings' weights)."""
+    if sum_dtype is not None:
+        if not isinstance(sum_dtype, torch.dtype) or not sum_dtype.is_floating_point:
+            raise ValueError(f"sum_dtype must be a floating torch.dtype (e.g. torch.float64) or None, got {sum_dtype!r}")
+        return sum_dtype
+    head = unwrap(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else next(model.parameters()).dtype
+
+
 def _token_scores(targets: torch.Tensor):
     """A ``reduce`` for :func:`~prepack.forward.run_packed`: (K, V) logits -> (K, 2) [log p(target), target is argmax]."""
 
@@ -288,7 +307,7 @@ def _token_scores(targets: torch.Tensor):
 
 
 def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], backend, token_budget, share_prefixes: bool,
-                 vision=None, names=None):
+                 vision=None, names=None, sum_dtype: torch.dtype | None = torch.float64):
     """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy.
 
     Requests that start alike share their common prefix (up to their spans: a scored position is never shared);
@@ -303,17 +322,28 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
         model, tokens, backend=backend, token_budget=token_budget, spans=spans,
         reduce=_token_scores(flat), share_prefixes=share_prefixes, vision=vision, names=names,
     )
-    return _per_request(run.values, spans[:, 1] - spans[:, 0])
+    return _per_request(run.values, spans[:, 1] - spans[:, 0], sum_dtype)
 
 
-def _per_request(values: torch.Tensor, span_len: np.ndarray):
-    """(K, 2) per-token [log p, is argmax], request after request -> per-request sum and all()."""
-    if values.numel() == 0:  # nothing after the first token
-        return np.zeros(len(span_len)), span_len == 0
-    owner = torch.from_numpy(np.repeat(np.arange(len(span_len)), span_len)).to(values.device)
-    sums = values.new_zeros(len(span_len), 2).index_add_(0, owner, values)
-    lp, hits = sums.cpu().numpy().T
-    return lp, hits == span_len
+def _per_request(values: torch.Tensor, span_len: np.ndarray, sum_dtype: torch.dtype | None = None, first=None):
+    """(K, 2) per-token [log p, is argmax], request after request -> per-request sum of log p and all() of argmax.
+
+    ``sum_dtype``: each sum is rounded to it at the end (None: float64), as torch's sum of a tensor of that dtype
+    rounds its wider accumulator (lm-eval's ``hf`` model sums a bf16 model's log-probs in bf16). The sum itself
+    runs in float64, the closest to any order a kernel adds in. ``first``: (N,) float64 log-probs to add into each
+    request's sum (a shared context's first continuation token), or None.
+    """
+    n = len(span_len)
+    acc = torch.float64
+    lp = torch.zeros(n, dtype=acc, device=values.device)
+    hits = np.zeros(n)
+    if values.numel():  # else nothing after the first token
+        owner = torch.from_numpy(np.repeat(np.arange(n), span_len)).to(values.device)
+        lp.index_add_(0, owner, values[:, 0].to(acc))
+        hits = values.new_zeros(n).index_add_(0, owner, values[:, 1]).cpu().numpy()
+    if first is not None:
+        lp += torch.as_tensor(first, device=lp.device).to(acc)
+    return lp.to(sum_dtype or acc).double().cpu().numpy(), hits == span_len
 
 
 def _same_rope(model, groups: list[list[int]], contexts, continuations) -> list[list[int]]:
@@ -352,7 +382,8 @@ def _waves(groups: list[list[int]], contexts, token_budget: int | None) -> list[
     return waves + [current]
 
 
-def _score_shared(model, groups: list[list[int]], contexts, continuations, backend, token_budget):
+def _score_shared(model, groups: list[list[int]], contexts, continuations, backend, token_budget,
+                  sum_dtype: torch.dtype | None = torch.float64):
     """Score requests that share contexts: each context prefilled once, each continuation run against its keys."""
     members = np.concatenate(groups)
     group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
@@ -376,15 +407,15 @@ def _score_shared(model, groups: list[list[int]], contexts, continuations, backe
         model, rest, backend=ctx.backend, token_budget=token_budget, spans=spans,
         reduce=_token_scores(flat), prefix=prefix,
     )
-    lp, greedy = _per_request(run.values, lengths)
-    return lp0 + lp, greedy0 & greedy
+    lp, greedy = _per_request(run.values, lengths, sum_dtype, first=lp0)
+    return lp, greedy0 & greedy
 
 
 # --- chats with images (score(..., processor=)) ---------------------------------------------------
 
 
 def score_with_images(model, requests: Sequence, processor, *, max_length: int | None, truncate: str, backend: str,
-                      token_budget: int | None) -> list:
+                      token_budget: int | None, sum_dtype: torch.dtype | None = None) -> list:
     """N ``(chat, continuation)`` pairs -> N :class:`Score`, each as the model gives it alone.
 
     The chat goes through ``processor.apply_chat_template`` on its own (generation prompt added, so the
@@ -392,7 +423,7 @@ def score_with_images(model, requests: Sequence, processor, *, max_length: int |
     ``processor.tokenizer(continuation, add_special_tokens=False)``) or token ids. The model runs on
     ``(context + continuation)[:-1]`` with the context's images, and only the continuation's positions reach
     the LM head. Each request runs whole: contexts with images are not shared between requests (the scores
-    are the same; only the work is).
+    are the same; only the work is). ``sum_dtype``: as in :func:`score`.
     """
     if truncate != "error":
         raise ValueError(f"truncate={truncate!r} would cut a context with images; pass truncate='error' with processor=")
@@ -420,7 +451,7 @@ def score_with_images(model, requests: Sequence, processor, *, max_length: int |
     tokens = [t for p in parts for t in p.tokens]
     spans = np.array([(c - 1, c - 1 + len(t)) for c, t in zip(contexts, continuations)], np.int64)
     lp, greedy = _score_spans(model, tokens, spans, continuations, backend, token_budget, share_prefixes=False,
-                              vision=join([p.vision for p in parts]))
+                              vision=join([p.vision for p in parts]), sum_dtype=_sum_dtype(model, sum_dtype))
     return [Score(float(a), bool(b)) for a, b in zip(lp, greedy)]
 
 
