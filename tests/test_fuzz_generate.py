@@ -1,6 +1,6 @@
 """Randomized trials: prepack.generate on random workloads equals model.generate on each prompt alone.
 
-Each trial draws prompts (some sharing a prefix, some repeated), per-request ``max_new_tokens``, greedy or
+Each trial draws prompts (some sharing a prefix, at one or two levels, some repeated), per-request ``max_new_tokens``, greedy or
 sampled decoding with random processors, an EOS id, ``num_return_sequences``, ``token_budget``, ``kv_budget``,
 ``max_batch`` and ``share_prefixes``, and compares every request's tokens with ``model.generate`` on its prompt
 alone (a sampled request ``i`` alone under ``torch.manual_seed(seed + i)``, the generator prepack gives it).
@@ -26,14 +26,18 @@ def workload(seed: int) -> tuple[str, list, dict, dict]:
     """(architecture, prompts, prepack's scheduling options, the generation options), drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 7))
-    prefix = rng.integers(3, VOCAB, int(rng.integers(1, 13))).tolist()
+    # a shared prefix short or long enough to be held once (prepack.prefix_regions.MIN_SHARED_TOKENS), and a
+    # second level under it that some of its prompts share too
+    prefix = rng.integers(3, VOCAB, int(rng.choice([rng.integers(1, 13), rng.integers(32, 45)]))).tolist()
+    middle = rng.integers(3, VOCAB, int(rng.integers(32, 40))).tolist()
     prompts = []
     for _ in range(n):
         if prompts and rng.random() < 0.15:  # the same prompt twice
             prompts.append(list(prompts[int(rng.integers(len(prompts)))]))
             continue
         own = rng.integers(3, VOCAB, int(rng.integers(1, 11))).tolist()
-        prompts.append(prefix + own if rng.random() < 0.5 else own)
+        shared = prefix + (middle if rng.random() < 0.4 else [])
+        prompts.append(shared + own if rng.random() < 0.5 else own)
     new = [int(m) for m in rng.integers(1, 9, n)]
     gen = dict(max_new_tokens=new if rng.random() < 0.7 else max(new), pad_token_id=0,
                eos_token_id=int(rng.integers(3, VOCAB)) if rng.random() < 0.5 else None, num_return_sequences=1)
