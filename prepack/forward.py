@@ -35,7 +35,7 @@ import torch
 
 from . import kvcache, layout
 from .backends import KERNELS, Kernel, choose
-from .hf import attention_needs, cache_kwarg, enable, model_device
+from .hf import attention_needs, cache_kwarg, model_device, switched
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
@@ -205,8 +205,7 @@ def run_packed(
         sub_prefix = Prefix(prefix.chunks, prefix.parts.select(real))
 
     chunks, attention, values, rows_of = [], [], [], []
-    enable(model)
-    with torch.no_grad():
+    with switched(model), torch.no_grad():
         for rows in calls:
             layers, seen, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix, sub_vision)
             chunks.append(layers)

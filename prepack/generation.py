@@ -17,10 +17,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .backends import choose
 from .decoding import Rules
 from .engine import Completion, EngineStats, decode as _decode
-from .hf import attention_needs, model_device
+from .hf import switched_iter
 from .inputs import check_prompts, is_prompt_batch
 from .wrapped import check_can_generate
 
@@ -114,9 +113,7 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
         )
     stats = EngineStats()
     results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
-    name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
-                  needs=attention_needs(model, continues_keys=True)).name
-    return Generated(results, (name,), stats)
+    return Generated(results, (stats.backend,), stats)
 
 
 def generate_iter(
@@ -169,11 +166,12 @@ def _run(
 
         bar = tqdm(total=None if total is None else total * rules.samples, desc="prepack.generate", unit="req")
     try:
-        for done in _decode(
+        run = _decode(
             model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
             seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
             share_prefixes=share_prefixes,
-        ):
+        )
+        for done in switched_iter(model, run):  # the model is switched while the run runs, and only then
             if return_logprobs:
                 yield done
             elif decode:
