@@ -115,7 +115,7 @@ def run_packed(
     model,
     tokens: Sequence[np.ndarray],
     *,
-    backend: str = "auto",
+    backend: str | Kernel = "auto",
     token_budget: int | None = None,
     capacity: int | None = None,
     spans: np.ndarray | None = None,
@@ -139,6 +139,7 @@ def run_packed(
         prefix: keys and values each request continues (varlen backends only).
         lengths: (N,) int64, ``len`` of each token array, where the caller has them already.
         vision: the requests' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
+        backend: a name, or the :class:`~prepack.backends.Kernel` the caller chose for its whole call.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")

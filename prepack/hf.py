@@ -36,14 +36,14 @@ import functools
 import inspect
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import dense_attention, segment_mask
-from .backends import Needs, training_kernel
+from .backends import Kernel, Needs, choose
 from .kvcache import own_storage
 from .step import PackedCall, StepLayout
 from .wrapped import unwrap
@@ -294,6 +294,68 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
+@dataclass
+class _TrainingBatch:
+    """The layout of one padding-free forward, built by its first attention layer and read by the others.
+
+    Attributes:
+        key: (B, L, device) of the call that built it.
+        version: the ``_version`` of the tensor it was built from (an in-place change builds it again).
+        cu_q: (n + 1,) int32 cu_seqlens on the queries' device, derived from position ids; None: the call
+            carries its own (``cu_seq_lens_q``), or its position ids do not restart (a plain call).
+    """
+
+    key: tuple
+    version: int
+    cu_q: torch.Tensor | None
+    _chunked: dict = field(default_factory=dict)
+    _kernels: dict = field(default_factory=dict)
+
+    def kernel(self, dtype: torch.dtype, head_dim: int, softcap: float, sinks: bool) -> Kernel:
+        """``auto``'s kernel for layers that ask this, chosen once per forward."""
+        needs = (dtype, head_dim, softcap, sinks)
+        if needs not in self._kernels:
+            self._kernels[needs] = choose("auto", device=self.key[2], dtype=dtype,
+                                          needs=Needs(head_dim=head_dim, softcap=softcap, sinks=sinks))
+        return self._kernels[needs]
+
+    def chunked(self, chunk: int, cu_q: torch.Tensor) -> tuple:
+        """(cu_q, cu_k, max_q, max_k) for layers that attend within chunks of ``chunk`` tokens of the sequences
+        ``cu_q`` ((n + 1,) int32, this batch's) bounds."""
+        if chunk not in self._chunked:
+            lengths = torch.diff(cu_q).cpu().numpy()  # one host sync per forward and chunk size, not per layer
+            self._chunked[chunk] = StepLayout(lengths, lengths, self.key[2]).varlen_args(chunk)
+        return self._chunked[chunk]
+
+
+# Padding-free layouts by the tensor that carries them (cu_seq_lens_q, else position_ids): transformers
+# hands every layer the very same tensor object, so the first layer builds the layout and the others find
+# it. Keyed on the object's identity, the entry goes when the tensor does; nothing is written to the model.
+_TRAINING = WeakIdKeyDictionary()
+_TRAINING_LOCK = threading.Lock()
+_TRAINING_MAX = 64  # tensors a caller keeps alive keep their entries: bounded, cleared when full
+
+
+def _training_layout(source: torch.Tensor, key: tuple, build) -> _TrainingBatch:
+    """The layout ``build()`` gives for ``source`` (its cu_q), made once per forward: again only for another
+    (B, L, device) or after ``source`` changed in place."""
+    if source.is_inference():  # no version counter to tell an in-place change: built for this layer alone
+        return _TrainingBatch(key, 0, build())
+    with _TRAINING_LOCK:
+        entry = _TRAINING.get(source)
+        if entry is None or entry.key != key or entry.version != source._version:
+            if len(_TRAINING) >= _TRAINING_MAX:
+                _TRAINING.clear()
+            entry = _TRAINING[source] = _TrainingBatch(key, source._version, build())
+        return entry
+
+
+def _restarts(position_ids: torch.Tensor, batch: int, length: int, device) -> torch.Tensor | None:
+    """cu_seqlens of a padding-free batch on ``device``, or None where the position ids do not restart."""
+    cu = cu_seqlens_from_position_ids(position_ids, batch, length)
+    return cu.to(device) if len(cu) - 1 > batch else None
+
+
 def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, own=_PLAIN_OWN, **kwargs):
     """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None).
 
@@ -304,12 +366,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     """
     B, H, Lq, D = query.shape
     call: PackedCall | None = kwargs.get("prepack")
-    cu_q = kwargs.get("cu_seq_lens_q")
-    if call is None and cu_q is None:
-        if attention_mask is None and Lq == key.shape[2] and kwargs.get("position_ids") is not None:
-            cu = cu_seqlens_from_position_ids(kwargs["position_ids"], B, Lq)
-            if len(cu) - 1 > B:  # restarting position ids: a padding-free batch
-                cu_q = cu.to(query.device)
+    cu_q, batch = kwargs.get("cu_seq_lens_q"), None
+    if call is None:
+        if cu_q is not None:
+            batch = _training_layout(cu_q, (B, Lq, query.device), lambda: None)  # holds no reference to its key
+        elif attention_mask is None and Lq == key.shape[2] and kwargs.get("position_ids") is not None:
+            batch = _training_layout(kwargs["position_ids"], (B, Lq, query.device), functools.partial(
+                _restarts, kwargs["position_ids"], B, Lq, query.device))
+            cu_q = batch.cu_q
         if cu_q is None:
             return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:
@@ -320,14 +384,13 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     sem = layer_attention(module, kwargs, B * Lq)
     scale = D ** -0.5 if scaling is None else scaling
     dropout = dropout if module.training else 0.0
-    if call is None:  # a training batch: transformers' layout kwargs, the kernel picked here
-        kernel = training_kernel(query.device, query.dtype, max(D, value.shape[3]), sem.softcap, sem.sinks is not None)
+    if call is None:  # a training batch: transformers' layout kwargs; kernel and layout made by its first layer
+        kernel = batch.kernel(query.dtype, max(D, value.shape[3]), sem.softcap, sem.sinks is not None)
         cu_k = kwargs.get("cu_seq_lens_k")
         cu_k = cu_q if cu_k is None else cu_k
         max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
         if sem.chunk is not None:
-            lengths = torch.diff(cu_q).cpu().numpy()
-            cu_q, cu_k, max_q, max_k = StepLayout(lengths, lengths, query.device).varlen_args(sem.chunk)
+            cu_q, cu_k, max_q, max_k = batch.chunked(sem.chunk, cu_q)
     else:
         kernel = call.kernel
         if call.kv is not None:  # keys and values as attention sees them, for later requests to continue
