@@ -13,6 +13,7 @@ live in :mod:`prepack.attention`, the CUDA kernels in :mod:`prepack.kernels`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,6 +82,13 @@ class Kernel:
     rows: bool = False
     installed: Callable[..., str | None] | None = None
     fix: str | None = None
+
+    @property
+    def cuda_only(self) -> bool:
+        """Deprecated: ``devices == ("cuda",)``."""
+        warnings.warn("Kernel.cuda_only is deprecated and goes in the next release; use Kernel.devices",
+                      DeprecationWarning, stacklevel=2)
+        return self.devices == ("cuda",)
 
     def refusal(self, needs: Needs) -> str | None:
         """Why this kernel cannot give what ``needs`` asks, naming the fix; None when it can. No device query."""
@@ -212,3 +220,48 @@ def get_backend(
     if problem:
         raise KernelRefused(problem)
     return kernels.find_flash_attn().fn if kernel.name == "flash" else kernels.torch_varlen
+
+
+# --- names the one registry replaced, kept for one release -------------------------------------------
+
+def _kernel_problem(name: str, *, device=None, dtype=None, head_dim=None, softcap: float = 0.0) -> str | None:
+    if name not in ("flash", "torch_varlen"):
+        raise ValueError(f"{name!r} is not a CUDA kernel; choose one of flash, torch_varlen")
+    return KERNELS[name].problem(device, dtype, Needs(head_dim=head_dim, softcap=softcap))
+
+
+def _auto_kernel(device, dtype, *, head_dim=None, softcap: float = 0.0) -> str | None:
+    name = _auto(device, dtype, Needs(head_dim=head_dim, softcap=softcap)).name
+    return None if name == "sdpa_varlen" else name
+
+
+def _get_kernel(name: str, *, device=None, dtype=None):
+    return get_backend(name, device=device, dtype=dtype)
+
+
+def _training_kernel(device, dtype, head_dim: int, softcap: float, sinks: bool) -> Kernel:
+    return choose("auto", device=device, dtype=dtype, needs=Needs(head_dim=head_dim, softcap=softcap, sinks=sinks))
+
+
+DEPRECATED = {  # old name -> (what it is now, the replacement to name in the warning)
+    "kernels.KERNELS": (("flash", "torch_varlen"), "prepack.backends.KERNELS (Kernel objects; .devices == ('cuda',))"),
+    "kernels.kernel_problem": (_kernel_problem, "prepack.backends.KERNELS[name].problem(device, dtype, needs)"),
+    "kernels.auto_kernel": (_auto_kernel, "prepack.backends.choose('auto', ...)"),
+    "kernels.get_kernel": (_get_kernel, "prepack.get_backend(name, ...)"),
+    "backends.training_kernel": (_training_kernel, "prepack.backends.choose('auto', ...)"),
+}
+
+
+def deprecated(module: str, name: str):
+    """``module.name`` from :data:`DEPRECATED`, with a ``DeprecationWarning`` naming its replacement."""
+    value, instead = DEPRECATED[f"{module}.{name}"]
+    warnings.warn(f"prepack.{module}.{name} is deprecated and goes in the next release; use {instead}",
+                  DeprecationWarning, stacklevel=3)
+    return value
+
+
+def __getattr__(name: str):
+    """Names the one registry replaced, kept for one release (:data:`DEPRECATED`)."""
+    if f"backends.{name}" in DEPRECATED:
+        return deprecated("backends", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -334,3 +334,12 @@ def _keywords(fn) -> frozenset[str]:
     if schema is not None:
         return frozenset(a.name for a in schema.arguments)
     return frozenset(inspect.signature(fn).parameters)
+
+
+def __getattr__(name: str):
+    """Names the one registry (:data:`prepack.backends.KERNELS`) replaced, kept for one release."""
+    from . import backends  # the registry imports this module
+
+    if f"kernels.{name}" in backends.DEPRECATED:
+        return backends.deprecated("kernels", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
