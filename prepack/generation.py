@@ -165,13 +165,14 @@ def _run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=None if total is None else total * rules.samples, desc="prepack.generate", unit="req")
+    run = _decode(
+        model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
+        seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
+        share_prefixes=share_prefixes,
+    )
+    steps = switched_iter(model, run)  # the model is switched while the run runs, and only then
     try:
-        run = _decode(
-            model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
-            seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
-            share_prefixes=share_prefixes,
-        )
-        for done in switched_iter(model, run):  # the model is switched while the run runs, and only then
+        for done in steps:
             if return_logprobs:
                 yield done
             elif decode:
@@ -179,6 +180,7 @@ def _run(
             else:
                 yield done.tokens
     finally:
+        steps.close()  # a caller that stops early lets go of the switch now, not when the generator is collected
         if bar is not None:
             bar.close()
 
