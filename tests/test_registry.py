@@ -92,3 +92,14 @@ def test_generate_reports_the_kernel_it_chose_without_choosing_again(monkeypatch
     assert not hasattr(generation, "choose")
     ran = generate_with_backends(model, prompts([4, 6]), backend="reference", max_new_tokens=2, do_sample=False)
     assert decided == ["reference"] and ran.backends == ("reference",)
+
+
+def test_score_with_shared_contexts_chooses_its_kernel_once(monkeypatch):
+    from prepack import scoring
+
+    model = build("llama")
+    context, other = prompts([9])[0].tolist(), prompts([6], seed=2)[0].tolist()
+    requests = [(context, [3, 4]), (context, [5]), (other, [7, 8, 9])]
+    decided = count_decisions(monkeypatch, scoring, forward, staged)
+    assert len(prepack.score(model, requests)) == 3
+    assert decided == ["auto"]

@@ -115,3 +115,14 @@ def test_generate_batch_runs_after_prepack_calls_and_matches_model_generate():
     for i, s in enumerate(seqs):
         want = model.generate(s[None], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, len(s):]
         assert out[f"req_{i}"].generated_tokens == want.tolist()
+
+
+def test_save_pretrained_after_prepack_calls_writes_the_users_model(tmp_path, eager_llama):
+    """transformers 5.25 writes no implementation into config.json; a version that does must see the user's."""
+    prepack.prefill(eager_llama, prompts([5, 9]))
+    eager_llama.save_pretrained(tmp_path)
+    assert "prepack" not in (tmp_path / "config.json").read_text()
+    reloaded = type(eager_llama).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    seq = prompts([7])[0][None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(seq).logits, eager_llama(seq).logits)
