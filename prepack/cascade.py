@@ -56,13 +56,14 @@ class SharedParts:
     taken: np.ndarray
 
 
-def shared_parts(order, q, cached, starts, prefix_of: dict, regions: dict, device, *, split_chunks: bool = False) -> SharedParts | None:
+def shared_parts(order, q, cached, starts, chains: dict, regions: dict, device, *, split_chunks: bool = False) -> SharedParts | None:
     """The step's :class:`SharedParts`, or None when no query reads a shared prefix (nor is split).
 
     Args:
         order: the step's region keys in stream order; q, cached, starts: (n,) int64 numpy, per key
             its new tokens, keys cached before the step and first pool row.
-        prefix_of: request key -> its prefix's key; regions: prefix key -> (start, length) after the step.
+        chains: key -> the prefix regions it continues (any number, a tree's path: each is a part of its own);
+            regions: prefix key -> (start, length) after the step.
         split_chunks: also split a prompt chunk that continues its own earlier keys into those (all
             visible) and its causal square, merged the same way. On CPU the kernel behind
             ``sdpa_varlen`` takes a bottom-right causal segment through a dense mask (scores
@@ -76,14 +77,14 @@ def shared_parts(order, q, cached, starts, prefix_of: dict, regions: dict, devic
     for i, key in enumerate(order):
         if q[i] == 0:
             continue
-        p = prefix_of.get(key)
+        chain = chains.get(key, ())
         n = int(q[i])
-        if p is None and not (split_chunks and n > 1 and cached[i] > 0):
+        if not chain and not (split_chunks and n > 1 and cached[i] > 0):
             others = True
             continue
         taken[i] = True
         rows.append(np.arange(q_start[i], q_start[i] + n))
-        if p is not None:
+        for p in chain:
             by_prefix.setdefault(p, []).append(np.arange(at, at + n))
         if n == 1:
             single_pos.append(at)

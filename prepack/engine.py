@@ -18,7 +18,7 @@ transformers builds its logits processors and stopping criteria from its own pro
     feeds, units = scheduler.next_step(waiting)                     # tokens each request (or region) feeds
     kv = store.plan(feeds)                                          # room for the new keys; segment order
     ids, pos = concat(pending[u][:feeds[u]] for u in kv.order), ranges(offset + kv.cached, kv.q)  # (T,), (T,)
-    call = PackedCall(kv.layout, kernel, kv_store=kv)               # every layer appends and reads via kv
+    call = PackedCall(kv.layout, kernel, kv=kv)                     # every layer appends and reads via kv
     logits = model(ids[None], position_ids=pos[None], prepack=call,
                    use_cache=False, logits_to_keep=last_of_each_sampling_segment).logits[0]   # (n, V)
     tokens = choose(logits, rules)                                  # per request: processors, argmax / sample
@@ -173,11 +173,10 @@ def decode(
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
         module = StepRunner(module, vision, rules.samples)
-    slides = cache_slides(model)
     start_time = time.perf_counter()
     requests = _requests(prompts, rules, device, seed)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
-    store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu"), deque()
+    store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model)), deque()
 
     def admit_check(r: Request) -> None:
         need_kv = r.rules.max_length - 1
@@ -210,7 +209,11 @@ def decode(
             if sched.running or waiting:
                 raise RuntimeError("prepack's engine planned an empty step with requests left (a scheduling bug)")
             break
-        reqs, logits = _step(module, kernel, store, feeds, units, rope, slides)
+        reqs, logits = _step(module, kernel, store, feeds, units, rope)
+        ready = sched.first_tokens()  # whole prompts held in a region: their first token from its logits
+        if ready:
+            reqs = reqs + ready
+            logits = torch.cat([logits, torch.stack([r.prefix.last_logits for r in ready])])
         stats.steps += 1
         stats.batch_sizes.append(sum(1 for k in feeds if k >= 0))
         stats.decode_rows.append(sum(1 for k in feeds if k >= 0 and units[k].tokens))
@@ -267,7 +270,7 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
             yield Request(i, prompt, own, gen)
 
 
-def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDependence | None, slides=None) -> tuple[list, torch.Tensor]:
+def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDependence | None) -> tuple[list, torch.Tensor]:
     """One step: feeds[key] tokens of each unit; the requests that sample, in stream order, and their (n, V) float32 logits.
 
     One packed forward, or with length-dependent RoPE (:mod:`prepack.rope`) one per group of requests
@@ -276,7 +279,7 @@ def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDep
     (such a model's prompts are fed whole and share no prefix region).
     """
     if rope is None:
-        return _forward_step(model, kernel, store, feeds, units, slides)
+        return _forward_step(model, kernel, store, feeds, units)
     groups: dict = {}
     for key, n in feeds.items():
         r = units[key]
@@ -287,7 +290,7 @@ def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDep
         groups.setdefault(rope.key(reach), {})[key] = n
     reqs, logits = [], []
     for group in groups.values():
-        got, out = _forward_step(model, kernel, store, group, units, slides)
+        got, out = _forward_step(model, kernel, store, group, units)
         reqs += got
         logits.append(out)
     return reqs, torch.cat(logits)
@@ -313,40 +316,42 @@ def _check_rope(model, rope: RopeDependence, r: Request) -> None:
         )
 
 
-def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict, slides=None) -> tuple[list, torch.Tensor]:
+def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict) -> tuple[list, torch.Tensor]:
     """One packed forward: ``feeds[key]`` pending tokens of each unit. Returns the requests that sample
     (fed all they had pending), in stream order, and their (n, V) float32 logits.
-
-    ``slides``: per layer, whether the model's own cache keeps only a sliding window of keys (see
-    :func:`cache_slides`); such a layer whose attention applied no window is refused.
     """
     kv = store.plan(feeds)
     fed = [units[k] for k in kv.order]
     device = store.device
     ids = torch.from_numpy(np.concatenate([u.pending[:n] for u, n in zip(fed, kv.q)]))[None].to(device)  # (1, T)
-    offset = np.array([u.offset for u in fed], np.int64)  # a sharer's own keys follow its prefix region's
+    offset = np.array([u.offset for u in fed], np.int64)  # a sharer's own keys follow its prefix regions'
     pos = torch.from_numpy(layout.ranges(offset + kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
-    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if isinstance(u, Request) and n == len(u.pending)]
-    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each sampling segment
+    # a request that feeds the rest of its prompt or its newest token samples; a region that feeds its last
+    # tokens keeps its logits for the requests whose whole prompt it is
+    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if n == len(u.pending)]
+    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each such segment
     step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
-    call = PackedCall(kv.layout, step_kernel, kv_store=kv)
+    first = not store.pools
     with torch.no_grad():
-        out = model(input_ids=ids, position_ids=pos, prepack=call, use_cache=False, logits_to_keep=last)
-    layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
-    if len(kv.layers_seen) != layers:
-        missing = sorted(set(range(layers)) - kv.layers_seen)
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
-            "state cannot be cached by the decode engine; it cannot decode this model exactly"
-        )
-    for i, slide in enumerate(slides or ()):
-        if slide and not kv.windows.get(i):
+        out = model(input_ids=ids, position_ids=pos, prepack=PackedCall(kv.layout, step_kernel, kv=kv),
+                    use_cache=False, logits_to_keep=last)
+    if first:  # every layer's attention must have gone through prepack's (the store holds one pool per such layer)
+        layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
+        missing = sorted(set(range(layers)) - set(store.pools))
+        if missing:
             raise UnsupportedModelError(
-                f"{type(model).__name__}: layer {i}'s cache keeps only a sliding window of keys, but its attention "
-                "applies no window, so transformers' own decoding attends to fewer keys than its prefill did; "
-                "prepack's decode engine cannot reproduce that exactly"
+                f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
+                "state cannot be cached by the decode engine; it cannot decode this model exactly"
             )
-    return [fed[i] for i in samples], out.logits[0].float()
+    logits = out.logits[0].float()
+    is_request = [isinstance(fed[i], Request) for i in samples]
+    for j, i in enumerate(samples):
+        if not is_request[j]:
+            fed[i].last_logits = logits[j]
+    if all(is_request):
+        return [fed[i] for i in samples], logits
+    rows = torch.tensor([j for j, ok in enumerate(is_request) if ok], dtype=torch.long, device=device)
+    return [fed[i] for i, ok in zip(samples, is_request) if ok], logits.index_select(0, rows)
 
 
 def cache_slides(model) -> list[bool]:

@@ -39,7 +39,7 @@ from .hf import attention_needs, cache_kwarg, model_device, switched
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
-from .step import PackedCall, PrefixKV, StepLayout
+from .step import PackedCall, PrefixKV, RecordKV, StepLayout
 from .support import UnsupportedModelError
 from .wrapped import check_mode, runner, unwrap
 
@@ -228,7 +228,7 @@ def run_packed(
             packed, where = torch.cat(values), torch.cat(rows_of)
             result = packed.new_empty(packed.shape).index_copy_(0, where, packed)
         else:  # nothing ran (no requests, or only empty ones): still (0, X), as a run would give
-            result = _no_values(model, output, reduce, device)
+            result = no_values(model, output, reduce, device)
     return PackedRun(batch=batch, backend=name, chunks=chunks, chunk=chunk, starts=starts, values=result, attention=attention)
 
 
@@ -256,7 +256,7 @@ def default_token_budget(model) -> int:
     return int(min(max(free // 4 // per_token, 4096), 131072))
 
 
-def _no_values(model, output: str, reduce, device) -> torch.Tensor:
+def no_values(model, output: str, reduce, device) -> torch.Tensor:
     """(0, X) outputs of the width and dtype a forward gives: X is V (the LM head's), D, or what ``reduce`` makes of them."""
     dtype = next(model.parameters()).dtype
     hidden = torch.zeros(0, model.config.get_text_config(decoder=True).hidden_size, dtype=dtype, device=device)
@@ -305,7 +305,6 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         the call's spans (None without ``select``), and (K,) their rows in the request-order result.
     """
     kwargs: dict = {"use_cache": False}
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # kv="attention"/"both": filled by prepack_attention
     records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache"/"both": layer_idx -> what the model caches
     cache = None
     if kv in ("cache", "both"):
@@ -313,14 +312,14 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         kwargs.update({"use_cache": True, cache_kwarg(model): cache})
     seg = batch.segments(rows)
     order, lengths = seg.order, seg.lengths
-    sink = captured if kv in ("attention", "both") else None
+    record = kv in ("attention", "both")  # keys as attention sees them, for later calls to continue
     if kernel.rows:
         ids, pos = batch.input_ids[rows], batch.position_ids[rows]
         first = seg.grid_start
         row_mask = functools.lru_cache(maxsize=None)(
             lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
-        call = PackedCall(StepLayout(lengths, lengths, device), kernel, kv=sink, row_mask=row_mask)
+        call = PackedCall(StepLayout(lengths, lengths, device), kernel, kv=RecordKV() if record else None, row_mask=row_mask)
     else:
         v = batch.to_varlen(rows)
         ids, pos = v.input_ids[None], v.position_ids[None]
@@ -330,7 +329,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
             earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
             # position ids continue after the earlier tokens each segment's keys start with
             pos = pos + torch.from_numpy(np.repeat(k_lengths - lengths, lengths))[None]
-        call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=sink, prefix=earlier)
+        call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=RecordKV(earlier) if record else earlier)
     kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
     if vision is not None:  # the call's images through the vision tower once; mRoPE rows per request
@@ -355,7 +354,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
             values = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(at).to(device)]
         if reduce is not None:
             values = reduce(values, where)
-    seen = captured
+    captured = seen = call.kv.layers if record else []
     if kv in ("cache", "both"):
         if sorted(records) != list(range(len(cache.layers))):
             missing = sorted(set(range(len(cache.layers))) - set(records))

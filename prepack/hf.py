@@ -44,7 +44,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import dense_attention, segment_mask
 from .backends import Kernel, Needs, choose
-from .kvcache import own_storage
 from .step import PackedCall, StepLayout
 from .wrapped import unwrap
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
@@ -393,24 +392,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             cu_q, cu_k, max_q, max_k = batch.chunked(sem.chunk, cu_q)
     else:
         kernel = call.kernel
-        if call.kv is not None:  # keys and values as attention sees them, for later requests to continue
-            call.kv.append((own_storage(key), own_storage(value)))
+        if call.kv is not None:  # the call's KV source: a decode step's store, a recorder, earlier keys to continue
+            key, value = call.kv.extend(getattr(module, "layer_idx", None), key, value, sem.window or sem.chunk)
         if call.row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
             out = dense_attention(
                 query, key, value, call.row_mask(sem.window, sem.chunk), scale=scale, softcap=sem.softcap,
                 dropout_p=dropout, sinks=sem.sinks,
             )
             return out.transpose(1, 2), None
-        earlier = call.prefix if call.prefix is not None else call.kv_store
-        if earlier is not None:  # the queries continue earlier keys (a shared prefix, a decode step's cache)
-            layer_idx = getattr(module, "layer_idx", None)
-            if layer_idx is None:
-                raise UnsupportedModelError(
-                    f"{type(module).__name__} has no layer_idx, so prepack cannot find its layer's earlier keys"
-                )
-            key, value = earlier.extend(layer_idx, key, value)
-            if call.kv_store is not None:
-                call.kv_store.windows[layer_idx] = sem.window or sem.chunk
         cu_q, cu_k, max_q, max_k = call.layout.varlen_args(sem.chunk)
     refusal = kernel.refusal(Needs(softcap=sem.softcap, sinks=sem.sinks is not None, window=bool(sem.window or sem.chunk)))
     if refusal:

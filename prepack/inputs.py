@@ -58,7 +58,7 @@ def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts
         if model is not None and _vision_keys(inputs) and _is_vision(model):
             if _text_only(inputs):  # a processor's output without images: its token types say "text" everywhere
                 return Prompts(_from_padded(inputs, used=_TOKEN_TYPE_KEYS), False)
-            return _with_images(model, inputs)
+            return with_images(model, inputs)
         return Prompts(_from_padded(inputs), False)
     if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2:
         raise ValueError(
@@ -73,7 +73,7 @@ def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts
     items = list(inputs)
     if items and all(isinstance(x, str) for x in items):
         return Prompts(_tokenize(items, _need_tokenizer(tokenizer, "strings")), True)
-    if items and all(_is_chat(x) for x in items):
+    if items and all(is_chat(x) for x in items):
         if processor is not None:
             return _chats_with_processor(model, items, processor)
         for i, chat in enumerate(items):
@@ -83,7 +83,7 @@ def as_prompts(inputs, tokenizer=None, *, processor=None, model=None) -> Prompts
     if processor is not None:
         raise ValueError("processor= applies to chat conversations; pass the processor's output itself for other prompts")
     for i, x in enumerate(items):
-        if isinstance(x, str) or _is_chat(x):
+        if isinstance(x, str) or is_chat(x):
             raise ValueError(f"request {i} is text but other requests are token ids; pass one kind of prompt")
     return Prompts([token_array(x, i) for i, x in enumerate(items)], False)
 
@@ -100,7 +100,7 @@ def _is_batch_encoding(x) -> bool:
     return hasattr(x, "data") and hasattr(x, "keys") and "input_ids" in x.keys()
 
 
-def _is_chat(x) -> bool:
+def is_chat(x) -> bool:
     return isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0 and all(
         isinstance(m, Mapping) and "role" in m and "content" in m for m in x
     )
@@ -161,7 +161,7 @@ def _text_only(batch) -> bool:
     return all(not r.any() for r in rows)
 
 
-def _with_images(model, batch) -> Prompts:
+def with_images(model, batch) -> Prompts:
     """A vision-language model's processor output -> each request's tokens, images and positions."""
     family = vision_family(model, _vision_keys(batch))
     tokens = _from_padded(batch, used=model_inputs(family))
@@ -181,7 +181,7 @@ def _chats_with_processor(model, chats: list, processor) -> Prompts:
     parts = []
     for chat in chats:
         out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-        parts.append(_with_images(model, out) if _is_vision(model) else Prompts(_from_padded(out), True))
+        parts.append(with_images(model, out) if _is_vision(model) else Prompts(_from_padded(out), True))
     tokens = [t for p in parts for t in p.tokens]
     vision = join([p.vision for p in parts]) if parts and parts[0].vision is not None else None
     return Prompts(tokens, True, vision)

@@ -16,10 +16,10 @@ bottom before the pool itself grows (by ``growth``). Host-side bookkeeping is nu
 the per-step plan (:class:`StepKV`) is built once and read by every layer.
 
 A prompt prefix that several requests share is held once, in a region of its own keyed by a
-negative number: :meth:`KVStore.attach` makes a request read it before its own keys, and the
-region is freed with the last request attached to it (a reference count). Its keys are counted
-once in :meth:`KVStore.live_tokens` and in the pools' bytes. Attention over a sharer's two regions
-is merged from parts (:mod:`prepack.cascade`).
+negative number: :meth:`KVStore.attach` makes a request (or a child region) read it before its own
+keys, so regions form a tree, and a region is freed with the last request or region attached to it
+(a reference count). Its keys are counted once in :meth:`KVStore.live_tokens` and in the pools'
+bytes. Attention over a sharer's regions is merged from parts (:mod:`prepack.cascade`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from . import layout
 from .cascade import shared_parts
-from .step import StepLayout
+from .step import StepLayout, check_layer_idx
 from .support import UnsupportedModelError
 
 
@@ -44,13 +44,16 @@ class KVStore:
         slack: tokens of spare capacity a new region gets beyond what it must hold.
         split_chunks: attend a prompt chunk's earlier keys and its own as two merged parts
             (:func:`prepack.cascade.shared_parts`); only for plain causal softmax attention.
+        slides: per layer, whether the model's own cache keeps only a sliding window of keys
+            (:func:`prepack.engine.cache_slides`): such a layer's attention must apply a window.
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=()):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
         self.split_chunks = split_chunks
+        self.slides = tuple(slides)  # per layer: whether the model's own cache keeps only a sliding window of keys
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
@@ -58,8 +61,9 @@ class KVStore:
         self.size = 0  # pool rows allocated per layer
         self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> (keys, values), (P, H_kv, D)
         self.peak_bytes = 0
-        self.prefix_of: dict[int, int] = {}  # request -> the shared prefix region it reads first
-        self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests attached to it
+        self.prefix_of: dict[int, int] = {}  # request or region -> the prefix region it continues
+        self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests and regions attached to it
+        self.most: dict[int, int] = {}  # request or region -> the most keys it will hold, where known
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def live_tokens(self) -> int:
@@ -74,7 +78,8 @@ class KVStore:
         return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in self.pools.values())
 
     def attach(self, request: int, prefix: int) -> None:
-        """Make ``request`` read prefix region ``prefix`` (key < 0) before its own keys; counts a reference."""
+        """Make ``request`` (a request, or a region: a child) read prefix region ``prefix`` (key < 0) before its
+        own keys; counts a reference. ``prefix``'s own ancestors come before it."""
         if prefix >= 0:
             raise ValueError(f"prefix regions have negative keys, got {prefix}")
         if request in self.prefix_of:
@@ -82,20 +87,33 @@ class KVStore:
         self.prefix_of[request] = prefix
         self.sharers[prefix] = self.sharers.get(prefix, 0) + 1
 
+    def reserve(self, key: int, most: int) -> None:
+        """``key`` will never hold more than ``most`` keys: its region grows no further than that."""
+        self.most[key] = most
+
+    def chain(self, key: int) -> list[int]:
+        """The prefix regions ``key`` continues, nearest first."""
+        out = []
+        while (key := self.prefix_of.get(key)) is not None:
+            out.append(key)
+        return out
+
     def free(self, request: int) -> list[int]:
         """Release ``request``'s region at once (its rows become garbage until the next compaction).
 
-        Its prefix region goes with it when no other request reads it. Returns the keys freed.
+        Each prefix region it continues goes with it when nothing else reads it. Returns the keys freed.
         """
         freed = [request]
         prefix = self.prefix_of.pop(request, None)
-        if prefix is not None:
+        while prefix is not None:
             self.sharers[prefix] -= 1
-            if not self.sharers[prefix]:
-                del self.sharers[prefix]
-                freed.append(prefix)
+            if self.sharers[prefix]:
+                break
+            del self.sharers[prefix]
+            freed.append(prefix)
+            prefix = self.prefix_of.pop(prefix, None)
         for key in freed:
-            for d in (self.start, self.capacity, self.length):
+            for d in (self.start, self.capacity, self.length, self.most):
                 d.pop(key, None)
         if not self.start:  # nothing live: the whole pool is free again
             self.top = 0
@@ -120,6 +138,8 @@ class KVStore:
     def _grow_region(self, r: int, need: int) -> None:
         """Give request ``r`` a region of at least ``need`` rows (``growth`` times it, plus ``slack``)."""
         cap = int(math.ceil(need * self.growth)) + self.slack
+        if r in self.most:  # no room past what it can ever hold (a request's prompt and new tokens, a region's length)
+            cap = max(min(cap, self.most[r]), need)
         extra = cap - self.capacity[r] if self._is_last(r) else cap
         if self.top + extra > self.size:
             self._compact()  # reuse freed rows before growing the pool; ``r`` may end up last
@@ -186,7 +206,8 @@ class KVStore:
         q_lengths, k_lengths = _segments(gap, q, cached)
         end = int((starts + cached + q).max()) if len(order) else 0
         regions = {p: (self.start[p], self.length[p]) for p in self.sharers if p in self.start}
-        parts = shared_parts(order, q, cached, starts, self.prefix_of, regions, self.device, split_chunks=self.split_chunks)
+        chains = {key: self.chain(key) for key in order}
+        parts = shared_parts(order, q, cached, starts, chains, regions, self.device, split_chunks=self.split_chunks)
         base = None
         if parts is not None:
             # the kernel's own layout for the other rows: the merged rows' keys fold into the gap before them
@@ -236,24 +257,32 @@ class StepKV:
         self.base_layout = base  # with parts: the layout the kernel runs for the other queries
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
-        self.layers_seen: set[int] = set()
-        self.windows: dict[int, int | None] = {}  # layer -> the window (or chunk) its attention call applied
+        self._written: set[int] = set()  # layers whose keys this step holds: a second write would overwrite them
 
-    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
 
         The new keys are written after each request's cached ones; the returned stream is the pool up
-        to the last real key, cut into segments by :attr:`layout`.
+        to the last real key, cut into segments by :attr:`layout`. ``window``: the sliding window or chunk
+        the layer's attention applies; a layer whose own cache keeps only a window of keys
+        (:attr:`KVStore.slides`, known from the config before the first step) must apply one.
         """
+        check_layer_idx(layer_idx)
         if key.shape[0] != 1:
             raise UnsupportedModelError(f"layer {layer_idx} got keys of batch {key.shape[0]}; the engine runs one packed stream")
-        if layer_idx in self.layers_seen:
+        if layer_idx in self._written:
             raise UnsupportedModelError(
                 f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
                 "key/value stream per layer and cannot decode this model exactly"
             )
-        self.layers_seen.add(layer_idx)
         store = self.store
+        if layer_idx < len(store.slides) and store.slides[layer_idx] and not window:
+            raise UnsupportedModelError(
+                f"layer {layer_idx}'s cache keeps only a sliding window of keys, but its attention applies no window, "
+                "so transformers' own decoding attends to fewer keys than its prefill did; prepack's decode engine "
+                "cannot reproduce that exactly"
+            )
+        self._written.add(layer_idx)
         if layer_idx not in store.pools:  # the first step: every layer's pool at the size planned
             store.pools[layer_idx] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
         pool_k, pool_v = store.pools[layer_idx]

@@ -11,8 +11,8 @@ means the same thing everywhere::
     positions(lengths)   -> [0, 1, 2, 0, 0, 1]   position ids, restarting per segment
     ranges([10, 20, 30], lengths) -> [10, 11, 12, 20, 30, 31]   token indices of each segment
 
-Dense masks are attention semantics and live in :mod:`prepack.attention`
-(:func:`~prepack.attention.document_mask`); this module never imports torch.
+Dense masks are attention semantics and live in :mod:`prepack.masks`
+(:func:`~prepack.masks.document_mask`); this module never imports torch.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class PackedBatch:
 
         A query attends to a key iff both belong to the same request, the key is
         not after the query, and (with ``window``) fewer than ``window`` positions
-        before it (:func:`prepack.attention.document_mask`, the mask every backend
+        before it (:func:`prepack.masks.document_mask`, the mask every backend
         means). Padding queries attend only to themselves, so no row of the mask
         is empty and a model's own SDPA never produces NaN from it.
 

@@ -1,19 +1,24 @@
-"""Which requests of a decode-engine call share a prompt prefix held once (and whether the model allows it).
+"""Which requests of a decode-engine call share prompt prefixes held once, at any depth (and whether the model allows it).
 
-The rule, applied when a request is admitted:
+Shared prefixes form a tree of regions (like SGLang's radix tree): a region holds the keys of
+``tokens[start:end]`` of the prompts that share them, and continues its parent region (the prompt's
+first ``start`` tokens). A GRPO batch, for instance, has a few-shot header shared by every prompt, then
+each prompt shared by its G samples: the header is one region, each prompt's remainder a child of it,
+and each sample reads both before its own keys. The rule, applied when a request is admitted:
 
-1. If a prefix region is live (held for requests admitted earlier) and is a proper prefix of the
-   request's prompt, the request reads it; the longest such region wins.
-2. Otherwise the request's prompt is compared with the prompts waiting behind it (the engine's
-   read-ahead, ``2 * max_batch`` or 128 requests). For each length ``L`` that is the longest common
-   prefix with some waiting prompt, ``k(L)`` waiting prompts share at least ``L`` tokens; the length
-   that saves most, ``max L * k(L)``, becomes a new region when it has at least
-   :data:`MIN_SHARED_TOKENS` tokens. Later requests then find it by rule 1.
+1. The deepest live region whose tokens are a prefix of the request's prompt (its whole prompt
+   included) is where the request starts; its ancestors come with it.
+2. From there the prompt is compared with the prompts waiting behind it (the engine's read-ahead,
+   ``2 * max_batch`` or 128 requests). For each length ``L`` past the matched ``M`` that is the longest
+   common prefix with some waiting prompt, ``k(L)`` waiting prompts share at least ``L`` tokens; the
+   length that saves most, ``max (L - M) * k(L)``, becomes a new child region when it adds at least
+   :data:`MIN_SHARED_TOKENS` tokens, or when it reaches the end of the prompt (the samples of one
+   prompt share all of it, however short). Step 2 repeats from the new region, so one admission may
+   open a header region and a prompt region under it. Later requests find them by rule 1.
 
-A region always stops at least one token short of every sharer's prompt, so each request still
-feeds its own last prompt token and gets its first logits from it (the samples of one prompt, which
-share all of it, share all but its last token). One level only: a request reads at most one region
-(no tree of nested prefixes, as SGLang's radix cache keeps).
+A request whose whole prompt is a region feeds no prompt token of its own: its first token is chosen
+from the region's last-token logits (each sample with its own processors and generator), so a prompt
+shared by its samples runs once, its last token included.
 """
 
 from __future__ import annotations
@@ -21,36 +26,34 @@ from __future__ import annotations
 import numpy as np
 
 from .hf import attention_needs
+from .prefixes import common_prefix_length
 
 MIN_SHARED_TOKENS = 32  # below this a region saves less than the extra attention part costs
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two (L,) int64 token arrays."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
-
-
 def live_match(prompt: np.ndarray, live: dict) -> int | None:
-    """The key of the longest live region (key -> (L,) tokens) that is a proper prefix of ``prompt``, or None."""
+    """The key of the longest live region (key -> (L,) tokens) that is a prefix of ``prompt`` (or all of it), or None."""
     best, best_len = None, 0
     for key, tokens in live.items():
         n = len(tokens)
-        if best_len < n < len(prompt) and np.array_equal(prompt[:n], tokens):
+        if best_len < n <= len(prompt) and np.array_equal(prompt[:n], tokens):
             best, best_len = key, n
     return best
 
 
-def new_region_length(prompt: np.ndarray, others, min_tokens: int = MIN_SHARED_TOKENS) -> int:
-    """Tokens of ``prompt`` worth holding once for the waiting prompts ``others`` (0: none), by ``max L * k(L)``."""
-    lengths = np.array([min(common_prefix(prompt, o), len(o) - 1, len(prompt) - 1) for o in others], np.int64)
-    lengths = lengths[lengths >= min_tokens]
+def next_region_end(prompt: np.ndarray, matched: int, others, min_tokens: int = MIN_SHARED_TOKENS) -> int:
+    """Where a new region continuing ``prompt[:matched]`` should end for the waiting prompts ``others`` (0: none).
+
+    The end ``L`` maximises ``(L - matched) * k(L)``, ``k(L)`` the waiting prompts sharing at least ``L``
+    tokens with ``prompt``; it must add ``min_tokens`` tokens, unless it is the whole prompt.
+    """
+    lengths = np.array([common_prefix_length(prompt, o) for o in others], np.int64)
+    lengths = lengths[(lengths - matched >= min_tokens) | ((lengths == len(prompt)) & (lengths > matched))]
     if not len(lengths):
         return 0
     values = np.unique(lengths)
     sharing = (lengths[None, :] >= values[:, None]).sum(1)  # k(L) for each candidate L
-    return int(values[np.argmax(values * sharing)])
+    return int(values[np.argmax((values - matched) * sharing)])
 
 
 def sharing_refusal(model, rope) -> str | None:

@@ -183,27 +183,6 @@ def rope_groups(model, seq_lens: np.ndarray, ids: np.ndarray | None = None) -> l
     return [np.asarray(g, np.int64) for g in keys.values()]
 
 
-def decode_key(dep: RopeDependence | None, prompt_len: int, steps: int) -> Hashable:
-    """Rows of a decode batch share every step's frequencies iff this key is equal for them.
-
-    A row whose prompt has ``prompt_len`` tokens runs forwards reaching ``prompt_len + s``
-    positions at decode step s (``model.generate`` gives left-padded rows their own positions,
-    and a forward's frequencies follow its largest position), s = 0 .. ``steps`` - 1.
-
-    Returns:
-        None without length-dependent RoPE; else the (step, frequencies) where they change.
-    """
-    if dep is None:
-        return None
-    out, last = [], None
-    for s in range(max(1, steps)):
-        k = dep.key(prompt_len + s)
-        if k != last:  # run-length form: one entry per change of regime
-            out.append((s, k))
-            last = k
-    return tuple(out)
-
-
 def grouped_plan(lengths: np.ndarray, capacity: int, groups: list[np.ndarray]) -> tuple[Plan, list[int]]:
     """One :class:`~prepack.planner.Plan` whose rows hold requests of one group each.
 

@@ -7,10 +7,11 @@ chunks continuing its own earlier keys, beside the running decodes: Sarathi-Serv
 batches); then waiting requests are admitted while the budget, ``kv_budget`` (each running request
 reserves its prompt plus its most new tokens) and ``max_batch`` allow.
 
-With ``share=True`` an admitted request may read a prefix region held once for several requests
-(the rule is :mod:`prepack.prefix_regions`'): the region is a unit of its own that feeds its tokens
-(in chunks, like a prompt) and never samples; a sharer feeds its own tokens only once the region is
-complete (in the same step at the earliest).
+With ``share=True`` an admitted request may read prefix regions held once for several requests, at
+any depth (the rule is :mod:`prepack.prefix_regions`'): a region is a unit of its own that feeds its
+tokens (in chunks, like a prompt) after its parent's and never samples; a request or a child region
+feeds its own tokens only once its parent region is complete (in the same step at the earliest). A
+request whose whole prompt is a region takes its first token from the region's last-token logits.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import torch
 
 from .decoding import RequestRules
 from .kvstore import KVStore
-from .prefix_regions import live_match, new_region_length
+from .prefix_regions import live_match, next_region_end
 
 
 class Request:
     """A request: its prompt, rules, what it generated and what it has still to feed.
 
-    ``pending`` is what the request has not fed yet: its prompt (after its prefix region) until that is
-    all in the cache, then its newest token. ``offset`` is the length of the prefix region it reads.
+    ``pending`` is what the request has not fed yet: its prompt (after its prefix regions) until that is
+    all in the cache, then its newest token. ``prefix`` is the deepest prefix region it reads (its
+    ancestors come with it) and ``offset`` that region's end: where its own positions start.
     """
 
     __slots__ = ("index", "prompt", "rules", "generator", "tokens", "logprobs", "pending", "prefix", "offset")
@@ -53,12 +55,23 @@ class Request:
 
 
 class Prefix:
-    """A prefix region shared by several requests: its tokens and those not fed yet. Its key is negative."""
+    """A prefix region shared by several requests; its key is negative.
 
-    __slots__ = ("key", "tokens", "pending", "offset")
+    Attributes:
+        tokens: (L,) int64, the prompt prefix it ends (its parent's tokens, then its own).
+        prefix: its parent region, or None; offset: the parent's end, where its own tokens start.
+        pending: its own tokens not fed yet.
+        last_logits: (V,) float32 logits after its last token, once computed: the first-token
+            distribution of a request whose whole prompt it is.
+    """
 
-    def __init__(self, key: int, tokens: np.ndarray):
-        self.key, self.tokens, self.pending, self.offset = key, tokens, tokens, 0
+    __slots__ = ("key", "tokens", "pending", "prefix", "offset", "last_logits")
+
+    def __init__(self, key: int, tokens: np.ndarray, parent: "Prefix | None" = None):
+        self.key, self.tokens, self.prefix = key, tokens, parent
+        self.offset = 0 if parent is None else len(parent.tokens)
+        self.pending = tokens[self.offset:]
+        self.last_logits = None
 
 
 class Scheduler:
@@ -77,6 +90,7 @@ class Scheduler:
         self.running: dict[int, Request] = {}  # admission order
         self.prefilling: list = []  # requests and prefix regions with prompt tokens still to feed, admission order
         self.live: dict[int, Prefix] = {}
+        self.awaiting: list[Request] = []  # requests whose whole prompt is a region: first token from its logits
         self.reserved: dict[int, int] = {}  # request or region -> keys reserved
         self._keys = itertools.count(-1, -1)
 
@@ -106,8 +120,8 @@ class Scheduler:
         for u in todo:
             if budget <= 0:
                 break
-            if isinstance(u, Request) and u.prefix is not None and len(u.prefix.pending) > feeds.get(u.prefix.key, 0):
-                continue  # its region is not all in the cache by the end of this step
+            if u.prefix is not None and len(u.prefix.pending) > feeds.get(u.prefix.key, 0):
+                continue  # its parent region is not all in the cache by the end of this step
             n = min(len(u.pending), budget)
             if n < len(u.pending) and not self.chunk:
                 break
@@ -116,37 +130,54 @@ class Scheduler:
         return budget
 
     def _admit(self, r: Request, budget: int, behind: list) -> list | None:
-        """Admit ``r`` if the budgets allow: the units it adds to the prefilling ones (a new region first), or None.
+        """Admit ``r`` if the budgets allow: the units it adds to the prefilling ones (new regions first), or None.
 
-        ``behind``: the prompts waiting after it, which a new region is chosen for.
+        ``behind``: the prompts waiting after it, which new regions are chosen for.
         """
-        region, length = None, 0
+        region, ends = None, []
         if self.share:
             key = live_match(r.prompt, {k: p.tokens for k, p in self.live.items()})
-            if key is not None:
-                region = self.live[key]
-            else:
-                length = new_region_length(r.prompt, behind)
-        own = r.rules.max_length - 1 - (len(region.tokens) if region else length)
-        if sum(self.reserved.values()) + own + length > self.kv_budget:
+            region = None if key is None else self.live[key]
+            matched = 0 if region is None else len(region.tokens)
+            while (end := next_region_end(r.prompt, matched, behind)) > matched:
+                ends.append(end)
+                matched = end
+        held = ends[-1] if ends else len(region.tokens) if region is not None else 0
+        own = r.rules.max_length - 1 - held
+        new_keys = held - (len(region.tokens) if region is not None else 0)
+        if sum(self.reserved.values()) + own + new_keys > self.kv_budget:
             return None
         if not self.chunk and len(r.prompt) > budget:
             return None
         new = []
-        if length:
-            region = Prefix(next(self._keys), r.prompt[:length])
-            self.live[region.key], self.reserved[region.key] = region, length
-            self.stats.prefix_regions += 1
-            new.append(region)
-        elif region is not None:
+        if region is not None:
             self.stats.shared_prefix_tokens += len(region.tokens)  # computed once already: saved here
+        for end in ends:
+            child = Prefix(next(self._keys), r.prompt[:end], region)
+            if region is not None:
+                self.store.attach(child.key, region.key)
+            self.live[child.key], self.reserved[child.key] = child, len(child.pending)
+            self.store.reserve(child.key, len(child.pending))
+            self.stats.prefix_regions += 1
+            new.append(child)
+            region = child
         if region is not None:
             r.prefix, r.offset, r.pending = region, len(region.tokens), r.prompt[len(region.tokens):]
             self.store.attach(r.index, region.key)
+            if not len(r.pending):
+                self.awaiting.append(r)
         self.running[r.index], self.reserved[r.index] = r, own
-        new.append(r)
+        self.store.reserve(r.index, own)
+        if len(r.pending):
+            new.append(r)
         self.prefilling += new
         return new
+
+    def first_tokens(self) -> list[Request]:
+        """The requests whose whole prompt is a region that has its last-token logits now (they leave ``awaiting``)."""
+        ready = [r for r in self.awaiting if r.prefix.last_logits is not None]
+        self.awaiting = [r for r in self.awaiting if r.prefix.last_logits is None]
+        return ready
 
     def fed(self, feeds: dict, units: dict) -> None:
         """Drop what the step fed from each unit's pending tokens."""

@@ -28,7 +28,7 @@ from .hf import attention_needs, check_model, model_device
 from .packing import token_array
 from .rope import rope_dependence
 from .staged import run_staged
-from .inputs import _is_chat, _with_images, check_prompts
+from .inputs import is_chat, with_images, check_prompts
 from .vision import join
 
 Truncate = Literal["error", "left"]
@@ -402,7 +402,7 @@ def score_with_images(model, requests: Sequence, processor, *, max_length: int |
     limit = _context_window(model, max_length)
     parts, contexts, continuations = [], [], []
     for i, pair in enumerate(requests):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_chat(pair[0])):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and is_chat(pair[0])):
             raise ValueError(f"request {i}: with processor=, a request is a (chat, continuation) pair")
         chat, continuation = pair
         out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
@@ -414,7 +414,7 @@ def score_with_images(model, requests: Sequence, processor, *, max_length: int |
             raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
         if limit is not None and len(context) + len(cont) - 1 > limit:
             raise ValueError(f"request {i} has {len(context) + len(cont) - 1} input tokens but the context window is {limit}")
-        parts.append(_with_images(model, _extended(out, cont[:-1])))
+        parts.append(with_images(model, _extended(out, cont[:-1])))
         contexts.append(len(context))
         continuations.append(cont)
     if not parts:

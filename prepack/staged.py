@@ -35,7 +35,7 @@ import torch
 
 from . import layout
 from .backends import choose
-from .forward import Output, Prefix, Reduce, _no_values, run_packed
+from .forward import Output, Prefix, Reduce, no_values, run_packed
 from .hf import attention_needs, model_device
 from .packing import PackedBatch
 from .planner import check_capacity
@@ -226,7 +226,7 @@ class _Stages:
                     src, dst = (torch.from_numpy(layout.ranges(a, copies[2])).to(device) for a in copies[:2])
                     out.index_copy_(0, dst, run.values.index_select(0, src))
         if self.spans is not None and out is None:  # no request asked for any position: (0, X)
-            out = _no_values(self.model, output, reduce, device)
+            out = no_values(self.model, output, reduce, device)
         parts = []
         for i, q in enumerate(self.stages[1]):
             earlier = self.where[0][q.parent] if q.parent >= 0 else []

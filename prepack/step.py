@@ -1,10 +1,11 @@
-"""What one packed forward carries to every attention layer: its layout, its kernel, its KV sink.
+"""What one packed forward carries to every attention layer: its layout, its kernel, its KV source.
 
 A packed call passes one keyword, ``prepack=PackedCall(...)``, down through the model
-(the way transformers passes ``cu_seq_lens_q`` and friends as attention kwargs). Every
-layer only reads it: the layout is built once per forward, on the host and then once on
-the device, and the kernel was chosen once for the call (:func:`prepack.backends.choose`).
-Nothing is written to the model or its config.
+(the way transformers passes ``cu_seq_lens_q`` and friends as attention kwargs). The call is
+frozen and every layer only reads it: the layout is built once per forward, on the host and then
+once on the device, and the kernel was chosen once for the call (:func:`prepack.backends.choose`).
+Keys and values go where the call's :class:`KVSource` puts them (a decode step's store, a recorder,
+earlier keys a segment continues); nothing is written to the call, the model or its config.
 
 A segment's queries may continue keys computed earlier (a shared context, an earlier chunk
 of a long prompt): then its key length exceeds its query length, and the kernel aligns the
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from . import layout
 from .backends import Kernel
+from .kvcache import own_storage
 from .support import UnsupportedModelError
 
 
@@ -117,6 +119,19 @@ def _chunk_pieces(q_lengths: np.ndarray, k_lengths: np.ndarray, chunk: int) -> t
     return np.asarray(qs, np.int64), np.asarray(ks, np.int64)
 
 
+class KVSource(Protocol):
+    """Where a packed call's attention layers hand their new keys and values, and what they attend to instead.
+
+    ``extend(layer_idx, key, value, window)``: ``key``/``value`` (1, H_kv, T, D) are the call's new tokens'
+    keys and values at layer ``layer_idx`` (None for a module without one), ``window`` the sliding window
+    or chunk that layer's attention applies (None: none). Returns (1, H_kv, S, D) keys and values in the
+    call's key layout (:attr:`StepLayout.k_lengths`): the new ones with whatever earlier keys each segment
+    continues. Implementations: :class:`PrefixKV`, :class:`RecordKV`, :class:`prepack.kvstore.StepKV`.
+    """
+
+    def extend(self, layer_idx: int | None, key: torch.Tensor, value: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass(frozen=True, eq=False)
 class PackedCall:
     """The ``prepack=`` keyword of one packed forward: everything its attention layers read.
@@ -124,25 +139,37 @@ class PackedCall:
     Attributes:
         layout: the forward's segments (:class:`StepLayout`).
         kernel: the attention kernel chosen for the whole call.
-        kv: when a list, each layer appends (keys, values) as attention sees them.
-        prefix: keys and values that precede each segment's new ones (:class:`PrefixKV`), or None.
+        kv: where each layer's new keys and values go and which keys it attends to (:class:`KVSource`), or
+            None: each segment attends to its own new keys only.
         row_mask: for a row backend (``sdpa_masked``): ``row_mask(window, chunk)`` -> the rows' dense
             (R, 1, C, C) bool masks.
-        kv_store: a decode step's KV store (:class:`prepack.kvstore.StepKV`), or None: each layer hands it
-            its new keys/values, ``kv_store.extend(layer_idx, key, value) -> (keys, values)``, and attends
-            to what it returns (each segment's cached keys and its new ones, in the varlen key layout).
     """
 
     layout: StepLayout
     kernel: Kernel
-    kv: list | None = None
-    prefix: "PrefixKV | None" = None
+    kv: KVSource | None = None
     row_mask: Callable | None = field(default=None)
-    kv_store: "object | None" = None
+
+
+class RecordKV:
+    """A :class:`KVSource` that keeps each layer's new keys and values as attention sees them, then hands
+    them on to ``then`` (another source), or back unchanged.
+
+    Attributes:
+        layers: per layer, in call order, (keys, values) each (1, H_kv, T, D), own storage (not views).
+    """
+
+    def __init__(self, then: KVSource | None = None):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.then = then
+
+    def extend(self, layer_idx, key, value, window=None):
+        self.layers.append((own_storage(key), own_storage(value)))
+        return (key, value) if self.then is None else self.then.extend(layer_idx, key, value, window)
 
 
 class PrefixKV:
-    """Puts each segment's earlier keys/values in front of its new ones, per layer.
+    """A :class:`KVSource` that puts each segment's earlier keys/values in front of its new ones, per layer.
 
     Args:
         chunks: the earlier run's chunks (per forward, per layer (keys, values), each (1, H_kv, S, D)).
@@ -155,8 +182,9 @@ class PrefixKV:
     def __init__(self, chunks: list, pieces: list, dst_new: torch.Tensor, total: int):
         self.chunks, self.pieces, self.dst_new, self.total = chunks, pieces, dst_new, total
 
-    def extend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, n, D) keys and values of the new tokens -> (1, H_kv, total, D) with the earlier ones in place."""
+        check_layer_idx(layer_idx)
         return self._merge(layer_idx, 0, key), self._merge(layer_idx, 1, value)
 
     def _merge(self, layer_idx: int, which: int, new: torch.Tensor) -> torch.Tensor:
@@ -170,3 +198,9 @@ class PrefixKV:
                 )
             out.index_copy_(2, dst, past.index_select(2, src))
         return out.index_copy_(2, self.dst_new, new)
+
+
+def check_layer_idx(layer_idx: int | None) -> None:
+    """Refuse a module without ``layer_idx``: its earlier keys cannot be found."""
+    if layer_idx is None:
+        raise UnsupportedModelError("an attention module has no layer_idx, so prepack cannot find its layer's earlier keys")

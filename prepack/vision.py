@@ -293,7 +293,7 @@ class StepRunner:
         return unwrap(self.module).config
 
     def __call__(self, *, input_ids, position_ids, prepack, **kwargs):
-        kv = prepack.kv_store
+        kv = prepack.kv  # the step's KV store: its requests in stream order, their new and cached tokens
         prompts = np.asarray(kv.order, np.int64) // self.samples
         pos, images = self.vision.forward_inputs(self.module, prompts, kv.q, kv.cached, position_ids)
         return self.module(input_ids=input_ids, position_ids=pos, prepack=prepack, **images, **kwargs)

@@ -135,7 +135,7 @@ def test_attention_over_a_prefix_region_and_own_keys_matches_flash_attn_referenc
     # pool rows: prefix [0, 10), request 0 [12, 17), request 1 [20, 26), request 2 [30, 32)
     order, starts = [0, 1, 2], np.array([12, 20, 30])
     q_len, cached = np.array([1, 3, 2]), np.array([4, 3, 0])
-    parts = shared_parts(order, q_len, cached, starts, {0: -1, 1: -1}, {-1: (0, 10)}, "cpu")
+    parts = shared_parts(order, q_len, cached, starts, {0: [-1], 1: [-1]}, {-1: (0, 10)}, "cpu")
     base = StepLayout(np.array([0, 1, 0, 3, 0, 2]), np.array([17, 0, 9, 0, 4, 2]), "cpu")  # 0 and 1: keyless
     kernel = cascade_kernel(choose("sdpa_varlen", device="cpu", dtype=torch.float32), parts, base)
     got = kernel.fn(q, pool_k, pool_v, None, None, causal=True)
@@ -143,5 +143,95 @@ def test_attention_over_a_prefix_region_and_own_keys_matches_flash_attn_referenc
     values = [torch.cat([pool_v[0:10], pool_v[12:17]]), torch.cat([pool_v[0:10], pool_v[20:26]]), pool_v[30:32]]
     rows = [slice(0, 1), slice(1, 4), slice(4, 6)]
     for r, kk, vv in zip(rows, keys, values, strict=True):
+        want = attention_ref(q[None, r], kk[None], vv[None], causal=True)[0]
+        torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
+
+
+def _count_tokens_run(model):
+    """A forward hook on the input embeddings: how many token positions went through the model."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    return seen, handle
+
+
+SAMPLED = dict(do_sample=True, top_k=20, pad_token_id=0, max_new_tokens=5, min_new_tokens=5)
+
+
+def test_samples_of_a_short_prompt_run_its_tokens_once_and_equal_generate_alone():
+    model, seqs, g = build("llama"), prompts([5, 9, 3]), 3
+    seen, handle = _count_tokens_run(model)
+    try:
+        got = generate_with_backends(model, seqs, num_return_sequences=g, seed=11, **SAMPLED)
+    finally:
+        handle.remove()
+    # sample j of prompt i is request k = i * g + j, seeded 11 + k: generate on its prompt alone, seeded so
+    assert tokens(got.results) == [alone_seeded(model, seqs[k // g], 11 + k) for k in range(len(seqs) * g)]
+    # each prompt once, its last token included; then each sample feeds back all but its last new token
+    assert sum(seen) == sum(len(s) for s in seqs) + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
+    assert got.stats.prefix_regions == len(seqs)
+
+
+def alone_seeded(model, prompt, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **SAMPLED)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_header_and_each_prompt_are_shared_at_two_levels_exactly():
+    """A GRPO batch: a header shared by every prompt, each prompt shared by its samples, each computed once."""
+    model, g = build("llama"), 3
+    seqs = chats(suffixes=(1, 5, 40, 3), system=SYSTEM)
+    seen, handle = _count_tokens_run(model)
+    try:
+        got = generate_with_backends(model, seqs, num_return_sequences=g, seed=5, **SAMPLED)
+    finally:
+        handle.remove()
+    assert tokens(got.results) == [alone_seeded(model, seqs[k // g], 5 + k) for k in range(len(seqs) * g)]
+    prompt_tokens = SYSTEM + sum(len(s) - SYSTEM for s in seqs)  # the header once, each prompt's own tokens once
+    assert sum(seen) == prompt_tokens + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
+    assert got.stats.prefix_regions == 1 + len(seqs)  # the header, and one region per prompt under it
+
+
+def test_two_level_sharing_keeps_every_key_once():
+    model, g = build("llama"), 2
+    seqs = chats(suffixes=(6, 9), system=SYSTEM)
+    kwargs = dict(SAMPLED, num_return_sequences=g, seed=1)
+    stats = generate_with_backends(model, seqs, **kwargs).stats
+    own = g * len(seqs) * (kwargs["max_new_tokens"] - 1)  # every request's new tokens, all live at the last step
+    assert stats.peak_live_tokens == SYSTEM + 6 + 9 + own
+
+
+def test_a_region_tree_is_freed_from_the_leaves_with_its_last_reader():
+    store = KVStore("cpu")
+    store.attach(-2, -1)  # region -2 continues the header -1
+    for request, region in ((0, -2), (1, -2), (2, -1)):
+        store.attach(request, region)
+    assert store.chain(0) == [-2, -1] and store.chain(2) == [-1]
+    assert store.free(0) == [0]
+    assert store.free(1) == [1, -2]  # -2 had no other reader; the header still has request 2
+    assert store.free(2) == [2, -1] and not store.sharers and not store.prefix_of
+
+
+def test_attention_over_two_nested_regions_and_own_keys_matches_flash_attn_reference():
+    """A query reading a header region, a prompt region under it and its own keys: three merged parts."""
+    from prepack.backends import choose
+    from prepack.cascade import cascade_kernel, shared_parts
+
+    from .flash_attn_reference import attention_ref
+
+    gen = torch.Generator().manual_seed(1)
+    pool_k, pool_v = torch.randn(40, 2, 8, generator=gen), torch.randn(40, 2, 8, generator=gen)
+    q = torch.randn(1 + 3, 4, 8, generator=gen)  # a decode row (request 0), a 3-token chunk (request 1)
+    # pool rows: header [0, 10), prompt region [10, 16), request 0 [20, 23), request 1 [30, 35)
+    order, starts = [0, 1], np.array([20, 30])
+    q_len, cached = np.array([1, 3]), np.array([2, 2])
+    parts = shared_parts(order, q_len, cached, starts, {0: [-2, -1], 1: [-1]}, {-1: (0, 10), -2: (10, 6)}, "cpu")
+    base = StepLayout(np.array([0, 1, 0, 3]), np.array([23, 0, 12, 0]), "cpu")  # both keyless: merged elsewhere
+    kernel = cascade_kernel(choose("sdpa_varlen", device="cpu", dtype=torch.float32), parts, base)
+    got = kernel.fn(q, pool_k, pool_v, None, None, causal=True)
+    rows = {0: (slice(0, 1), [slice(0, 10), slice(10, 16), slice(20, 23)]), 1: (slice(1, 4), [slice(0, 10), slice(30, 35)])}
+    for r, pieces in rows.values():
+        kk, vv = torch.cat([pool_k[p] for p in pieces]), torch.cat([pool_v[p] for p in pieces])
         want = attention_ref(q[None, r], kk[None], vv[None], causal=True)[0]
         torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
