@@ -260,11 +260,17 @@ def test_overlapping_packed_calls_from_two_threads_share_one_switch_and_let_go()
 
 
 def test_plain_calls_while_prefills_switch_the_model_on_and_off_get_their_own_answer(monkeypatch):
-    """The switch is set and set back around every prefill here: a plain call whose mask was built before a
-    change and whose layers run after it still computes what the model's own implementation computes."""
+    """One thread prefills in a loop, so the switch is set and set back around every prefill; another runs plain
+    calls until it has seen at least 10 switches: a plain call whose mask was built before a change and whose
+    layers run after it still computes what the model's own implementation computes."""
     model = build("mistral")  # a sliding window: a missing mask would be wrong, not just slow
     model.set_attn_implementation("eager")
-    switches = []
+    seqs = prompts([5, 19, 11, 2])
+    ids, mask = left_pad(seqs)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_unpadded = model(seqs[1][None]).logits
+    switches, diffs, stop = [], [], threading.Event()
     original = type(model).set_attn_implementation
 
     def counted(self, *args, **kwargs):
@@ -272,7 +278,22 @@ def test_plain_calls_while_prefills_switch_the_model_on_and_off_get_their_own_an
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "set_attn_implementation", counted)
-    diffs = _plain_calls_during_prefills(model, 60)
-    assert len(switches) >= 4  # the switch really went on and off while the plain calls ran
-    assert max(diffs) == 0.0
+
+    def packer():
+        while not stop.is_set():
+            prepack.prefill(model, prompts([30, 3, 17, 8, 1]))
+
+    def plain():
+        try:
+            while len(switches) < 10 or len(diffs) < 40:
+                with torch.no_grad():
+                    got = model(ids, attention_mask=mask).logits
+                    got_unpadded = model(seqs[1][None]).logits
+                diffs.append(float((got - want)[mask.bool()].abs().max()))
+                diffs.append(float((got_unpadded - want_unpadded).abs().max()))
+        finally:
+            stop.set()
+
+    run_threads(lambda i: plain() if i == 0 else packer(), 2)
+    assert len(switches) >= 10 and max(diffs) == 0.0
     assert model.config._attn_implementation == "eager"
