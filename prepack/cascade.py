@@ -115,9 +115,13 @@ def cascade_kernel(base, parts: SharedParts, layout):
     """``base`` (a :class:`~prepack.backends.Kernel`) computing the rows ``parts`` takes from their merged parts.
 
     ``layout``: the :class:`~prepack.step.StepLayout` the base kernel runs for the other rows (the taken
-    rows' segments have no keys there).
+    rows' segments have no keys there). It declares what a merge of parts computes exactly (plain causal
+    softmax), so the registry's own check (:meth:`~prepack.backends.Kernel.refusal`) refuses the rest.
     """
-    return replace(base, fn=functools.partial(_attend, base.fn, parts, layout))
+    return replace(
+        base, fn=functools.partial(_attend, base.fn, parts, layout), softcap=False, sinks=False, window=False,
+        fix="a shared prefix's attention is merged from parts for plain causal softmax only: pass share_prefixes=False",
+    )
 
 
 def _attend(
@@ -129,6 +133,8 @@ def _attend(
     Args:
         q: (T, H, D) the step's queries; k, v: (P, H_kv, D) views of the layer's pool.
     """
+    # a packed call is refused soft-capping, sinks and windows before this, by cascade_kernel's declaration;
+    # this guards a direct call, which must not have them ignored either
     if dropout_p or softcap or sinks is not None or not causal or tuple(window_size) != (-1, -1):
         raise UnsupportedModelError(
             "a shared prefix's attention is merged from parts for plain causal softmax attention only "

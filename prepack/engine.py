@@ -39,7 +39,7 @@ from . import layout
 from .backends import choose
 from .decoding import RequestRules, Rules, integer, positive_integer
 from .forward import default_token_budget
-from .hf import attention_needs, enable, model_device
+from .hf import attention_needs, model_device, require_switched
 from .step import PackedCall
 from .cascade import cascade_kernel
 from .kvstore import KVStore
@@ -88,6 +88,7 @@ class EngineStats:
         step_end_s: per step, seconds from the call's start to the step's end.
         prefix_regions: shared prefix regions computed. shared_prefix_tokens: prompt tokens not
             computed because a request read a region another request's admission had computed.
+        backend: the attention kernel the run chose (``"auto"`` resolved).
     """
 
     steps: int = 0
@@ -102,6 +103,7 @@ class EngineStats:
     step_end_s: list = field(default_factory=list)
     prefix_regions: int = 0
     shared_prefix_tokens: int = 0
+    backend: str | None = None
 
     def worst_decode_gap_s(self) -> float:
         """The longest time between two steps in which some request decoded in both (0 with fewer steps)."""
@@ -162,13 +164,14 @@ def decode(
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     stats = EngineStats() if stats is None else stats
+    stats.backend = kernel.name
     rope = rope_dependence(model)
     plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
     # a prompt with images runs whole in one step: its image features and mRoPE rows are laid out for the
     # whole prompt, so it neither continues a shared prefix nor is split into chunks
     share = share_prefixes and plain and vision is None
     chunk = rope is None and vision is None
-    enable(model)
+    require_switched(model)  # held by the caller for the whole run (prepack.hf.switched_iter)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
         module = StepRunner(module, vision, rules.samples)

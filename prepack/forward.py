@@ -35,7 +35,7 @@ import torch
 
 from . import kvcache, layout
 from .backends import KERNELS, Kernel, choose
-from .hf import attention_needs, cache_kwarg, enable, model_device
+from .hf import attention_needs, cache_kwarg, model_device, switched
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
@@ -115,7 +115,7 @@ def run_packed(
     model,
     tokens: Sequence[np.ndarray],
     *,
-    backend: str = "auto",
+    backend: str | Kernel = "auto",
     token_budget: int | None = None,
     capacity: int | None = None,
     spans: np.ndarray | None = None,
@@ -139,6 +139,7 @@ def run_packed(
         prefix: keys and values each request continues (varlen backends only).
         lengths: (N,) int64, ``len`` of each token array, where the caller has them already.
         vision: the requests' images and positions (:class:`prepack.vision.VisionPrompts`), or None.
+        backend: a name, or the :class:`~prepack.backends.Kernel` the caller chose for its whole call.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
@@ -205,8 +206,7 @@ def run_packed(
         sub_prefix = Prefix(prefix.chunks, prefix.parts.select(real))
 
     chunks, attention, values, rows_of = [], [], [], []
-    enable(model)
-    with torch.no_grad():
+    with switched(model), torch.no_grad():
         for rows in calls:
             layers, seen, out, where = _forward(model, batch, rows, kernel, device, select, output, reduce, kv, sub_prefix, sub_vision)
             chunks.append(layers)

@@ -18,10 +18,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .backends import choose
 from .decoding import Rules
 from .engine import EngineStats, decode as _decode
-from .hf import attention_needs, model_device
+from .hf import switched_iter
 from .inputs import check_prompts, is_prompt_batch
 from .result import Generation
 from .wrapped import check_can_generate, check_mode
@@ -129,9 +128,7 @@ def generate_with_backends(model, sequences, **kwargs) -> Generated:
             raise ValueError(f"{key}= is an option of prepack.generate_iter; prepack.generate returns every result at once, in input order")
     stats = EngineStats()
     results = list(_run(model, sequences, stats=stats, order="input", **kwargs))
-    name = choose(kwargs.get("backend", "auto"), device=model_device(model), dtype=next(model.parameters()).dtype,
-                  needs=attention_needs(model, continues_keys=True)).name
-    return Generated(results, (name,), stats)
+    return Generated(results, (stats.backend,), stats)
 
 
 def generate_iter(
@@ -199,12 +196,14 @@ def _run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=None if total is None else total * rules.samples, desc="prepack.generate", unit="req")
+    run = _decode(
+        model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
+        seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
+        share_prefixes=share_prefixes,
+    )
+    steps = switched_iter(model, run)  # the model is switched while the run runs, and only then
     try:
-        for done in _decode(
-            model, tokens, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
-            seed=seed, logprobs=return_logprobs, order=order, stats=stats, progress=bar, vision=vision,
-            share_prefixes=share_prefixes,
-        ):
+        for done in steps:
             text = None if tokenizer is None else tokenizer.decode(done.tokens, skip_special_tokens=True)
             if decode:
                 yield text
@@ -212,6 +211,7 @@ def _run(
                 prompt, sample = divmod(done.index, rules.samples)
                 yield Generation(done.index, prompt, sample, done.tokens, text, done.logprobs, done.finish_reason)
     finally:
+        steps.close()  # a caller that stops early lets go of the switch now, not when the generator is collected
         if bar is not None:
             bar.close()
 

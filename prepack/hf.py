@@ -5,11 +5,14 @@ one implementation per implementation a model may already have: ``"prepack|sdpa"
 ``"sdpa"``, ``"prepack|eager"`` wraps the model's own eager attention, and so on (like
 transformers' ``paged|`` prefix). The plain name ``"prepack"`` wraps ``"sdpa"``.
 
-**The one-time switch.** :func:`enable` sets each config of a model to ``"prepack|<its own>"``
-through ``model.set_attn_implementation`` (visible in ``model.config._attn_implementation``);
-:func:`disable` sets it back. Every prepack entry point calls :func:`enable`, which writes
-nothing when the model is already enabled. Enable a model before sharing it between threads
-(the first packed call does it otherwise): from then on no call writes to the model or its config.
+**A switch held only for a call.** Every prepack entry point holds the switch for its own length
+(:func:`switched`; a generator such as ``generate_iter`` holds it while it runs, :func:`switched_iter`):
+the first holder sets each config of the model to ``"prepack|<its own>"`` through
+``model.set_attn_implementation``, the last one to let go sets it back, so after a call returns the model
+is as the user left it (``generate_batch``, ``save_pretrained`` and TRL see the user's implementation).
+:func:`enable` is the user's own switch: it keeps the model switched, whatever calls come and go, until
+:func:`disable`. A model that is already switched when a call starts (``enable``, or a model loaded with
+``attn_implementation="prepack|sdpa"``) counts as switched by the user.
 
 **A wrapper changes no one else's call.** A call that carries no packed layout (a plain
 forward, ``model.generate``, a padded batch, a second model sharing the config) computes what
@@ -27,15 +30,20 @@ mask (padding, decoding, bidirectional or custom overlays) is the wrapped implem
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import sys
 import threading
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import dense_attention, segment_mask
-from .backends import Needs, training_kernel
+from .backends import Kernel, Needs, choose
 from .step import PackedCall, StepLayout
 from .wrapped import unwrap
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
@@ -79,43 +87,155 @@ def register() -> None:
         implementation_for(own)
 
 
-def enable(model):
-    """Switch ``model`` to prepack's attention once: each config to ``"prepack|<its own implementation>"``.
+@dataclass
+class _Hold:
+    """Who holds one model's switch: ``calls`` entry points running now, and whether the user switched it."""
 
-    Idempotent (an enabled model is not written to), visible in ``model.config._attn_implementation``,
-    undone by :func:`disable`. Calls without a packed layout keep computing exactly what the model's own
-    implementation computes, so this is safe for every other user of the model or of a shared config.
+    calls: int = 0
+    user: bool = False
+
+
+# one hold per config object (the top one and its sub-configs share it): models sharing a config share its switch
+_HOLDS = WeakIdKeyDictionary()
+# how many prepack entry points this thread (this context) is inside: only their own model calls skip the mask
+_INSIDE = contextvars.ContextVar("prepack_inside", default=0)
+
+
+def _hold(model) -> _Hold:
+    hold = _HOLDS.get(model.config)
+    if hold is None:
+        hold = _Hold()
+        for c in _configs(model):
+            _HOLDS[c] = hold
+    return hold
+
+
+def enable(model):
+    """Switch ``model`` to prepack's attention until :func:`disable`: each config to ``"prepack|<its own>"``.
+
+    Entry points switch the model for their own length without it; call this to keep it switched, e.g. to
+    train on padding-free batches with transformers' ``Trainer``. Idempotent, visible in
+    ``model.config._attn_implementation``. Calls without a packed layout keep computing exactly what the
+    model's own implementation computes, so this is safe for every other user of the model or of a shared config.
 
     Returns:
         ``model``.
     """
     check_model(model)
     with _LOCK:
-        # a sub-config with no implementation set (None: no module of the model reads it, e.g. Moshi's audio encoder) stays
-        plan = _switch_plan(model, lambda impl: None if impl is None or wrapped_implementation(impl) else implementation_for(impl))
-        if plan is not None:
-            model.set_attn_implementation(plan)
-        not_switched = [
-            c for c in _configs(model) if c._attn_implementation is not None and wrapped_implementation(c._attn_implementation) is None
-        ]
-        if not_switched:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} did not take prepack's attention implementation (its config still says "
-                f"{not_switched[0]._attn_implementation!r}); it cannot set its attention implementation dynamically"
-            )
+        _switch_on(model)
+        _hold(model).user = True
     return model
 
 
 def disable(model):
     """Undo :func:`enable`: each config back to the implementation prepack wrapped. Returns ``model``.
 
-    Do not call it while packed calls on this model (or a model sharing its config) are running.
+    Calls running now keep the switch until the last of them returns; it is set back then.
     """
     with _LOCK:
-        plan = _switch_plan(model, wrapped_implementation)
-        if plan is not None:
-            model.set_attn_implementation(plan)
+        hold = _hold(model)
+        hold.user = False
+        if hold.calls == 0:
+            _switch_off(model)
     return model
+
+
+@contextlib.contextmanager
+def switched(model) -> Iterator[None]:
+    """Hold ``model`` switched to prepack's attention for the length of a ``with`` block (reference-counted).
+
+    The first holder switches it (unless it is switched already: then it stays, as the user's), the last
+    one to leave sets it back. Inside, this thread's maskless causal calls build no (T, T) mask.
+    """
+    _acquire(model)
+    inside = _INSIDE.set(_INSIDE.get() + 1)
+    try:
+        yield
+    finally:
+        _INSIDE.reset(inside)
+        _release(model)
+
+
+def switched_iter(model, items: Iterator) -> Iterator:
+    """Yield what ``items`` yields, ``model`` held switched from the first item until exhausted or closed.
+
+    Each step of ``items`` runs inside :func:`switched`'s scope; the caller's code between steps does not
+    (a context variable set across a ``yield`` would leak into the caller's context).
+    """
+    _acquire(model)
+    try:
+        while True:
+            inside = _INSIDE.set(_INSIDE.get() + 1)
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                _INSIDE.reset(inside)
+            yield item
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+        _release(model)
+
+
+def holds(model) -> tuple[int, bool]:
+    """(entry points holding ``model`` switched now, whether the user switched it): for tests and debugging."""
+    with _LOCK:
+        hold = _HOLDS.get(model.config)
+        return (0, False) if hold is None else (hold.calls, hold.user)
+
+
+def _acquire(model) -> None:
+    check_model(model)
+    with _LOCK:
+        hold = _hold(model)
+        if hold.calls == 0:
+            # switched before the first call (enable, or loaded as "prepack|..."): the user's, left switched
+            hold.user = is_enabled(model)
+            _switch_on(model)
+        hold.calls += 1
+
+
+def _release(model) -> None:
+    with _LOCK:
+        hold = _hold(model)
+        hold.calls -= 1
+        if hold.calls == 0 and not hold.user:
+            _switch_off(model)
+
+
+def _switch_on(model) -> None:
+    # a sub-config with no implementation set (None: no module of the model reads it, e.g. Moshi's audio encoder) stays
+    plan = _switch_plan(model, lambda impl: None if impl is None or wrapped_implementation(impl) else implementation_for(impl))
+    if plan is not None:
+        model.set_attn_implementation(plan)
+    not_switched = [
+        c for c in _configs(model) if c._attn_implementation is not None and wrapped_implementation(c._attn_implementation) is None
+    ]
+    if not_switched:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} did not take prepack's attention implementation (its config still says "
+            f"{not_switched[0]._attn_implementation!r}); it cannot set its attention implementation dynamically"
+        )
+
+
+def _switch_off(model) -> None:
+    plan = _switch_plan(model, wrapped_implementation)
+    if plan is not None:
+        model.set_attn_implementation(plan)
+
+
+def require_switched(model) -> None:
+    """Raise unless ``model`` is held switched: a packed call on a model that is not would reach the model's
+    own attention, which would ignore the packed layout."""
+    if not is_enabled(model):
+        raise RuntimeError(
+            f"{type(model).__name__} is not switched to prepack's attention; run packed calls inside "
+            "prepack.hf.switched(model) (every prepack entry point does), or call prepack.enable(model)"
+        )
 
 
 def is_enabled(model) -> bool:
@@ -173,6 +293,68 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
 
 
+@dataclass
+class _TrainingBatch:
+    """The layout of one padding-free forward, built by its first attention layer and read by the others.
+
+    Attributes:
+        key: (B, L, device) of the call that built it.
+        version: the ``_version`` of the tensor it was built from (an in-place change builds it again).
+        cu_q: (n + 1,) int32 cu_seqlens on the queries' device, derived from position ids; None: the call
+            carries its own (``cu_seq_lens_q``), or its position ids do not restart (a plain call).
+    """
+
+    key: tuple
+    version: int
+    cu_q: torch.Tensor | None
+    _chunked: dict = field(default_factory=dict)
+    _kernels: dict = field(default_factory=dict)
+
+    def kernel(self, dtype: torch.dtype, head_dim: int, softcap: float, sinks: bool) -> Kernel:
+        """``auto``'s kernel for layers that ask this, chosen once per forward."""
+        needs = (dtype, head_dim, softcap, sinks)
+        if needs not in self._kernels:
+            self._kernels[needs] = choose("auto", device=self.key[2], dtype=dtype,
+                                          needs=Needs(head_dim=head_dim, softcap=softcap, sinks=sinks))
+        return self._kernels[needs]
+
+    def chunked(self, chunk: int, cu_q: torch.Tensor) -> tuple:
+        """(cu_q, cu_k, max_q, max_k) for layers that attend within chunks of ``chunk`` tokens of the sequences
+        ``cu_q`` ((n + 1,) int32, this batch's) bounds."""
+        if chunk not in self._chunked:
+            lengths = torch.diff(cu_q).cpu().numpy()  # one host sync per forward and chunk size, not per layer
+            self._chunked[chunk] = StepLayout(lengths, lengths, self.key[2]).varlen_args(chunk)
+        return self._chunked[chunk]
+
+
+# Padding-free layouts by the tensor that carries them (cu_seq_lens_q, else position_ids): transformers
+# hands every layer the very same tensor object, so the first layer builds the layout and the others find
+# it. Keyed on the object's identity, the entry goes when the tensor does; nothing is written to the model.
+_TRAINING = WeakIdKeyDictionary()
+_TRAINING_LOCK = threading.Lock()
+_TRAINING_MAX = 64  # tensors a caller keeps alive keep their entries: bounded, cleared when full
+
+
+def _training_layout(source: torch.Tensor, key: tuple, build) -> _TrainingBatch:
+    """The layout ``build()`` gives for ``source`` (its cu_q), made once per forward: again only for another
+    (B, L, device) or after ``source`` changed in place."""
+    if source.is_inference():  # no version counter to tell an in-place change: built for this layer alone
+        return _TrainingBatch(key, 0, build())
+    with _TRAINING_LOCK:
+        entry = _TRAINING.get(source)
+        if entry is None or entry.key != key or entry.version != source._version:
+            if len(_TRAINING) >= _TRAINING_MAX:
+                _TRAINING.clear()
+            entry = _TRAINING[source] = _TrainingBatch(key, source._version, build())
+        return entry
+
+
+def _restarts(position_ids: torch.Tensor, batch: int, length: int, device) -> torch.Tensor | None:
+    """cu_seqlens of a padding-free batch on ``device``, or None where the position ids do not restart."""
+    cu = cu_seqlens_from_position_ids(position_ids, batch, length)
+    return cu.to(device) if len(cu) - 1 > batch else None
+
+
 def prepack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, own=_PLAIN_OWN, **kwargs):
     """transformers attention signature: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) -> ((B, Lq, H, D_v), None).
 
@@ -183,12 +365,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     """
     B, H, Lq, D = query.shape
     call: PackedCall | None = kwargs.get("prepack")
-    cu_q = kwargs.get("cu_seq_lens_q")
-    if call is None and cu_q is None:
-        if attention_mask is None and Lq == key.shape[2] and kwargs.get("position_ids") is not None:
-            cu = cu_seqlens_from_position_ids(kwargs["position_ids"], B, Lq)
-            if len(cu) - 1 > B:  # restarting position ids: a padding-free batch
-                cu_q = cu.to(query.device)
+    cu_q, batch = kwargs.get("cu_seq_lens_q"), None
+    if call is None:
+        if cu_q is not None:
+            batch = _training_layout(cu_q, (B, Lq, query.device), lambda: None)  # holds no reference to its key
+        elif attention_mask is None and Lq == key.shape[2] and kwargs.get("position_ids") is not None:
+            batch = _training_layout(kwargs["position_ids"], (B, Lq, query.device), functools.partial(
+                _restarts, kwargs["position_ids"], B, Lq, query.device))
+            cu_q = batch.cu_q
         if cu_q is None:
             return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:
@@ -199,14 +383,13 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     sem = layer_attention(module, kwargs, B * Lq)
     scale = D ** -0.5 if scaling is None else scaling
     dropout = dropout if module.training else 0.0
-    if call is None:  # a training batch: transformers' layout kwargs, the kernel picked here
-        kernel = training_kernel(query.device, query.dtype, max(D, value.shape[3]), sem.softcap, sem.sinks is not None)
+    if call is None:  # a training batch: transformers' layout kwargs; kernel and layout made by its first layer
+        kernel = batch.kernel(query.dtype, max(D, value.shape[3]), sem.softcap, sem.sinks is not None)
         cu_k = kwargs.get("cu_seq_lens_k")
         cu_k = cu_q if cu_k is None else cu_k
         max_q, max_k = kwargs.get("max_length_q") or Lq, kwargs.get("max_length_k") or key.shape[2]
         if sem.chunk is not None:
-            lengths = torch.diff(cu_q).cpu().numpy()
-            cu_q, cu_k, max_q, max_k = StepLayout(lengths, lengths, query.device).varlen_args(sem.chunk)
+            cu_q, cu_k, max_q, max_k = batch.chunked(sem.chunk, cu_q)
     else:
         kernel = call.kernel
         if call.kv is not None:  # the call's KV source: a decode step's store, a recorder, earlier keys to continue
@@ -306,12 +489,14 @@ def prepack_mask(*args, own=_PLAIN_OWN, **kwargs):
 
     With no padding mask, no cache offset and a causal mask function (plain, sliding, chunked, or
     packed ``position_ids``), attention computes everything from ``position_ids`` or the call's
-    packed layout, so no (T, T) mask is built. Overlays (custom ``or``/``and`` mask functions,
+    packed layout, so no (T, T) mask is built (inside prepack's own calls, or on a model the user switched:
+    see :func:`_skips_masks`). Overlays (custom ``or``/``and`` mask functions,
     image-token blocks), bidirectional masks, padding and caches get ``own``'s mask.
     """
     mask_function = kwargs.get("mask_function")
     if (
-        kwargs.get("attention_mask") is None
+        _skips_masks(kwargs.get("config"))
+        and kwargs.get("attention_mask") is None
         and not kwargs.get("use_vmap")
         and kwargs.get("q_length") == kwargs.get("kv_length")
         and not kwargs.get("q_offset")
@@ -322,6 +507,19 @@ def prepack_mask(*args, own=_PLAIN_OWN, **kwargs):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     return ALL_MASK_ATTENTION_FUNCTIONS[own](*args, **kwargs)
+
+
+def _skips_masks(config) -> bool:
+    """Whether a maskless causal call may go without a mask: inside a prepack entry point on this thread,
+    or on a config the user switched. Any other call (another thread's, while an entry point holds the
+    switch) gets its own implementation's mask, so it computes the same whether its layers run before or
+    after the switch is set back."""
+    if _INSIDE.get() > 0:
+        return True
+    if config is None:
+        return False
+    hold = _HOLDS.get(config)
+    return hold is None or hold.user  # never held by an entry point: the switch is the user's own
 
 
 def attention_needs(model, *, continues_keys: bool = False) -> Needs:

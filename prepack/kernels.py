@@ -16,7 +16,8 @@ Two kernels, both fp16/bf16 on CUDA only (the CPU backends live in :mod:`prepack
 Both mean what flash-attn means (windows normalised by :func:`prepack.masks.flash_window`, bottom-right
 causal alignment, 0 for a query that sees no key). What a kernel cannot compute exactly is refused with the
 reason and the fix, never approximated: soft-capping and dropout for ``torch_varlen``, fp32, CPU tensors,
-head dims above 256. Head dims that are not a multiple of 8, and a value head dim that differs from the
+head dims above 256. What each kernel supports is declared once, in :data:`prepack.backends.KERNELS`; this
+module only probes the environment (is flash-attn importable, is torch new enough, is the GPU sm80+). Head dims that are not a multiple of 8, and a value head dim that differs from the
 query/key one, are zero-padded to a common multiple of 8 (exact: zero columns add nothing to ``q @ k^T``,
 the scale is kept at the original head dim, and the padded value columns are cut from the output).
 """
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 from . import masks
 
 Backend = Callable[..., torch.Tensor]
-KERNELS: tuple[str, ...] = ("flash", "torch_varlen")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_VARLEN_MIN_VERSION = (2, 10)
 MAX_HEAD_DIM = 256  # flash_api.cpp: "FlashAttention forward only supports head dimension at most 256"
@@ -150,94 +150,48 @@ def torch_varlen_import_problem(version: tuple[int, int] | None = None) -> str |
     return None
 
 
-def kernel_problem(
-    name: str, *, device=None, dtype: torch.dtype | None = None, head_dim: int | None = None, softcap: float = 0.0,
-) -> str | None:
-    """Why kernel ``name`` cannot run here, or None. Unknown arguments (None) are not checked.
+def flash_problem(device=None) -> str | None:
+    """Why ``backend="flash"`` cannot run here (flash-attn missing or broken; on ``device``, no usable GPU), or None."""
+    fa = find_flash_attn()
+    if fa.error is not None:
+        return (
+            f"backend='flash': flash-attn is installed but does not import ({fa.error}); reinstall it for "
+            f"torch {torch.__version__}, or use backend='torch_varlen' or 'sdpa_varlen'"
+        )
+    if fa.fn is None:
+        return (
+            "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA), "
+            "or flash-attn-4 on Hopper/Blackwell; or use backend='torch_varlen' (torch >= 2.10) or 'sdpa_varlen'"
+        )
+    return _gpu_problem("flash", device)
 
-    Args:
-        name: ``"flash"`` or ``"torch_varlen"``.
-        device, dtype: where and in what the attention runs.
-        head_dim: the widest of the query/key and value head dims.
-        softcap: the logit soft-capping the model asks for (0: none).
-    """
-    if name not in KERNELS:
-        raise ValueError(f"{name!r} is not a CUDA kernel; choose one of {', '.join(KERNELS)}")
-    if device is not None and torch.device(device).type != "cuda":
+
+def torch_varlen_problem(device=None) -> str | None:
+    """Why ``backend="torch_varlen"`` cannot run here (torch too old; on ``device``, no GPU or one before sm80), or None."""
+    return torch_varlen_import_problem() or _gpu_problem("torch_varlen", device)
+
+
+def _gpu_problem(name: str, device) -> str | None:
+    """Why the GPU of ``device`` cannot run kernel ``name`` (None: ``device`` not known, not checked)."""
+    if device is None:
+        return None
+    if not torch.cuda.is_available():
+        return f"backend={name!r} needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen'"
+    index = torch.device(device).index
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)
+    if name == "torch_varlen" and major < 8 and torch.version.hip is None:
         return (
-            f"backend={name!r} needs a CUDA GPU (FlashAttention is CUDA-only), but the model/tensors are on "
-            f"{torch.device(device)}: use backend='sdpa_varlen' (or 'auto') there"
+            f"backend='torch_varlen' needs an Ampere or newer GPU (sm80+), but {torch.device(device)} is "
+            f"sm{major}{minor}: use backend='sdpa_varlen'"
         )
-    if dtype is not None and dtype not in HALF_DTYPES:
-        return (
-            f"backend={name!r} takes float16 or bfloat16 (FlashAttention has no {dtype} kernel): load the model "
-            f"with dtype=torch.bfloat16, or use backend='sdpa_varlen' for {dtype}"
-        )
-    if name == "flash":
-        fa = find_flash_attn()
-        if fa.error is not None:
-            return (
-                f"backend='flash': flash-attn is installed but does not import ({fa.error}); reinstall it for "
-                f"torch {torch.__version__}, or use backend='torch_varlen' or 'sdpa_varlen'"
-            )
-        if fa.fn is None:
-            return (
-                "backend='flash' needs flash-attn: pip install 'prepack[flash]' (it builds against CUDA), "
-                "or flash-attn-4 on Hopper/Blackwell; or use backend='torch_varlen' (torch >= 2.10) or 'sdpa_varlen'"
-            )
-    else:
-        problem = torch_varlen_import_problem()
-        if problem:
-            return problem
-        if softcap:
-            return (
-                f"backend='torch_varlen' has no attention logit soft-capping (the model asks for softcap={softcap}): "
-                "use backend='flash' (flash-attn >= 2.6) or 'sdpa_varlen'"
-            )
-        if head_dim is not None and _padded_dim(head_dim) > MAX_HEAD_DIM:
-            return (
-                f"backend='torch_varlen': head dim {head_dim} is above the {MAX_HEAD_DIM} that PyTorch's "
-                "FlashAttention kernel takes; use backend='sdpa_varlen'"
-            )
-    if device is not None:
-        if not torch.cuda.is_available():
-            return f"backend={name!r} needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen'"
-        index = torch.device(device).index
-        major, minor = torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)
-        if name == "torch_varlen" and major < 8 and torch.version.hip is None:
-            return (
-                f"backend='torch_varlen' needs an Ampere or newer GPU (sm80+), but {torch.device(device)} is "
-                f"sm{major}{minor}: use backend='sdpa_varlen'"
-            )
     return None
 
 
-def auto_kernel(device, dtype: torch.dtype | None, *, head_dim: int | None = None, softcap: float = 0.0) -> str | None:
-    """The kernel ``backend="auto"`` takes on a CUDA ``device``: flash-attn, else torch_varlen, else None.
-
-    An installed flash-attn that fails to import is reported once (a ``RuntimeWarning``), not skipped silently.
-    """
-    if dtype not in HALF_DTYPES:
-        return None
+def warn_if_flash_broken() -> None:
+    """Report an installed flash-attn that fails to import (a ``RuntimeWarning``), rather than skip it silently."""
     fa = find_flash_attn()
     if fa.error is not None:
         _warn_broken_flash(fa.error)
-    for name in KERNELS:
-        if kernel_problem(name, device=device, dtype=dtype, head_dim=head_dim, softcap=softcap) is None:
-            return name
-    return None
-
-
-def get_kernel(name: str, *, device=None, dtype: torch.dtype | None = None) -> Backend:
-    """The kernel called ``name``; ``RuntimeError`` naming the fix when it cannot run on ``device`` / ``dtype``."""
-    problem = kernel_problem(name, device=device, dtype=dtype)
-    if problem:
-        raise RuntimeError(problem)
-    if name == "flash":
-        if not torch.cuda.is_available():
-            raise RuntimeError("backend='flash' needs a CUDA GPU, and none is visible; use backend='auto' or 'sdpa_varlen'")
-        return find_flash_attn().fn
-    return torch_varlen
 
 
 def torch_varlen(
@@ -254,9 +208,11 @@ def torch_varlen(
     Returns:
         (total_q, H, D_v), of q's dtype.
     """
-    problem = kernel_problem("torch_varlen", device=q.device, dtype=q.dtype, head_dim=max(q.shape[-1], v.shape[-1]))
+    from .backends import KERNELS, KernelRefused, Needs  # the registry imports this module
+
+    problem = KERNELS["torch_varlen"].problem(q.device, q.dtype, Needs(head_dim=max(q.shape[-1], v.shape[-1])))
     if problem:
-        raise RuntimeError(problem)
+        raise KernelRefused(problem)
     return torch_varlen_checked_once(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
@@ -295,19 +251,14 @@ def varlen_call(
             "backend='torch_varlen' has no attention dropout (varlen_attn runs with dropout 0); "
             "use backend='sdpa_varlen' to train with dropout_p > 0"
         )
-    if softcap:
-        raise ValueError(
-            f"backend='torch_varlen' has no attention logit soft-capping (softcap={softcap}): "
-            "use backend='flash' (flash-attn >= 2.6) or 'sdpa_varlen'"
-        )
-    _check_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    from .backends import KERNELS, Needs  # the registry imports this module
+
     d, d_v = q.shape[-1], v.shape[-1]
+    refusal = KERNELS["torch_varlen"].refusal(Needs(softcap=softcap, head_dim=max(d, d_v)))  # what the kernel declares
+    if refusal:
+        raise ValueError(refusal)
+    _check_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k)
     width = _padded_dim(max(d, d_v))
-    if width > MAX_HEAD_DIM:
-        raise ValueError(
-            f"backend='torch_varlen': head dim {max(d, d_v)} is above the {MAX_HEAD_DIM} that PyTorch's "
-            "FlashAttention kernel takes; use backend='sdpa_varlen'"
-        )
     if q.shape[0] == 0 or len(cu_seqlens_q) < 2:
         return q.new_zeros(*q.shape[:-1], d_v)  # the kernel refuses an empty batch
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -383,3 +334,12 @@ def _keywords(fn) -> frozenset[str]:
     if schema is not None:
         return frozenset(a.name for a in schema.arguments)
     return frozenset(inspect.signature(fn).parameters)
+
+
+def __getattr__(name: str):
+    """Names the one registry (:data:`prepack.backends.KERNELS`) replaced, kept for one release."""
+    from . import backends  # the registry imports this module
+
+    if f"kernels.{name}" in backends.DEPRECATED:
+        return backends.deprecated("kernels", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

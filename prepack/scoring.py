@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
-from .hf import check_model
+from .backends import choose
+from .hf import attention_needs, check_model, model_device
 from .packing import token_array
 from .rope import rope_dependence
 from .staged import run_staged
@@ -107,7 +108,9 @@ def score(
         groups.setdefault(c.tobytes(), []).append(i)
     shared = [g for g in groups.values() if len(g) > 1] if share_contexts else []
     shared = _same_rope(model, shared, contexts, continuations)
-    if shared and backend in ROW_BACKENDS:  # refused before anything runs ("auto" is never a row backend)
+    # the call's one kernel, passed down to every run below
+    kernel = choose(backend, device=model_device(model), dtype=next(model.parameters()).dtype, needs=attention_needs(model))
+    if shared and kernel.rows:  # refused before anything runs ("auto" is never a row backend)
         raise ValueError(
             f"requests {shared[0][0]} and {shared[0][1]} share a context, and share_contexts needs a varlen backend, "
             f"not {backend!r}; pass share_contexts=False"
@@ -124,12 +127,12 @@ def score(
     tokens = [inputs[i] for i in alone]
     spans = np.array([(len(contexts[i]) - 1, len(contexts[i]) + len(continuations[i]) - 1) for i in alone], np.int64).reshape(-1, 2)
     sum_dtype = _sum_dtype(model, sum_dtype)
-    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], backend, token_budget, share_prefixes,
+    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], kernel, token_budget, share_prefixes,
                           names=alone, sum_dtype=sum_dtype)
     logprob[alone], greedy[alone] = lp, gr
     # shared contexts' keys and values are held while their continuations run: a budget's worth at a time
     for wave in _waves(shared, contexts, budget):
-        lp, gr = _score_shared(model, wave, contexts, continuations, backend, token_budget, sum_dtype)
+        lp, gr = _score_shared(model, wave, contexts, continuations, kernel, token_budget, sum_dtype)
         members = np.concatenate(wave)
         logprob[members], greedy[members] = lp, gr
     return [Score(float(a), bool(b)) for a, b in zip(logprob, greedy)]
@@ -404,7 +407,7 @@ def _score_shared(model, groups: list[list[int]], contexts, continuations, backe
     spans = np.stack([np.zeros_like(lengths), lengths], 1)
     flat = torch.from_numpy(np.concatenate([continuations[i][1:] for i in members])).to(device)
     run = run_packed(
-        model, rest, backend=ctx.backend, token_budget=token_budget, spans=spans,
+        model, rest, backend=backend, token_budget=token_budget, spans=spans,
         reduce=_token_scores(flat), prefix=prefix,
     )
     lp, greedy = _per_request(run.values, lengths, sum_dtype, first=lp0)

@@ -135,13 +135,13 @@ def run_staged(
             _check_chunk_rope(model, dep, lengths, token_budget, names)
     if kernel.rows or vision is not None or (the_plan.num_prefixes == 0 and not long):
         run = run_packed(
-            model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans,
+            model, tokens, backend=kernel, token_budget=token_budget, capacity=capacity, spans=spans,
             output=output, reduce=reduce, kv=kv, lengths=lengths, vision=vision,
         )
         total = int(lengths.sum())
         return StagedRun(run.backend, run.batch, run.chunks, layout.Parts.whole(run.chunk, run.starts, lengths), run.values, total, 0)
     return _Stages(model, tokens, lengths, the_plan, spans, token_budget).run(
-        kernel.name, capacity, output, reduce, kv
+        kernel, capacity, output, reduce, kv
     )
 
 
@@ -193,7 +193,7 @@ class _Stages:
         inside = e > s
         return (int(s[inside].min()), int(e[inside].max())) if inside.any() else (0, 0)
 
-    def run(self, backend: str, capacity, output, reduce, kv) -> StagedRun:
+    def run(self, kernel, capacity, output, reduce, kv) -> StagedRun:
         n = len(self.lengths)
         device = model_device(self.model)
         out = None
@@ -212,7 +212,7 @@ class _Stages:
                 if wants and reduce is not None:
                     rowmap = torch.from_numpy(layout.ranges(copies[1], copies[2])).to(device)
                 run = run_packed(
-                    self.model, piece_tokens, backend=backend, token_budget=self.budget,
+                    self.model, piece_tokens, backend=kernel, token_budget=self.budget,
                     capacity=capacity, spans=piece_spans if wants else None, output=output,
                     reduce=None if rowmap is None else (lambda v, rows, m=rowmap: reduce(v, m[rows])),
                     kv=keep, prefix=self._prefix(stage, ids, r),
@@ -233,7 +233,7 @@ class _Stages:
             parts += [(i, c, s, m) for c, s, m in earlier + self.where[1][i]]
         tokens_run = sum(m for st in self.cuts for c in st for _, m in c)
         return StagedRun(
-            backend, batch, self.cache_chunks if kv == "cache" else [[] for _ in self.cache_chunks],
+            kernel.name, batch, self.cache_chunks if kv == "cache" else [[] for _ in self.cache_chunks],
             layout.Parts.join(parts, n), out, tokens_run, int(self.lengths.sum()) - tokens_run,
         )
 

@@ -225,3 +225,75 @@ def test_image_token_blocks_keep_the_wrapped_mask():
     got = create_causal_mask(model.config, embeds, None, None, block_sequence_ids=blocks, allow_is_causal_skip=False)
     assert want is not None and got is not None
     assert torch.equal(got, want)
+
+
+def test_overlapping_packed_calls_from_two_threads_share_one_switch_and_let_go():
+    """Two generate_iter streams on one model hold the switch at once; plain calls between their items get
+    their own answer; the count returns to zero and the model to the user's implementation."""
+    model = build("llama")
+    model.set_attn_implementation("eager")
+    batches = [prompts([4 + (3 * i + j) % 11 for j in range(4)], seed=i) for i in range(2)]
+    want = [prepack.generate(model, b, max_new_tokens=5, do_sample=False) for b in batches]
+    seq = prompts([9], seed=7)[0]
+    with torch.no_grad():
+        plain_want = model(seq[None]).logits
+    both_holding = threading.Barrier(2)
+    counts, plain_diffs, got = [], [], [None, None]
+
+    def work(i):
+        stream = prepack.generate_iter(model, batches[i], max_new_tokens=5, do_sample=False)
+        first = next(stream)
+        both_holding.wait()
+        counts.append(hf.holds(model))
+        with torch.no_grad():  # a plain call while both streams hold the switch
+            plain_diffs.append(float((model(seq[None]).logits - plain_want).abs().max()))
+        both_holding.wait()
+        got[i] = [first, *stream]
+
+    run_threads(work, 2)
+    assert counts == [(2, False), (2, False)]
+    assert plain_diffs == [0.0, 0.0]
+    for g, w in zip(got, want, strict=True):
+        assert [t.tolist() for t in g] == [t.tolist() for t in w]
+    assert hf.holds(model) == (0, False)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_plain_calls_while_prefills_switch_the_model_on_and_off_get_their_own_answer(monkeypatch):
+    """One thread prefills in a loop, so the switch is set and set back around every prefill; another runs plain
+    calls until it has seen at least 10 switches: a plain call whose mask was built before a change and whose
+    layers run after it still computes what the model's own implementation computes."""
+    model = build("mistral")  # a sliding window: a missing mask would be wrong, not just slow
+    model.set_attn_implementation("eager")
+    seqs = prompts([5, 19, 11, 2])
+    ids, mask = left_pad(seqs)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_unpadded = model(seqs[1][None]).logits
+    switches, diffs, stop = [], [], threading.Event()
+    original = type(model).set_attn_implementation
+
+    def counted(self, *args, **kwargs):
+        switches.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", counted)
+
+    def packer():
+        while not stop.is_set():
+            prepack.prefill(model, prompts([30, 3, 17, 8, 1]))
+
+    def plain():
+        try:
+            while len(switches) < 10 or len(diffs) < 40:
+                with torch.no_grad():
+                    got = model(ids, attention_mask=mask).logits
+                    got_unpadded = model(seqs[1][None]).logits
+                diffs.append(float((got - want)[mask.bool()].abs().max()))
+                diffs.append(float((got_unpadded - want_unpadded).abs().max()))
+        finally:
+            stop.set()
+
+    run_threads(lambda i: plain() if i == 0 else packer(), 2)
+    assert len(switches) >= 10 and max(diffs) == 0.0
+    assert model.config._attn_implementation == "eager"

@@ -216,11 +216,14 @@ def test_decoding_never_calls_model_generate():
     assert len(prepack.generate(model, seqs, max_new_tokens=2, do_sample=False)) == 2
 
 
-def test_generate_wraps_the_models_attention_implementation_visibly():
+def test_generate_wraps_the_models_attention_implementation_while_it_runs():
     model = build("llama")
     model.set_attn_implementation("eager")
+    seen = set()
+    model.register_forward_pre_hook(lambda module, args: seen.add(module.config._attn_implementation))
     prepack.generate(model, prompts([3, 4]), max_new_tokens=2, do_sample=False)
-    assert model.config._attn_implementation == "prepack|eager"
+    assert seen == {"prepack|eager"}
+    assert model.config._attn_implementation == "eager"  # as the user left it
 
 
 def test_generate_iter_streams_any_iterable_in_input_order():

@@ -79,12 +79,13 @@ def test_plain_transformers_mixes_packed_prompts_when_a_cache_is_used():
     assert (last - alone_last_logits(model, seqs)).abs().max() > 1e-2  # the second prompt saw the first
 
 
-def test_prefill_wraps_the_models_own_attention_implementation_once():
+def test_prefill_wraps_the_models_own_attention_implementation_while_it_runs():
     model = build("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
     prepack.prefill(model, prompts([3, 4]))
-    assert model.config._attn_implementation == "prepack|sdpa"
-    prepack.disable(model)
-    assert model.config._attn_implementation == "sdpa"
+    assert seen == ["prepack|sdpa"]
+    assert model.config._attn_implementation == "sdpa"  # as the user left it
 
 
 def test_no_prompts_give_an_empty_result_with_n_by_v_logits():

@@ -28,7 +28,7 @@ import torch
 
 from ..backends import BACKENDS
 from ..generation import generate_with_backends, left_pad
-from ..hf import cache_kwarg, disable, wrapped_implementation
+from ..hf import cache_kwarg, wrapped_implementation
 from ..forward import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
@@ -215,7 +215,6 @@ def generate_batch(model, prompts: Sequence, generation_config, max_new_tokens: 
     :func:`cb_config` made earlier (its probes then stay out of a timed call).
     """
     config = cb_config(model, prompts, max_new_tokens) if config is None else config
-    disable(model)  # generate_batch accepts only implementations it knows; prepack's next call switches back
     out = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=generation_config,
                                continuous_batching_config=config, warmup=False, progress_bar=progress_bar)
     failed = [i for i in range(len(prompts)) if f"req_{i}" not in out or out[f"req_{i}"].error]
@@ -235,7 +234,6 @@ def cb_config(model, prompts: Sequence, max_new_tokens: int):
     tokens = sum(len(p) for p in prompts)
     pages = sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 1
     log = logging.getLogger("ContinuousBatchingLogger")  # a refused size is expected here: keep its traceback out
-    disable(model)
     while True:
         config = ContinuousBatchingConfig(
             page_size=page, num_blocks=pages, max_batch_tokens=tokens, max_requests_per_batch=len(prompts),
