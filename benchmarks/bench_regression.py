@@ -67,15 +67,20 @@ print(json.dumps({"seconds": statistics.median(times), "digest": digest, "prepac
 """
 
 
-def measure(checkout: Path, model: str, job: str) -> dict:
+def run_child(checkout: Path, child: str, argv: list[str]) -> dict:
+    """Run ``child`` (Python source printing one JSON line) in a fresh process importing ``checkout``'s prepack."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, model, job], cwd=checkout, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", child, *argv], cwd=checkout, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{job} on {model} failed in {checkout}:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{argv} failed in {checkout}:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
     if not row["prepack"].startswith(str(checkout)):
         raise RuntimeError(f"the child imported {row['prepack']}, not the checkout {checkout}")
     return row
+
+
+def measure(checkout: Path, model: str, job: str) -> dict:
+    return run_child(checkout, CHILD, [model, job])
 
 
 def main(argv=None) -> int:

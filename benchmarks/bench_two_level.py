@@ -16,12 +16,11 @@ peak KV bytes against the unique live tokens (a region counted once), and whethe
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from bench_regression import run_child  # one fresh process per measurement, importing the checkout's prepack
 
 CHILD = r"""
 import hashlib, json, sys, time
@@ -56,15 +55,7 @@ print(json.dumps({
 
 
 def measure(checkout: Path, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-    argv = [str(a) for a in (args.prompts, args.header, args.samples, args.new_tokens)]
-    out = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=checkout, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"the child in {checkout} failed:\n{out.stderr[-3000:]}")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    if not row["prepack"].startswith(str(checkout)):
-        raise RuntimeError(f"the child imported {row['prepack']}, not the checkout {checkout}")
-    return row
+    return run_child(checkout, CHILD, [str(a) for a in (args.prompts, args.header, args.samples, args.new_tokens)])
 
 
 def main(argv=None) -> int:

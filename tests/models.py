@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from prepack import oracle
+from prepack.tiny_vision import tokenizer  # noqa: F401 - the tests' BPE tokenizer (vocab 128), one copy
 
 VOCAB = 128
 COMMON = dict(
@@ -114,23 +115,6 @@ def cache_kwargs(model, cache) -> dict:
     from prepack.hf import cache_kwarg
 
     return {cache_kwarg(model): cache, "use_cache": True}
-
-
-def tokenizer(vocab_size: int = VOCAB):
-    """A BPE tokenizer trained offline on a few sentences, wrapped as transformers expects (pad, eos, chat template)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = [
-        "the quick brown fox jumps over the lazy dog", "packing prompts removes the padding from the prefill",
-        "a user asks a question and the assistant answers it", "hello world how are you today",
-    ] * 20
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
-    out.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-    return out
 
 
 def byte_tokenizer():

@@ -254,7 +254,7 @@ def test_overlapping_packed_calls_from_two_threads_share_one_switch_and_let_go()
     assert counts == [(2, False), (2, False)]
     assert plain_diffs == [0.0, 0.0]
     for g, w in zip(got, want, strict=True):
-        assert [t.tolist() for t in g] == [t.tolist() for t in w]
+        assert [t.tokens.tolist() for t in g] == [t.tokens.tolist() for t in w]
     assert hf.holds(model) == (0, False)
     assert model.config._attn_implementation == "eager"
 
