@@ -7,13 +7,13 @@ prefilled (query length = the chunk, key length = cached + chunk). What a step f
 admitted requests while the reserved keys (each admitted request's prompt plus its most new tokens)
 fit ``kv_budget``. Every segment attends to its own request's keys only, read from the
 :class:`~prepack.kvstore.KVStore` (no padding, no per-step copy of the cache). A finished request
-frees its keys at once and waiting prompts are admitted in the same step (continuous refill). A
-prompt prefix that requests share is computed once and held once (:mod:`prepack.prefix_regions`),
-its attention merged from parts (:mod:`prepack.cascade`).
+frees its keys at once and waiting prompts are admitted in the same step (continuous refill). Prompt
+prefixes that requests share, at any depth, are computed once and held once
+(:mod:`prepack.prefix_regions`), their attention merged from parts (:mod:`prepack.cascade`).
 
 What a request decodes and when it stops is what ``model.generate`` does for that prompt alone:
 transformers builds its logits processors and stopping criteria from its own prompt
-(:mod:`prepack.decoding`). One step, in short::
+(:mod:`prepack.decoding`). One step (:meth:`_Run.step`) is schedule, run, postprocess; the run, in short::
 
     feeds, units = scheduler.next_step(waiting)                     # tokens each request (or region) feeds
     kv = store.plan(feeds)                                          # room for the new keys; segment order
@@ -26,6 +26,7 @@ transformers builds its logits processors and stopping criteria from its own pro
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import deque
@@ -153,6 +154,30 @@ def decode(
         raise ValueError(f"order must be 'input' or 'completion', got {order!r}")
     if not isinstance(share_prefixes, bool):
         raise ValueError(f"share_prefixes must be True or False, got {share_prefixes!r}")
+    run = _start(model, prompts, rules, backend=backend, token_budget=token_budget, kv_budget=kv_budget,
+                 max_batch=max_batch, seed=seed, logprobs=logprobs, share_prefixes=share_prefixes, stats=stats,
+                 progress=progress, vision=vision)
+    done, next_out, training = {}, 0, model.training
+    while True:
+        if model.training != training:  # switched between steps (a paused generate_iter): the rule of every entry point
+            training = model.training
+            if training:
+                check_mode(model)
+        finished = run.step()
+        if finished is None:
+            break
+        done.update((c.index, c) for c in finished)
+        if order == "completion":
+            yield from (done.pop(i) for i in sorted(done))
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+    yield from (done.pop(i) for i in sorted(done))  # input order: nothing is left unless a request was never ready
+
+
+def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, max_batch, seed, logprobs: bool,
+           share_prefixes: bool, stats, progress, vision) -> "_Run":
+    """Choose the kernel, check the model and every request's limits, and lay out the run (see :func:`decode`)."""
     device = model_device(model)
     check_engine_model(model)
     kernel = choose(backend, device=device, dtype=next(model.parameters()).dtype,
@@ -175,39 +200,16 @@ def decode(
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
         module = StepRunner(module, vision, rules.samples)
-    start_time = time.perf_counter()
-    requests = _requests(prompts, rules, device, seed)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
-    store, waiting = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model)), deque()
+    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model))
 
-    positions = position_limit(model)
-
-    def limits(index: int, n: int, max_length: int) -> None:
-        """Refuse request ``index`` (an ``n``-token prompt, decoding up to ``max_length``) if it cannot run."""
-        need_kv = max_length - 1  # the last new token is never fed back
-        if positions is not None and need_kv > positions:
-            raise ValueError(
-                f"request {index} needs {need_kv} positions ({n} prompt + {max_length - n} new tokens, the last not fed "
-                f"back) but {type(model).__name__}'s position table holds {positions}; lower max_new_tokens to at most "
-                f"{positions - n + 1} or shorten the prompt (model.generate would fail with an IndexError)"
-            )
-        if need_kv > kv_budget or (not chunk and n > token_budget):
-            name, limit, have = ("kv_budget", kv_budget, need_kv) if need_kv > kv_budget else ("token_budget", token_budget, n)
-            why = ""
-            if name == "token_budget":
-                why = (f"; {type(model).__name__}'s rotary frequencies depend on the length, so its prompts are not chunked"
-                       if rope is not None else "; a prompt with images runs whole, so it is not chunked")
-            raise ValueError(
-                f"request {index} needs {have} tokens ({n} prompt, at most {max_length - n} new) but {name} is {limit} "
-                f"(raise {name}){why}"
-            )
-
+    limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
     if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost
         for p, prompt in enumerate(prompts):
-            limits(p * rules.samples, len(prompt), rules.max_length_of(len(prompt), p))
+            limits.check(p * rules.samples, len(prompt), rules.max_length_of(len(prompt), p))
 
     def admit_check(r: Request) -> None:
-        limits(r.index, len(r.prompt), r.rules.max_length)
+        limits.check(r.index, len(r.prompt), r.rules.max_length)
         if rope is not None:
             _check_rope(model, rope, r)
         for clock in r.rules.clocks:  # alone, its max_time would count from its own generate call: from now
@@ -215,67 +217,115 @@ def decode(
 
     sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
                       admit_check=admit_check, chunk=chunk, share=share, stats=stats)
-    done, next_out = {}, 0
-    exhausted, training = False, model.training
-    while True:
-        while not exhausted and len(waiting) < 2 * (max_batch or 64):  # read ahead, lazily
-            nxt = next(requests, None)
-            if nxt is None:
-                exhausted = True
-            else:
-                waiting.append(nxt)
-        if model.training != training:  # switched between steps (a paused generate_iter): the rule of every entry point
-            training = model.training
-            if training:
-                check_mode(model)
-        feeds, units = sched.next_step(waiting)
+    return _Run(module, kernel, store, sched, rope, _requests(prompts, rules, device, seed),
+                read_ahead=2 * (max_batch or 64), logprobs=logprobs, stats=stats, progress=progress)
+
+
+class _Limits:
+    """What one request may need: the model's position table, ``kv_budget``, and ``token_budget`` where prompts
+    run whole; :meth:`check` refuses a request that needs more, naming it and the limit."""
+
+    def __init__(self, name: str, positions: int | None, kv_budget: int, token_budget: int, chunk: bool, rope):
+        self.name, self.positions, self.kv_budget, self.token_budget = name, positions, kv_budget, token_budget
+        self.chunk, self.rope = chunk, rope
+
+    def check(self, index: int, n: int, max_length: int) -> None:
+        """Refuse request ``index`` (an ``n``-token prompt, decoding up to ``max_length``) if it cannot run."""
+        need_kv = max_length - 1  # the last new token is never fed back
+        if self.positions is not None and need_kv > self.positions:
+            raise ValueError(
+                f"request {index} needs {need_kv} positions ({n} prompt + {max_length - n} new tokens, the last not fed "
+                f"back) but {self.name}'s position table holds {self.positions}; lower max_new_tokens to at most "
+                f"{self.positions - n + 1} or shorten the prompt (model.generate would fail with an IndexError)"
+            )
+        if need_kv > self.kv_budget or (not self.chunk and n > self.token_budget):
+            over_kv = need_kv > self.kv_budget
+            name, limit, have = ("kv_budget", self.kv_budget, need_kv) if over_kv else ("token_budget", self.token_budget, n)
+            why = ""
+            if name == "token_budget":
+                why = (f"; {self.name}'s rotary frequencies depend on the length, so its prompts are not chunked"
+                       if self.rope is not None else "; a prompt with images runs whole, so it is not chunked")
+            raise ValueError(
+                f"request {index} needs {have} tokens ({n} prompt, at most {max_length - n} new) but {name} is {limit} "
+                f"(raise {name}){why}"
+            )
+
+
+class _Run:
+    """One decode run: the requests read so far, the scheduler and store, and the model call; :meth:`step` runs a step."""
+
+    def __init__(self, module, kernel, store: KVStore, sched: Scheduler, rope, requests: Iterator[Request], *,
+                 read_ahead: int, logprobs: bool, stats: EngineStats, progress):
+        self.module, self.kernel, self.store, self.sched, self.rope = module, kernel, store, sched, rope
+        self.requests, self.read_ahead, self.waiting = requests, read_ahead, deque()
+        self.logprobs, self.stats, self.progress = logprobs, stats, progress
+        self.start = time.perf_counter()
+
+    def step(self) -> list[Completion] | None:
+        """Schedule, run one packed forward, choose each sampling request's token: the requests that finished
+        (None once nothing is left)."""
+        self._read()
+        feeds, units = self.sched.next_step(self.waiting)        # decode rows, then prompt chunks, then new requests
         if not feeds:
-            if sched.running or waiting:
-                raise RuntimeError("prepack's engine planned an empty step with requests left (a scheduling bug)")
-            break
-        reqs, logits = _step(module, kernel, store, feeds, units, rope)
-        ready = sched.first_tokens()  # whole prompts held in a region: their first token from its logits
-        if ready:
-            reqs = reqs + ready
-            logits = torch.cat([logits, torch.stack([r.prefix.last_logits for r in ready])])
+            return self._nothing_left()
+        reqs, logits = _step(self.module, self.kernel, self.store, feeds, units, self.rope)  # (n,) requests, (n, V)
+        reqs, logits = self._with_first_tokens(reqs, logits)
+        self.sched.fed(feeds, units)
+        tokens, lps = _choose(reqs, logits, self.store.device, self.logprobs)
+        self._count(feeds, units, len(reqs))
+        return self._append(reqs, tokens, lps)                   # finished requests leave; their keys are freed
+
+    def _read(self) -> None:
+        """Read prompts ahead, lazily: the scheduler chooses shared prefixes among the waiting ones."""
+        while len(self.waiting) < self.read_ahead and (r := next(self.requests, None)) is not None:
+            self.waiting.append(r)
+
+    def _nothing_left(self) -> None:
+        if self.sched.running or self.waiting:
+            raise RuntimeError("prepack's engine planned an empty step with requests left (a scheduling bug)")
+        return None
+
+    def _with_first_tokens(self, reqs: list, logits: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Add the requests whose whole prompt is a region that has its last-token logits now."""
+        ready = self.sched.first_tokens()
+        if not ready:
+            return reqs, logits
+        return reqs + ready, torch.cat([logits, torch.stack([r.prefix.last_logits for r in ready])])
+
+    def _count(self, feeds: dict, units: dict, sampled: int) -> None:
+        stats, store = self.stats, self.store
         stats.steps += 1
         stats.batch_sizes.append(sum(1 for k in feeds if k >= 0))
         stats.decode_rows.append(sum(1 for k in feeds if k >= 0 and units[k].tokens))
         stats.prompt_tokens.append(sum(n for k, n in feeds.items() if k < 0 or not units[k].tokens))
         stats.peak_live_tokens = max(stats.peak_live_tokens, store.live_tokens())
-        sched.fed(feeds, units)
-        chosen, chosen_lp = _choose(reqs, logits, device, logprobs)
-        now = time.perf_counter() - start_time
-        stats.step_end_s.append(now)
-        for r, tok, lp in zip(reqs, chosen, chosen_lp, strict=True):
+        stats.tokens += sampled
+        stats.peak_kv_bytes, stats.kv_bytes_per_token = store.peak_bytes, store.bytes_per_token()
+        stats.step_end_s.append(time.perf_counter() - self.start)
+        if self.progress is not None:
+            self.progress.set_postfix(tokens=stats.tokens, refresh=False)
+
+    def _append(self, reqs: list, tokens: list[int], lps: list) -> list[Completion]:
+        """Give each request its new token; the ones that stop (generate's criteria, on their own ids) finish."""
+        finished, now = [], time.perf_counter() - self.start
+        for r, tok, lp in zip(reqs, tokens, lps, strict=True):
             if not r.tokens:
-                stats.first_token_s[r.index] = now
+                self.stats.first_token_s[r.index] = now
             r.tokens.append(tok)
-            if logprobs:
+            if self.logprobs:
                 r.logprobs.append(lp)
             r.pending = np.array([tok], np.int64)
-            reason = _finished(r, logits, device)
-            if reason is not None:
-                sched.finish(r)
-                done[r.index] = Completion(
-                    r.index, torch.tensor(r.tokens, dtype=torch.long),
-                    torch.tensor(r.logprobs, dtype=torch.float32) if logprobs else None, reason,
-                )
-                if progress is not None:
-                    progress.update(1)
-        stats.tokens += len(reqs)
-        stats.peak_kv_bytes, stats.kv_bytes_per_token = store.peak_bytes, store.bytes_per_token()
-        if progress is not None:
-            progress.set_postfix(tokens=stats.tokens, refresh=False)
-        if order == "completion":
-            for i in sorted(done):
-                yield done.pop(i)
-        else:
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
-    for i in sorted(done):  # input order: nothing is left unless a request was never ready
-        yield done.pop(i)
+            reason = _finished(r, self.store.device)
+            if reason is None:
+                continue
+            self.sched.finish(r)
+            finished.append(Completion(
+                r.index, torch.tensor(r.tokens, dtype=torch.long),
+                torch.tensor(r.logprobs, dtype=torch.float32) if self.logprobs else None, reason,
+            ))
+            if self.progress is not None:
+                self.progress.update(1)
+        return finished
 
 
 def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) -> Iterator[Request]:
@@ -389,19 +439,35 @@ def cache_slides(model) -> list[bool]:
 
 
 def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[list[int], list]:
-    """Each request's next token (its processors, then argmax or a draw from its own generator), and its log-prob."""
+    """Each request's next token (its processors, then argmax or a draw from its own generator), and its log-prob.
+
+    Requests whose processors are only transformers' row-wise warpers (temperature, top-k, top-p, min-p: each row
+    of the scores on its own, the ids unread) with equal settings are processed as one batch, and sampled row by
+    row from their own generators: what each would get alone, without one processor call per request.
+    """
     chosen = logits.argmax(-1)  # every greedy request without processors: one argmax, no copy of the (n, V) logits
+    groups: dict = {}
     for i, r in enumerate(reqs):
         if not r.rules.do_sample and not len(r.rules.processors):
+            continue
+        key = _row_wise(r.rules.processors)
+        if key is not None:
+            groups.setdefault((key, r.rules.do_sample), []).append(i)
             continue
         scores = logits[i : i + 1]
         if len(r.rules.processors):
             scores = r.rules.processors(r.ids(device), scores.clone())
-        if r.rules.do_sample:
+        chosen[i] = _pick(scores, r.generator if r.rules.do_sample else None)[0]
+    for (_, sample), rows in groups.items():
+        at = torch.tensor(rows, device=logits.device)
+        scores = logits.index_select(0, at)
+        scores = reqs[rows[0]].rules.processors(scores.new_zeros(len(rows), 0, dtype=torch.long), scores)
+        if sample:
             probs = torch.softmax(scores, dim=-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=r.generator)[0, 0]
+            for j, i in enumerate(rows):
+                chosen[i] = torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].generator)[0, 0]
         else:
-            chosen[i] = scores.argmax(-1)[0]
+            chosen.index_copy_(0, at, scores.argmax(-1))
     lps = [None] * len(reqs)
     if logprobs:
         temp = torch.tensor([r.rules.temperature for r in reqs], device=logits.device)[:, None]
@@ -409,7 +475,37 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
     return chosen.tolist(), lps
 
 
-def _finished(r: Request, logits, device) -> str | None:
+def _pick(scores: torch.Tensor, generator) -> torch.Tensor:
+    """(1, V) processed scores -> (1,) the token: a draw from ``generator`` (sampling), else the argmax."""
+    if generator is None:
+        return scores.argmax(-1)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+
+
+@functools.lru_cache(maxsize=1)
+def _row_warpers() -> tuple:
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    return TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper
+
+
+def _row_wise(processors) -> tuple | None:
+    """A key equal for processor lists that change each row of the scores alike and on its own, reading no ids
+    (transformers' temperature, top-k, top-p and min-p warpers); None for any other list."""
+    key = []
+    for p in processors:
+        if type(p) not in _row_warpers():
+            return None
+        settings = vars(p).items()
+        if any(isinstance(v, torch.Tensor) for _, v in settings):
+            return None
+        key.append((type(p).__name__, tuple(sorted(settings))))
+    return tuple(key)
+
+
+def _finished(r: Request, device) -> str | None:
     """Why ``r`` stops after its newest token (generate's criteria, on its own ids), or None."""
     if r.tokens[-1] in r.rules.eos:
         return "eos"

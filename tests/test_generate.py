@@ -306,3 +306,21 @@ def test_generate_from_a_config_with_use_cache_false_matches_each_prompt_alone()
     seqs = prompts([3, 9, 5])
     got = prepack.generate(model, seqs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert tokens(got) == alone(model, seqs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def test_sampling_requests_with_equal_warpers_are_processed_as_one_batch_and_equal_generate_alone(monkeypatch):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    rows_seen, call = [], TopKLogitsWarper.__call__
+
+    def counted(self, input_ids, scores):
+        rows_seen.append(scores.shape[0])
+        return call(self, input_ids, scores)
+
+    monkeypatch.setattr(TopKLogitsWarper, "__call__", counted)
+    model, seqs = build("llama"), prompts(MIXED)
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, temperature=0.7, pad_token_id=0)
+    got = prepack.generate(model, seqs, seed=1000, **kwargs)
+    engine_rows = list(rows_seen)
+    assert tokens(got) == alone(model, seqs, seed=1000, **kwargs)
+    assert max(engine_rows) == len(seqs) and len(engine_rows) <= 6  # one call per step (6 new tokens), not per request
