@@ -420,7 +420,7 @@ def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict) -> tu
     is_request = [isinstance(fed[i], Request) for i in samples]
     for j, i in enumerate(samples):
         if not is_request[j]:
-            fed[i].last_logits = logits[j]
+            fed[i].last_logits = logits[j].clone()  # a copy: a view would keep the whole step's (n, V) logits alive
     if all(is_request):
         return [fed[i] for i in samples], logits
     rows = torch.tensor([j for j, ok in enumerate(is_request) if ok], dtype=torch.long, device=device)
