@@ -78,11 +78,7 @@ def _plain_calls_during_prefills(model, calls: int) -> list[float]:
     def plain(_):
         try:
             for _ in range(calls // 2):
-                with torch.no_grad():
-                    got = model(ids, attention_mask=mask).logits
-                    got_unpadded = model(seqs[1][None]).logits
-                diffs.append(float((got - want)[mask.bool()].abs().max()))
-                diffs.append(float((got_unpadded - want_unpadded).abs().max()))
+                diffs.extend(_plain_diffs(model, ids, mask, seqs[1], want, want_unpadded))
         finally:
             stop.set()
 
@@ -286,14 +282,18 @@ def test_plain_calls_while_prefills_switch_the_model_on_and_off_get_their_own_an
     def plain():
         try:
             while len(switches) < 10 or len(diffs) < 40:
-                with torch.no_grad():
-                    got = model(ids, attention_mask=mask).logits
-                    got_unpadded = model(seqs[1][None]).logits
-                diffs.append(float((got - want)[mask.bool()].abs().max()))
-                diffs.append(float((got_unpadded - want_unpadded).abs().max()))
+                diffs.extend(_plain_diffs(model, ids, mask, seqs[1], want, want_unpadded))
         finally:
             stop.set()
 
     run_threads(lambda i: plain() if i == 0 else packer(), 2)
     assert len(switches) >= 10 and max(diffs) == 0.0
     assert model.config._attn_implementation == "eager"
+
+
+def _plain_diffs(model, ids, mask, one, want, want_unpadded) -> list[float]:
+    """Plain calls (a padded batch, one unpadded sequence) against their answers computed before any prepack call."""
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        got_unpadded = model(one[None]).logits
+    return [float((got - want)[mask.bool()].abs().max()), float((got_unpadded - want_unpadded).abs().max())]

@@ -147,11 +147,14 @@ def test_attention_over_a_prefix_region_and_own_keys_matches_flash_attn_referenc
         torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
 
 
-def _count_tokens_run(model):
-    """A forward hook on the input embeddings: how many token positions went through the model."""
+def _generate_counting(model, seqs, **kwargs):
+    """generate_with_backends, and how many token positions went through the model (a hook on its input embeddings)."""
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
-    return seen, handle
+    try:
+        return generate_with_backends(model, seqs, **kwargs), sum(seen)
+    finally:
+        handle.remove()
 
 
 SAMPLED = dict(do_sample=True, top_k=20, pad_token_id=0, max_new_tokens=5, min_new_tokens=5)
@@ -159,15 +162,11 @@ SAMPLED = dict(do_sample=True, top_k=20, pad_token_id=0, max_new_tokens=5, min_n
 
 def test_samples_of_a_short_prompt_run_its_tokens_once_and_equal_generate_alone():
     model, seqs, g = build("llama"), prompts([5, 9, 3]), 3
-    seen, handle = _count_tokens_run(model)
-    try:
-        got = generate_with_backends(model, seqs, num_return_sequences=g, seed=11, **SAMPLED)
-    finally:
-        handle.remove()
+    got, tokens_run = _generate_counting(model, seqs, num_return_sequences=g, seed=11, **SAMPLED)
     # sample j of prompt i is request k = i * g + j, seeded 11 + k: generate on its prompt alone, seeded so
     assert tokens(got.results) == [alone_seeded(model, seqs[k // g], 11 + k) for k in range(len(seqs) * g)]
     # each prompt once, its last token included; then each sample feeds back all but its last new token
-    assert sum(seen) == sum(len(s) for s in seqs) + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
+    assert tokens_run == sum(len(s) for s in seqs) + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
     assert got.stats.prefix_regions == len(seqs)
 
 
@@ -182,14 +181,10 @@ def test_a_header_and_each_prompt_are_shared_at_two_levels_exactly():
     """A GRPO batch: a header shared by every prompt, each prompt shared by its samples, each computed once."""
     model, g = build("llama"), 3
     seqs = chats(suffixes=(1, 5, 40, 3), system=SYSTEM)
-    seen, handle = _count_tokens_run(model)
-    try:
-        got = generate_with_backends(model, seqs, num_return_sequences=g, seed=5, **SAMPLED)
-    finally:
-        handle.remove()
+    got, tokens_run = _generate_counting(model, seqs, num_return_sequences=g, seed=5, **SAMPLED)
     assert tokens(got.results) == [alone_seeded(model, seqs[k // g], 5 + k) for k in range(len(seqs) * g)]
     prompt_tokens = SYSTEM + sum(len(s) - SYSTEM for s in seqs)  # the header once, each prompt's own tokens once
-    assert sum(seen) == prompt_tokens + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
+    assert tokens_run == prompt_tokens + len(seqs) * g * (SAMPLED["max_new_tokens"] - 1)
     assert got.stats.prefix_regions == 1 + len(seqs)  # the header, and one region per prompt under it
 
 
