@@ -36,19 +36,16 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import layout
 from .backends import choose
 from .decoding import RequestRules, Rules, integer, positive_integer
-from .forward import default_token_budget
+from .executor import forward_step, rope_groups
+from .forward import base_model, default_token_budget
 from .hf import attention_needs, model_device, require_switched
-from .step import PackedCall
-from .cascade import cascade_kernel
 from .kvstore import KVStore
 from .prefix_regions import sharing_refusal
 from .scheduler import Request, Scheduler
 from .rope import RopeDependence, rope_dependence
 from .support import UnsupportedModelError
-from .vision import StepRunner
 from .wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -198,8 +195,6 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     chunk = rope is None and vision is None
     require_switched(model)  # held by the caller for the whole run (prepack.hf.switched_iter)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
-    if vision is not None:  # each step's images and mRoPE positions go in at the model call
-        module = StepRunner(module, vision, rules.samples)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
     store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model))
 
@@ -218,7 +213,8 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
                       admit_check=admit_check, chunk=chunk, share=share, stats=stats)
     return _Run(module, kernel, store, sched, rope, _requests(prompts, rules, device, seed),
-                read_ahead=2 * (max_batch or 64), logprobs=logprobs, stats=stats, progress=progress)
+                read_ahead=2 * (max_batch or 64), logprobs=logprobs, stats=stats, progress=progress,
+                vision=vision, samples=rules.samples)
 
 
 class _Limits:
@@ -255,8 +251,10 @@ class _Run:
     """One decode run: the requests read so far, the scheduler and store, and the model call; :meth:`step` runs a step."""
 
     def __init__(self, module, kernel, store: KVStore, sched: Scheduler, rope, requests: Iterator[Request], *,
-                 read_ahead: int, logprobs: bool, stats: EngineStats, progress):
+                 read_ahead: int, logprobs: bool, stats: EngineStats, progress, vision=None, samples: int = 1):
         self.module, self.kernel, self.store, self.sched, self.rope = module, kernel, store, sched, rope
+        self.base = base_model(module)  # called instead of the model in a step that keeps no logits
+        self.vision, self.samples = vision, samples  # each step's images and mRoPE positions go in at the model call
         self.requests, self.read_ahead, self.waiting = requests, read_ahead, deque()
         self.logprobs, self.stats, self.progress = logprobs, stats, progress
         self.start = time.perf_counter()
@@ -268,7 +266,7 @@ class _Run:
         feeds, units = self.sched.next_step(self.waiting)        # decode rows, then prompt chunks, then new requests
         if not feeds:
             return self._nothing_left()
-        reqs, logits = _step(self.module, self.kernel, self.store, feeds, units, self.rope)  # (n,) requests, (n, V)
+        reqs, logits = _step(self, feeds, units)                 # (n,) requests, (n, V) float32
         reqs, logits = self._with_first_tokens(reqs, logits)
         self.sched.fed(feeds, units)
         tokens, lps = _choose(reqs, logits, self.store.device, self.logprobs)
@@ -343,30 +341,16 @@ def _requests(prompts: Iterable[np.ndarray], rules: Rules, device, seed: int) ->
             yield Request(i, prompt, own, gen)
 
 
-def _step(model, kernel, store: KVStore, feeds: dict, units: dict, rope: RopeDependence | None) -> tuple[list, torch.Tensor]:
-    """One step: feeds[key] tokens of each unit; the requests that sample, in stream order, and their (n, V) float32 logits.
-
-    One packed forward, or with length-dependent RoPE (:mod:`prepack.rope`) one per group of requests
-    whose own forward would get the same rotary frequencies: alone, a request's forward reaches
-    ``len(prompt) + len(tokens)`` positions at this step, and its frequencies follow that length
-    (such a model's prompts are fed whole and share no prefix region).
-    """
-    if rope is None:
-        return _forward_step(model, kernel, store, feeds, units)
-    groups: dict = {}
-    for key, n in feeds.items():
-        r = units[key]
-        reach = len(r.prompt) + len(r.tokens)
-        why = rope.refusal(reach)
-        if why:
-            raise UnsupportedModelError(f"request {r.index} reaches {reach} positions but {type(model).__name__}'s {why}")
-        groups.setdefault(rope.key(reach), {})[key] = n
+def _step(run: "_Run", feeds: dict, units: dict) -> tuple[list, torch.Tensor]:
+    """One step: feeds[key] tokens of each unit; the requests that sample, in stream order, and their (n, V) float32
+    logits. One packed forward, or with length-dependent RoPE one per group of requests whose own forward would get
+    the same rotary frequencies (:func:`prepack.executor.rope_groups`)."""
     reqs, logits = [], []
-    for group in groups.values():
-        got, out = _forward_step(model, kernel, store, group, units)
+    for group in rope_groups(feeds, units, run.rope, type(unwrap(run.module)).__name__):
+        got, out = _forward_step(run, group, units)
         reqs += got
         logits.append(out)
-    return reqs, torch.cat(logits)
+    return reqs, torch.cat(logits) if len(logits) > 1 else logits[0]
 
 
 def _check_rope(model, rope: RopeDependence, r: Request) -> None:
@@ -389,42 +373,26 @@ def _check_rope(model, rope: RopeDependence, r: Request) -> None:
         )
 
 
-def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict) -> tuple[list, torch.Tensor]:
-    """One packed forward: ``feeds[key]`` pending tokens of each unit. Returns the requests that sample
-    (fed all they had pending), in stream order, and their (n, V) float32 logits.
+def _forward_step(run: "_Run", feeds: dict, units: dict) -> tuple[list, torch.Tensor]:
+    """One packed forward: ``feeds[key]`` pending tokens of each unit. Returns the requests that sample (fed all they
+    had pending), in stream order, and their (n, V) float32 logits.
     """
-    kv = store.plan(feeds)
-    fed = [units[k] for k in kv.order]
-    device = store.device
-    ids = torch.from_numpy(np.concatenate([u.pending[:n] for u, n in zip(fed, kv.q)]))[None].to(device)  # (1, T)
-    offset = np.array([u.offset for u in fed], np.int64)  # a sharer's own keys follow its prefix regions'
-    pos = torch.from_numpy(layout.ranges(offset + kv.cached, kv.q))[None].to(device)  # (1, T): each request's own positions
-    # a request that feeds the rest of its prompt or its newest token samples; a region that feeds its last
-    # tokens keeps its logits for the requests whose whole prompt it is
-    samples = [i for i, (u, n) in enumerate(zip(fed, kv.q)) if n == len(u.pending)]
-    last = torch.from_numpy((np.cumsum(kv.q) - 1)[samples]).to(device)  # (n,) the last token of each such segment
-    step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
-    first = not store.pools
-    with torch.no_grad():
-        out = model(input_ids=ids, position_ids=pos, prepack=PackedCall(kv.layout, step_kernel, kv=kv),
-                    use_cache=False, logits_to_keep=last)
-    if first:  # every layer's attention must have gone through prepack's (the store holds one pool per such layer)
-        layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
-        missing = sorted(set(range(layers)) - set(store.pools))
-        if missing:
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
-                "state cannot be cached by the decode engine; it cannot decode this model exactly"
-            )
-    logits = out.logits[0].float()
-    is_request = [isinstance(fed[i], Request) for i in samples]
-    for j, i in enumerate(samples):
+    def last_rows(fed):  # the last token of each segment that feeds all it had pending
+        return (fed.start + fed.q - 1)[[n == len(u.pending) for u, n in zip(fed.units, fed.q)]]
+
+    fed, out = forward_step(run.module, run.kernel, run.store, feeds, units, last_rows, base=run.base,
+                            vision=run.vision, samples=run.samples)
+    samples = [u for u, n in zip(fed.units, fed.q) if n == len(u.pending)]
+    logits = out.float()
+    is_request = [isinstance(u, Request) for u in samples]
+    for j, u in enumerate(samples):
         if not is_request[j]:
-            fed[i].last_logits = logits[j].clone()  # a copy: a view would keep the whole step's (n, V) logits alive
+            # a region that feeds its last tokens keeps its logits for the requests whose whole prompt it is
+            u.last_logits = logits[j].clone()  # a copy: a view would keep the whole step's (n, V) logits alive
     if all(is_request):
-        return [fed[i] for i in samples], logits
-    rows = torch.tensor([j for j, ok in enumerate(is_request) if ok], dtype=torch.long, device=device)
-    return [fed[i] for i, ok in zip(samples, is_request) if ok], logits.index_select(0, rows)
+        return samples, logits
+    rows = torch.tensor([j for j, ok in enumerate(is_request) if ok], dtype=torch.long, device=logits.device)
+    return [u for u, ok in zip(samples, is_request) if ok], logits.index_select(0, rows)
 
 
 def cache_slides(model) -> list[bool]:

@@ -1,9 +1,8 @@
 """Outputs at chosen positions of each request: :func:`forward_at`, the public face of the packed forward.
 
 ``positions`` ("last", "all", or one ``(start, end)`` span per request) become (N, 2) spans;
-:func:`~prepack.staged.run_staged` runs the requests (a shared prefix once, long prompts in chunks,
-each forward one :func:`~prepack.forward.run_packed` call) and returns the outputs at those spans
-only, request after request.
+:func:`~prepack.jobs.run_jobs` runs the requests through the executor (a shared prefix once, long
+prompts in chunks) and returns the outputs at those spans only, request after request.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import numpy as np
 from . import layout
 from .forward import Output, Reduce
 from .inputs import check_prompts
-from .staged import run_staged
+from .jobs import run_jobs
 
 Positions = Literal["last", "all"] | Sequence[tuple[int, int]]
 
@@ -52,8 +51,8 @@ def forward_at(
             outputs before the next forward runs, so that long outputs never pile up; ``rows``
             (K,) int64 says where each row lands in the request-order result.
         backend, token_budget, capacity, tokenizer, processor, share_prefixes: as in :func:`prepack.prefill`
-            (a shared prefix runs once; outputs at its positions are computed once and given to
-            every request that shares it; with ``reduce`` no asked position is shared).
+            (a shared prefix runs once, up to the first position any request
+            sharing it asks for: every asked position runs in its own request's segment).
 
     Returns:
         ``"last"``: an (N, X) tensor. Otherwise a list of N tensors, the i-th (end_i - start_i, X).
@@ -63,7 +62,7 @@ def forward_at(
     tokens = prompts.tokens
     lengths = layout.lengths_of(tokens)
     spans = request_spans(positions, lengths)
-    run = run_staged(
+    run = run_jobs(
         model, tokens, backend=backend, token_budget=token_budget, capacity=capacity,
         spans=spans, output=output, reduce=reduce, lengths=lengths, share_prefixes=share_prefixes,
         vision=prompts.vision,

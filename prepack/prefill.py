@@ -1,6 +1,6 @@
 """Step 5 of the data flow: a packed prefill and each request's own keys and values.
 
-``prefill`` runs the prompts through the packed forward (:mod:`prepack.forward`)
+``prefill`` runs the prompts through the executor (:mod:`prepack.jobs`)
 and keeps what each request needs: its last-token logits and its own keys and
 values. The packed forward gets a recording cache (:func:`prepack.kvcache.recording_cache`)
 that keeps what the model writes to its cache, layer by layer, and stores nothing:
@@ -11,13 +11,14 @@ that is not what attention sees (MLA caches compressed latents). They are gather
 into per-request layouts only on demand.
 
 Requests that share a prefix (a system prompt) run it once, and a prompt longer than
-``token_budget`` runs in chunks (:mod:`prepack.staged`): a request's keys and values then sit in
-several pieces (its prefix's, then its own), and every cache layout below gathers them from there.
+``token_budget`` runs in chunks over several steps: a request's keys and values then sit in
+several pieces (its prefix regions', then its own), and every cache layout below gathers them from there.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,8 +28,9 @@ import torch
 from . import kvcache, layout
 from .hf import model_device
 from .inputs import check_prompts
-from .packing import PackedBatch
-from .staged import run_staged
+from .jobs import JobsRun, run_jobs
+from .packing import PackedBatch, pack_plan
+from .planner import Plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,10 +44,9 @@ class PrefillResult:
     Attributes:
         logits: (N, V) last-token logits, in request order (None when not asked for).
         lengths: (N,) int64 tokens per request, on the model's device.
-        batch: the :class:`~prepack.packing.PackedBatch` that was run (the requests' own segments'
-            when a shared prefix or a chunk ran before them).
+        steps: the forwards that ran.
         backend: the attention backend that ran (``"auto"`` resolved).
-        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D): what the model caches
+        chunks: per forward, per layer (keys, values), each (B, H_kv, L, D): what the model cached
             (RoPE applied; compressed latents for MLA).
         parts: where each request's tokens sit in ``chunks`` (:class:`~prepack.layout.Parts`): one
             piece for a request run whole; its shared prefix's pieces, then its own, otherwise.
@@ -57,17 +58,30 @@ class PrefillResult:
 
     logits: torch.Tensor | None
     lengths: torch.Tensor
-    batch: PackedBatch
+    steps: int
     backend: str
     chunks: list
     parts: layout.Parts
     config: object
     tokens_run: int = 0
     shared_tokens: int = 0
+    _last_pieces: tuple | None = None  # (Plan, tokens) of each request's last piece, for the deprecated ``batch``
 
     @property
     def num_requests(self) -> int:
         return len(self.lengths)
+
+    @property
+    def batch(self) -> PackedBatch:
+        """Deprecated: the :class:`~prepack.packing.PackedBatch` of each request's own last piece as it ran (row: the
+        step's row, offset: where it started; positions restart per piece). Read :attr:`steps` and :attr:`parts`."""
+        warnings.warn(
+            "PrefillResult.batch is deprecated: prefill runs as steps of one executor and a request's tokens may sit in "
+            "several pieces (its shared prefix's, its chunks); read PrefillResult.steps and PrefillResult.parts",
+            DeprecationWarning, stacklevel=2,
+        )
+        the_plan, tokens = self._last_pieces
+        return pack_plan(the_plan, tokens)
 
     @functools.cached_property
     def _lengths(self) -> np.ndarray:
@@ -193,8 +207,8 @@ def prefill(
         tokenizer: tokenizes string or chat prompts.
         processor: a vision-language model's processor, for chats with images (see :mod:`prepack.vision`).
         share_prefixes: prompts that start with the same tokens (a system prompt) run them once
-            (:mod:`prepack.prefixes` decides which; varlen backends, and not for models whose RoPE
-            depends on the length, nor prompts with images); ``False`` runs every prompt whole. The
+            (:mod:`prepack.prefix_regions` decides which; varlen backends, and not for models where a
+            merged prefix is not exact: length-dependent RoPE, sliding windows, soft-capping, sinks; nor prompts with images); ``False`` runs every prompt whole. The
             results are the same.
 
     Returns:
@@ -216,8 +230,8 @@ def prefill_tokens(
     lengths = layout.lengths_of(tokens)
     # last-token logits: a one-token span per prompt (none for an empty prompt)
     spans = np.stack([np.maximum(lengths - 1, 0), lengths], 1) if logits else None
-    run = run_staged(
-        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, kv="cache",
+    run = run_jobs(
+        model, tokens, backend=backend, token_budget=token_budget, capacity=capacity, spans=spans, keep_cache=True,
         lengths=lengths, share_prefixes=share_prefixes, vision=vision,
     )
     device = model_device(model)
@@ -226,7 +240,21 @@ def prefill_tokens(
         out_logits = run.values.new_zeros(len(tokens), run.values.shape[-1])
         out_logits[torch.from_numpy(np.flatnonzero(lengths)).to(device)] = run.values
     return PrefillResult(
-        logits=out_logits, lengths=torch.from_numpy(lengths).to(device), batch=run.batch, backend=run.backend,
+        logits=out_logits, lengths=torch.from_numpy(lengths).to(device), steps=run.steps, backend=run.backend,
         chunks=run.chunks, parts=run.parts, config=model.config, tokens_run=run.tokens_run,
-        shared_tokens=run.shared_tokens,
+        shared_tokens=run.shared_tokens, _last_pieces=_last_pieces(run, tokens),
     )
+
+
+def _last_pieces(run: JobsRun, tokens) -> tuple:
+    """(Plan, tokens) of each non-empty request's last piece: its row among all steps' rows and its offset there."""
+    parts = run.parts
+    first = np.searchsorted(parts.owner, np.arange(parts.num_requests + 1))
+    has = np.flatnonzero(first[1:] > first[:-1])
+    last = first[has + 1] - 1
+    widths = np.array([w for _, w in run.grids], np.int64)
+    row_base = np.concatenate([[0], np.cumsum([b for b, _ in run.grids])]).astype(np.int64)
+    step, start, size = parts.chunk[last], parts.starts[last], parts.sizes[last]
+    row = row_base[step] + start // np.maximum(widths[step], 1)
+    the_plan = Plan(size, row, start % np.maximum(widths[step], 1), int(widths.max(initial=1)), int(row_base[-1]))
+    return the_plan, [np.asarray(tokens[i])[-n:] for i, n in zip(has.tolist(), size.tolist())]

@@ -1,4 +1,4 @@
-"""Which requests of a decode-engine call share prompt prefixes held once, at any depth (and whether the model allows it).
+"""Which requests of an executor run share prompt prefixes held once, at any depth (and whether the model allows it).
 
 Shared prefixes form a tree of regions (like SGLang's radix tree): a region holds the keys of
 ``tokens[start:end]`` of the prompts that share them, and continues its parent region (the prompt's
@@ -26,9 +26,15 @@ from __future__ import annotations
 import numpy as np
 
 from .hf import attention_needs
-from .prefixes import common_prefix_length
 
 MIN_SHARED_TOKENS = 32  # below this a region saves less than the extra attention part costs
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two 1-D token arrays share."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if len(differ) else m
 
 
 def live_match(prompt: np.ndarray, live: dict) -> int | None:

@@ -49,6 +49,18 @@ class Request:
     def key(self) -> int:
         return self.index
 
+    @property
+    def most(self) -> int:
+        """The most keys it will hold: its prompt and its new tokens, the last one never fed back."""
+        return self.rules.max_length - 1
+
+    @property
+    def shareable(self) -> np.ndarray:
+        """The prompt prefix it may read from a shared region: all of it (its first token comes from the region's logits)."""
+        return self.prompt
+
+    splittable = True  # its prompt may be fed over several steps
+
     def ids(self, device) -> torch.Tensor:
         """(1, L) the prompt and the new tokens so far: what generate's processors and criteria see."""
         return torch.from_numpy(np.concatenate([self.prompt, np.asarray(self.tokens, np.int64)]))[None].to(device)
@@ -65,13 +77,15 @@ class Prefix:
             distribution of a request whose whole prompt it is.
     """
 
-    __slots__ = ("key", "tokens", "pending", "prefix", "offset", "last_logits")
+    __slots__ = ("key", "tokens", "pending", "prefix", "offset", "last_logits", "pieces")
+    splittable = True  # its tokens may be fed over several steps
 
     def __init__(self, key: int, tokens: np.ndarray, parent: "Prefix | None" = None):
         self.key, self.tokens, self.prefix = key, tokens, parent
         self.offset = 0 if parent is None else len(parent.tokens)
         self.pending = tokens[self.offset:]
         self.last_logits = None
+        self.pieces: list = []  # prefill-only runs: (step, start, size) where its tokens sit in the steps' records
 
 
 class Scheduler:
@@ -84,7 +98,7 @@ class Scheduler:
     """
 
     def __init__(self, store: KVStore, *, token_budget: int, kv_budget: int, max_batch: int | None,
-                 admit_check, chunk: bool, share: bool, stats):
+                 admit_check, chunk: bool, share: bool, stats, read_ahead: int | None = None):
         self.store, self.token_budget, self.kv_budget, self.max_batch = store, token_budget, kv_budget, max_batch
         self.admit_check, self.chunk, self.share, self.stats = admit_check, chunk, share, stats
         self.running: dict[int, Request] = {}  # admission order
@@ -93,6 +107,7 @@ class Scheduler:
         self.awaiting: list[Request] = []  # requests whose whole prompt is a region: first token from its logits
         self.reserved: dict[int, int] = {}  # request or region -> keys reserved
         self._keys = itertools.count(-1, -1)
+        self.read_ahead = read_ahead  # waiting prompts a new region is chosen for (None: all of them)
 
     def next_step(self, waiting: deque) -> tuple[dict, dict]:
         """Plan one step: ``(feeds, units)``, per unit key the tokens it feeds and the unit (request or region)."""
@@ -108,7 +123,7 @@ class Scheduler:
         while waiting and budget > 0 and len(self.running) < most:
             r = waiting[0]
             self.admit_check(r)
-            new = self._admit(r, budget, [w.prompt for w in itertools.islice(waiting, 1, None)])
+            new = self._admit(r, budget, [w.shareable for w in itertools.islice(waiting, 1, self.read_ahead)])
             if new is None:
                 break
             waiting.popleft()
@@ -123,7 +138,7 @@ class Scheduler:
             if u.prefix is not None and len(u.prefix.pending) > feeds.get(u.prefix.key, 0):
                 continue  # its parent region is not all in the cache by the end of this step
             n = min(len(u.pending), budget)
-            if n < len(u.pending) and not self.chunk:
+            if n < len(u.pending) and not (self.chunk and u.splittable):
                 break
             feeds[u.key], units[u.key] = n, u
             budget -= n
@@ -136,18 +151,18 @@ class Scheduler:
         """
         region, ends = None, []
         if self.share:
-            key = live_match(r.prompt, {k: p.tokens for k, p in self.live.items()})
+            key = live_match(r.shareable, {k: p.tokens for k, p in self.live.items()})
             region = None if key is None else self.live[key]
             matched = 0 if region is None else len(region.tokens)
-            while (end := next_region_end(r.prompt, matched, behind)) > matched:
+            while (end := next_region_end(r.shareable, matched, behind)) > matched:
                 ends.append(end)
                 matched = end
         held = ends[-1] if ends else len(region.tokens) if region is not None else 0
-        own = r.rules.max_length - 1 - held
+        own = r.most - held
         new_keys = held - (len(region.tokens) if region is not None else 0)
         if sum(self.reserved.values()) + own + new_keys > self.kv_budget:
             return None
-        if not self.chunk and len(r.prompt) > budget:
+        if not (self.chunk and r.splittable) and len(r.prompt) > budget:
             return None
         new = []
         if region is not None:
@@ -175,8 +190,12 @@ class Scheduler:
 
     def first_tokens(self) -> list[Request]:
         """The requests whose whole prompt is a region that has its last-token logits now (they leave ``awaiting``)."""
-        ready = [r for r in self.awaiting if r.prefix.last_logits is not None]
-        self.awaiting = [r for r in self.awaiting if r.prefix.last_logits is None]
+        return self.ready(lambda r: r.prefix.last_logits is not None)
+
+    def ready(self, done) -> list:
+        """The requests of ``awaiting`` (whose whole prompt is a region) for which ``done(r)`` holds; they leave it."""
+        ready = [r for r in self.awaiting if done(r)]
+        self.awaiting = [r for r in self.awaiting if not done(r)]
         return ready
 
     def fed(self, feeds: dict, units: dict) -> None:

@@ -8,10 +8,10 @@ continuation's positions reach the LM head (:func:`prepack.forward_at` with a
 span per request), so a (T, V) logits tensor is never built.
 
 Multiple choice sends one request per choice with the same context. Requests
-that share a context prefill it once (its keys and values are kept) and each
-continuation then runs against them (:class:`~prepack.forward.Prefix`): a
-4-choice question with a 500-token context and 10-token answers runs about
-540 tokens instead of 2,040.
+that share a context hold it once, as a prefix region of the executor's KV store
+(:mod:`prepack.jobs`), and each choice runs the context's last token and its
+continuation against it: a 4-choice question with a 500-token context and
+10-token answers runs about 540 tokens instead of 2,040.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
+from .forward import ROW_BACKENDS
 from .backends import choose
 from .hf import attention_needs, check_model, model_device
 from .packing import token_array
-from .rope import rope_dependence
-from .staged import run_staged
+from .jobs import run_jobs
 from .inputs import is_chat, with_images, check_prompts
 from .vision import join
 from .wrapped import unwrap
@@ -75,9 +74,9 @@ def score(
         truncate: what to do with a longer request: ``"error"`` (default) raises, ``"left"`` drops
             the oldest context tokens, as lm-eval's ``hf`` model does (with a warning).
         share_contexts: prefill a context that several requests share once (varlen backends only:
-            with ``backend="sdpa_masked"`` pass ``share_contexts=False``).
+            with ``backend="sdpa_masked"`` pass ``share_contexts=False``); ``False`` runs each request whole.
         share_prefixes: requests whose contexts differ but start alike (a few-shot header) run the
-            common prefix once (:mod:`prepack.prefixes`); ``False`` runs each such request whole.
+            common prefix once (:mod:`prepack.prefix_regions`); ``False`` runs each request whole.
         backend, token_budget: as in :func:`prepack.prefill`; a request longer than ``token_budget``
             runs in chunks, and ``token_budget`` also bounds how many shared-context tokens are held at once.
         processor: a vision-language model's processor; each request is then a ``(chat, continuation)``
@@ -101,41 +100,24 @@ def score(
         requests = encode_pairs(tokenizer, requests)
     contexts, continuations = _check_pairs(requests, limit, truncate)
     _check_continuation_ids(model, continuations)
-    n = len(contexts)
-    logprob, greedy = np.zeros(n), np.ones(n, bool)
-    groups: dict[bytes, list[int]] = {}
-    for i, c in enumerate(contexts):
-        groups.setdefault(c.tobytes(), []).append(i)
-    shared = [g for g in groups.values() if len(g) > 1] if share_contexts else []
-    shared = _same_rope(model, shared, contexts, continuations)
-    # the call's one kernel, passed down to every run below
+    # the call's one kernel, passed down
     kernel = choose(backend, device=model_device(model), dtype=next(model.parameters()).dtype, needs=attention_needs(model))
-    if shared and kernel.rows:  # refused before anything runs ("auto" is never a row backend)
-        raise ValueError(
-            f"requests {shared[0][0]} and {shared[0][1]} share a context, and share_contexts needs a varlen backend, "
-            f"not {backend!r}; pass share_contexts=False"
-        )
-    # A shared context is prefilled in one forward and its continuations in the next: a group that does not fit
-    # the budget runs with the requests alone instead, whose long inputs run in chunks (and whose common context
-    # is still run once, as a shared prefix, with share_prefixes).
-    budget = token_budget or default_token_budget(model)
-    shared = [g for g in shared if len(contexts[g[0]]) + max(len(continuations[i]) for i in g) - 1 <= budget]
-    alone = np.setdiff1d(np.arange(n), np.concatenate(shared) if shared else []).astype(np.int64)
+    if share_contexts and kernel.rows:  # refused before anything runs ("auto" is never a row backend)
+        first: dict[bytes, int] = {}
+        for i, c in enumerate(contexts):
+            j = first.setdefault(c.tobytes(), i)
+            if j != i:
+                raise ValueError(
+                    f"requests {j} and {i} share a context, and share_contexts needs a varlen backend, not {kernel.name!r}; "
+                    "pass share_contexts=False"
+                )
     # what the model runs: (context + continuation)[:-1]; checked here so that errors name the request
     inputs = check_prompts(model, [np.concatenate([c, t[:-1]]) for c, t in zip(contexts, continuations)]).tokens
-    # one request = one sequence, scored at its continuation's positions
-    tokens = [inputs[i] for i in alone]
-    spans = np.array([(len(contexts[i]) - 1, len(contexts[i]) + len(continuations[i]) - 1) for i in alone], np.int64).reshape(-1, 2)
-    sum_dtype = _sum_dtype(model, sum_dtype)
-    lp, gr = _score_spans(model, tokens, spans, [continuations[i] for i in alone], kernel, token_budget, share_prefixes,
-                          names=alone, sum_dtype=sum_dtype)
-    logprob[alone], greedy[alone] = lp, gr
-    # shared contexts' keys and values are held while their continuations run: a budget's worth at a time
-    for wave in _waves(shared, contexts, budget):
-        lp, gr = _score_shared(model, wave, contexts, continuations, kernel, token_budget, sum_dtype)
-        members = np.concatenate(wave)
-        logprob[members], greedy[members] = lp, gr
-    return [Score(float(a), bool(b)) for a, b in zip(logprob, greedy)]
+    # scored at the continuation's positions: a shared context (or any common prefix) is held once, up to them
+    spans = np.array([(len(c) - 1, len(c) + len(t) - 1) for c, t in zip(contexts, continuations)], np.int64).reshape(-1, 2)
+    lp, greedy = _score_spans(model, inputs, spans, continuations, kernel, token_budget, share_contexts and share_prefixes,
+                              sum_dtype=_sum_dtype(model, sum_dtype))
+    return [Score(float(a), bool(b)) for a, b in zip(lp, greedy)]
 
 
 def score_rolling(
@@ -298,7 +280,7 @@ def _sum_dtype(model, sum_dtype):
 
 
 def _token_scores(targets: torch.Tensor):
-    """A ``reduce`` for :func:`~prepack.forward.run_packed`: (K, V) logits -> (K, 2) [log p(target), target is argmax]."""
+    """A ``reduce`` for :func:`~prepack.jobs.run_jobs`: (K, V) logits -> (K, 2) [log p(target), target is argmax]."""
 
     def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         t = targets[rows]
@@ -313,7 +295,8 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
                  vision=None, names=None, sum_dtype: torch.dtype | None = torch.float64):
     """Sum log p(targets) over each request's span: (N,) float64 log-probs and (N,) bool greedy.
 
-    Requests that start alike share their common prefix (up to their spans: a scored position is never shared);
+    Requests that start alike share their common prefix (up to their spans: a scored position is never shared;
+    choices of one context share the context);
     a request longer than ``token_budget`` runs in chunks; requests with images (``vision``) run whole.
     ``names``: each request's number in the caller's list, for errors.
     """
@@ -321,20 +304,19 @@ def _score_spans(model, tokens, spans: np.ndarray, targets: list[np.ndarray], ba
         return np.zeros(0), np.ones(0, bool)
     device = next(model.parameters()).device
     flat = torch.from_numpy(np.concatenate(targets)).to(device)
-    run = run_staged(
+    run = run_jobs(
         model, tokens, backend=backend, token_budget=token_budget, spans=spans,
         reduce=_token_scores(flat), share_prefixes=share_prefixes, vision=vision, names=names,
     )
     return _per_request(run.values, spans[:, 1] - spans[:, 0], sum_dtype)
 
 
-def _per_request(values: torch.Tensor, span_len: np.ndarray, sum_dtype: torch.dtype | None = None, first=None):
+def _per_request(values: torch.Tensor, span_len: np.ndarray, sum_dtype: torch.dtype | None = None):
     """(K, 2) per-token [log p, is argmax], request after request -> per-request sum of log p and all() of argmax.
 
     ``sum_dtype``: each sum is rounded to it at the end (None: float64), as torch's sum of a tensor of that dtype
     rounds its wider accumulator (lm-eval's ``hf`` model sums a bf16 model's log-probs in bf16). The sum itself
-    runs in float64, the closest to any order a kernel adds in. ``first``: (N,) float64 log-probs to add into each
-    request's sum (a shared context's first continuation token), or None.
+    runs in float64, the closest to any order a kernel adds in.
     """
     n = len(span_len)
     acc = torch.float64
@@ -344,74 +326,7 @@ def _per_request(values: torch.Tensor, span_len: np.ndarray, sum_dtype: torch.dt
         owner = torch.from_numpy(np.repeat(np.arange(n), span_len)).to(values.device)
         lp.index_add_(0, owner, values[:, 0].to(acc))
         hits = values.new_zeros(n).index_add_(0, owner, values[:, 1]).cpu().numpy()
-    if first is not None:
-        lp += torch.as_tensor(first, device=lp.device).to(acc)
     return lp.to(sum_dtype or acc).double().cpu().numpy(), hits == span_len
-
-
-def _same_rope(model, groups: list[list[int]], contexts, continuations) -> list[list[int]]:
-    """Keep in a shared-context group only requests whose RoPE frequencies are the context's own.
-
-    A shared context is prefilled alone; with length-dependent RoPE (:mod:`prepack.rope`) its keys
-    are those of the whole request only where the context's length and the request's give the
-    same frequencies. The others run whole, as requests of their own.
-    """
-    dep = rope_dependence(model) if groups else None
-    if dep is None:
-        return groups
-    kept = []
-    for g in groups:
-        ctx_key = dep.key(len(contexts[g[0]]))
-        same = [i for i in g if dep.key(len(contexts[i]) + len(continuations[i]) - 1) == ctx_key]
-        if len(same) > 1:
-            kept.append(same)
-    return kept
-
-
-def _waves(groups: list[list[int]], contexts, token_budget: int | None) -> list[list[list[int]]]:
-    """Split shared-context groups into waves whose contexts fit ``token_budget`` together (their KV is held)."""
-    if not groups:
-        return []
-    if token_budget is None:
-        return [groups]
-    waves, current, used = [], [], 0
-    for g in groups:
-        n = len(contexts[g[0]])
-        if current and used + n > token_budget:
-            waves.append(current)
-            current, used = [], 0
-        current.append(g)
-        used += n
-    return waves + [current]
-
-
-def _score_shared(model, groups: list[list[int]], contexts, continuations, backend, token_budget,
-                  sum_dtype: torch.dtype | None = torch.float64):
-    """Score requests that share contexts: each context prefilled once, each continuation run against its keys."""
-    members = np.concatenate(groups)
-    group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-    context_tokens = [contexts[g[0]] for g in groups]
-    last = np.array([(len(c) - 1, len(c)) for c in context_tokens], np.int64)
-    # the contexts' keys and values as attention sees them, to continue from; logits at their last token
-    ctx = run_packed(model, context_tokens, backend=backend, token_budget=token_budget, spans=last, kv="attention")
-    device = ctx.values.device
-    # the first continuation token is predicted by the context's last token
-    first = torch.tensor([int(continuations[i][0]) for i in members], device=device)
-    last_logits = ctx.values[torch.from_numpy(group_of).to(device)]
-    lp0 = torch.log_softmax(last_logits, dim=-1).gather(1, first[:, None])[:, 0].double().cpu().numpy()
-    greedy0 = (last_logits.argmax(-1) == first).cpu().numpy()
-    # the rest: continuation[:-1] as new tokens after the context, scored at each of them
-    rest = [continuations[i][:-1] for i in members]
-    lengths = np.array([len(t) for t in rest], np.int64)
-    prefix = Prefix.whole(ctx.chunks, ctx.chunk[group_of], ctx.starts[group_of], np.array([len(contexts[i]) for i in members], np.int64))
-    spans = np.stack([np.zeros_like(lengths), lengths], 1)
-    flat = torch.from_numpy(np.concatenate([continuations[i][1:] for i in members])).to(device)
-    run = run_packed(
-        model, rest, backend=backend, token_budget=token_budget, spans=spans,
-        reduce=_token_scores(flat), prefix=prefix,
-    )
-    lp, greedy = _per_request(run.values, lengths, sum_dtype, first=lp0)
-    return lp, greedy0 & greedy
 
 
 # --- chats with images (score(..., processor=)) ---------------------------------------------------

@@ -4,8 +4,8 @@ A packed call passes one keyword, ``prepack=PackedCall(...)``, down through the 
 (the way transformers passes ``cu_seq_lens_q`` and friends as attention kwargs). The call is
 frozen and every layer only reads it: the layout is built once per forward, on the host and then
 once on the device, and the kernel was chosen once for the call (:func:`prepack.backends.choose`).
-Keys and values go where the call's :class:`KVSource` puts them (a decode step's store, a recorder,
-earlier keys a segment continues); nothing is written to the call, the model or its config.
+Keys and values go where the call's :class:`KVSource` puts them (the step's view of the executor's KV
+store); nothing is written to the call, the model or its config.
 
 A segment's queries may continue keys computed earlier (a shared context, an earlier chunk
 of a long prompt): then its key length exceeds its query length, and the kernel aligns the
@@ -23,7 +23,6 @@ import torch
 
 from . import layout
 from .backends import Kernel
-from .kvcache import own_storage
 from .support import UnsupportedModelError
 
 
@@ -126,7 +125,7 @@ class KVSource(Protocol):
     keys and values at layer ``layer_idx`` (None for a module without one), ``window`` the sliding window
     or chunk that layer's attention applies (None: none). Returns (1, H_kv, S, D) keys and values in the
     call's key layout (:attr:`StepLayout.k_lengths`): the new ones with whatever earlier keys each segment
-    continues. Implementations: :class:`PrefixKV`, :class:`RecordKV`, :class:`prepack.kvstore.StepKV`.
+    continues. Implementation: the executor's store, :class:`prepack.kvstore.StepKV`.
     """
 
     def extend(self, layer_idx: int | None, key: torch.Tensor, value: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -149,55 +148,6 @@ class PackedCall:
     kernel: Kernel
     kv: KVSource | None = None
     row_mask: Callable | None = field(default=None)
-
-
-class RecordKV:
-    """A :class:`KVSource` that keeps each layer's new keys and values as attention sees them, then hands
-    them on to ``then`` (another source), or back unchanged.
-
-    Attributes:
-        layers: per layer, in call order, (keys, values) each (1, H_kv, T, D), own storage (not views).
-    """
-
-    def __init__(self, then: KVSource | None = None):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.then = then
-
-    def extend(self, layer_idx, key, value, window=None):
-        self.layers.append((own_storage(key), own_storage(value)))
-        return (key, value) if self.then is None else self.then.extend(layer_idx, key, value, window)
-
-
-class PrefixKV:
-    """A :class:`KVSource` that puts each segment's earlier keys/values in front of its new ones, per layer.
-
-    Args:
-        chunks: the earlier run's chunks (per forward, per layer (keys, values), each (1, H_kv, S, D)).
-        pieces: per chunk (chunk, src, dst): ``src`` token indices into that chunk's stream,
-            ``dst`` where they go in the merged (earlier + new) key axis.
-        dst_new: where the call's new keys go in the merged key axis.
-        total: the merged key axis' length.
-    """
-
-    def __init__(self, chunks: list, pieces: list, dst_new: torch.Tensor, total: int):
-        self.chunks, self.pieces, self.dst_new, self.total = chunks, pieces, dst_new, total
-
-    def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, H_kv, n, D) keys and values of the new tokens -> (1, H_kv, total, D) with the earlier ones in place."""
-        check_layer_idx(layer_idx)
-        return self._merge(layer_idx, 0, key), self._merge(layer_idx, 1, value)
-
-    def _merge(self, layer_idx: int, which: int, new: torch.Tensor) -> torch.Tensor:
-        out = new.new_empty(1, new.shape[1], self.total, new.shape[3])
-        for c, src, dst in self.pieces:
-            past = self.chunks[c][layer_idx][which]
-            if past.shape[1] != new.shape[1] or past.shape[3] != new.shape[3]:
-                raise UnsupportedModelError(
-                    f"layer {layer_idx}'s earlier keys have shape {tuple(past.shape)} but the new ones "
-                    f"{tuple(new.shape)}; this model cannot continue earlier keys (pass share_contexts=False)"
-                )
-            out.index_copy_(2, dst, past.index_select(2, src))
-        return out.index_copy_(2, self.dst_new, new)
 
 
 def check_layer_idx(layer_idx: int | None) -> None:

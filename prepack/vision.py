@@ -268,32 +268,3 @@ def join(parts: list[VisionPrompts]) -> VisionPrompts:
     pos = None if parts[0].positions is None else [p for part in parts for p in part.positions]
     return VisionPrompts(parts[0].family, [im for part in parts for im in part.images], pos,
                          np.concatenate([part.deltas for part in parts]), np.concatenate([part.lengths for part in parts]))
-
-
-class StepRunner:
-    """The decode engine's model call, given each step's images and positions (:mod:`prepack.engine`).
-
-    The engine calls ``model(input_ids=(1, T), position_ids=(1, T), prepack=call, ...)`` with each
-    segment's text positions; this puts in the vision tower's features for the prompts admitted in
-    the step and the mRoPE rows (a whole prompt's own rows, a decode step's text position plus its
-    ``rope_delta``), then calls the model.
-
-    Args:
-        module: what the engine runs (:func:`prepack.wrapped.runner` of the model).
-        vision: the call's prompts (index = prompt number).
-        samples: requests per prompt (request ``i`` is prompt ``i // samples``).
-    """
-
-    def __init__(self, module, vision: VisionPrompts, samples: int):
-        self.module, self.vision, self.samples = module, vision, samples
-
-    @property
-    def config(self):
-        """The model's config (the engine reads its layer count)."""
-        return unwrap(self.module).config
-
-    def __call__(self, *, input_ids, position_ids, prepack, **kwargs):
-        kv = prepack.kv  # the step's KV store: its requests in stream order, their new and cached tokens
-        prompts = np.asarray(kv.order, np.int64) // self.samples
-        pos, images = self.vision.forward_inputs(self.module, prompts, kv.q, kv.cached, position_ids)
-        return self.module(input_ids=input_ids, position_ids=pos, prepack=prepack, **images, **kwargs)
