@@ -107,7 +107,7 @@ def run_bench(
     warmup: int = 1,
     new_tokens: int = 32,
     micro_batch: int = SORTED_MICRO_BATCH,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, bool], None] | None = None,
 ) -> list[dict]:
     """Time every method on ``prompts`` for every metric; one result row per (metric, method).
 
