@@ -243,7 +243,7 @@ def solo(model, seqs):
 def padded_generate(model, seqs, pad_id: int):
     import torch
 
-    from prepack.generation import left_pad
+    from prepack.jobs.generation import left_pad
 
     ids, mask = left_pad(seqs, pad_id, "cpu")
     with torch.no_grad():
@@ -268,7 +268,7 @@ def cached_generate(model, seq, pad_id: int) -> list:
     import torch
     from transformers import DynamicCache
 
-    from prepack.hf import cache_kwarg
+    from prepack.hf.registration import cache_kwarg
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def check(model_type: str) -> dict:
 
     torch.set_num_threads(1)
     import prepack
-    from prepack.support import UnsupportedModelError
+    from prepack.hf.support import UnsupportedModelError
 
     row = {"type": model_type}
     model = seqs = None

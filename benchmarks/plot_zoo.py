@@ -13,7 +13,7 @@ import re
 from collections import Counter
 
 OUTCOMES = ("exact", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
-# the reasons prepack gives, grouped by the words of its refusal messages (prepack/support.py, prepack/hf.py)
+# the reasons prepack gives, grouped by the words of its refusal messages (prepack/hf/support.py, prepack/hf/registration.py)
 REASONS = (
     ("no AttentionInterface", re.compile(r"does not route attention through")),
     ("attention kwargs not implemented", re.compile(r"passed attention keyword")),

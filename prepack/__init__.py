@@ -15,28 +15,31 @@ docs/api.md has every public name with an example. The data flow, one module per
                        --outputs--> forward_at --scoring--> score, score_rolling; --heads--> classify, embed
 
 ``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training (the
-packer itself is ``prepack.packer``, its Arrow conversion ``prepack.arrow``),
+packer itself is ``prepack.data.packer``, its Arrow conversion ``prepack.data.arrow``),
 ``prepack.collate`` turns packed rows into ``Trainer`` batches (``prepack.collate_vision``: vision-language
 examples, with the model's own mRoPE positions), and ``prepack.ray_data`` runs both
 packing and batch inference on Ray Data.
 """
 
-from .backends import BACKENDS, get_backend, resolve_backend
+from . import _moved
+from .attention.registry import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
-from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
-from .outputs import forward_at
-from .generation import generate, generate_iter
-from .result import VLLM_FINISH_REASON, Generation
-from .heads import classify, embed
-from .hf import ATTN_IMPLEMENTATION, disable, enable
-from .hf import register as _register
-from .kvcache import FlashKVCache
-from .packing import PackedBatch, Varlen, pack
-from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
-from .prefill import PrefillResult, prefill
-from .scoring import Score, rolling_windows, score, score_rolling
-from .support import UnsupportedModelError
+from .data.fronts import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
+from .jobs.outputs import forward_at
+from .jobs.generation import generate, generate_iter
+from .jobs.result import VLLM_FINISH_REASON, Generation
+from .jobs.heads import classify, embed
+from .hf.registration import ATTN_IMPLEMENTATION, disable, enable
+from .hf.registration import register as _register
+from .jobs.caches import FlashKVCache
+from .data.batch import PackedBatch, Varlen, pack
+from .planner.bins import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
+from .jobs.prefill import PrefillResult, prefill
+from .jobs.scoring import Score, rolling_windows, score, score_rolling
+from .hf.support import UnsupportedModelError
+
+_moved.install()
 
 try:  # transformers is the [hf] extra: without it, planning and packing still work
     _register()
@@ -91,7 +94,7 @@ __version__ = "0.1.0"
 
 # Training helpers subclass transformers' Trainer classes, whose import pulls in the Trainer's dependencies
 # (peft, accelerate: seconds): they load on first use, not with ``import prepack``.
-_LAZY = {"PackedRowSampler": "sampler", "PackedTrainingCallback": "training", "check_packed_training": "training"}
+_LAZY = {"PackedRowSampler": "data.sampler", "PackedTrainingCallback": "data.training", "check_packed_training": "data.training"}
 
 
 def __getattr__(name: str):

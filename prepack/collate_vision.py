@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .collate import IGNORE_INDEX, LOSS_MASKS
-from .hf import is_enabled
+from .hf.registration import is_enabled
 
 # Model types whose packed training step was checked against the unpacked batch (tests/test_collate_vision.py).
 MROPE_MODELS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -1,12 +1,12 @@
-"""prepack.prefix_regions: which shared prefix regions a run opens (pure planning, no model), and layout.Parts, the
+"""prepack.executor.regions: which shared prefix regions a run opens (pure planning, no model), and layout.Parts, the
 pieces a request's tokens become once they ran in several segments."""
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepack.layout import Parts
-from prepack.prefix_regions import common_prefix_length, live_match, next_region_end
+from prepack.planner.layout import Parts
+from prepack.executor.regions import common_prefix_length, live_match, next_region_end
 
 
 @st.composite

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import prepack
-from prepack import backends, cascade, jobs, kernels
-from prepack.backends import KERNELS, Kernel, KernelRefused, Needs, choose
-from prepack.generation import generate_with_backends
+from prepack.attention import registry as backends
+from prepack.attention import cascade
+from prepack.jobs import run as jobs
+from prepack.attention import cuda as kernels
+from prepack.attention.registry import KERNELS, Kernel, KernelRefused, Needs, choose
+from prepack.jobs.generation import generate_with_backends
 
 from .models import build, prompts
 
@@ -23,7 +26,7 @@ def test_every_backend_name_is_one_kernel_of_one_registry():
 
 @pytest.mark.parametrize("old", ["KERNELS", "kernel_problem", "auto_kernel", "get_kernel"])
 def test_the_names_the_registry_replaced_warn_and_still_work(old):
-    with pytest.warns(DeprecationWarning, match=f"prepack.kernels.{old} is deprecated"):
+    with pytest.warns(DeprecationWarning, match=f"prepack.attention.cuda.{old} is deprecated"):
         getattr(kernels, old)
     with pytest.warns(DeprecationWarning, match="backends.training_kernel is deprecated"):
         assert backends.training_kernel(torch.device("cpu"), torch.float32, 16, 0.0, False).name == "sdpa_varlen"
@@ -85,7 +88,8 @@ def test_a_prefill_with_a_shared_prefix_in_chunks_chooses_its_kernel_once(monkey
 
 
 def test_generate_reports_the_kernel_it_chose_without_choosing_again(monkeypatch):
-    from prepack import engine, generation
+    from prepack.jobs import engine
+    from prepack.jobs import generation
 
     model = build("llama")
     decided = count_decisions(monkeypatch, engine, jobs)
@@ -95,7 +99,7 @@ def test_generate_reports_the_kernel_it_chose_without_choosing_again(monkeypatch
 
 
 def test_score_with_shared_contexts_chooses_its_kernel_once(monkeypatch):
-    from prepack import scoring
+    from prepack.jobs import scoring
 
     model = build("llama")
     context, other = prompts([9])[0].tolist(), prompts([6], seed=2)[0].tolist()
