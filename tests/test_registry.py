@@ -26,7 +26,7 @@ def test_every_backend_name_is_one_kernel_of_one_registry():
 
 @pytest.mark.parametrize("old", ["KERNELS", "kernel_problem", "auto_kernel", "get_kernel"])
 def test_the_names_the_registry_replaced_warn_and_still_work(old):
-    with pytest.warns(DeprecationWarning, match=f"prepack.attention.cuda.{old} is deprecated"):
+    with pytest.warns(DeprecationWarning, match=f"prepack.kernels.{old} is deprecated"):
         getattr(kernels, old)
     with pytest.warns(DeprecationWarning, match="backends.training_kernel is deprecated"):
         assert backends.training_kernel(torch.device("cpu"), torch.float32, 16, 0.0, False).name == "sdpa_varlen"

@@ -38,7 +38,7 @@ from ..hf.model import OUTPUTS, Output, Reduce, base_model, check_lm_head, defau
 from ..hf.registration import attention_needs, cache_kwarg, model_device, switched
 from ..executor.kvstore import KVStore
 from ..planner.bins import check_capacity, plan
-from ..executor.regions import sharing_refusal
+from ..executor.regions import MIN_SHARED_TOKENS, common_prefix_length, sharing_refusal
 from ..hf.rope import rope_dependence
 from ..executor.scheduler import Scheduler
 from ..hf.support import UnsupportedModelError
@@ -160,9 +160,12 @@ def run_jobs(
         whole = kernel.rows or vision is not None or not _rope_splittable(rope, int(lengths[i]))
         if whole and lengths[i] > budget:
             raise ValueError(_whole_refusal(int(names[i]), int(lengths[i]), budget, kernel, rope, model))
-        jobs.append(Job(i, tokens[i], span, int(out_start[i]), splittable=not whole))
-    waiting = deque(_order(jobs, lengths, budget, share))
-    store = KVStore(device, split_chunks=share and device.type == "cpu", slides=())
+        # a prompt that fits a forward runs whole (its step ends before it instead): only a longer one is cut
+        jobs.append(Job(i, tokens[i], span, int(out_start[i]), splittable=not whole and lengths[i] > budget))
+    ordered, share = _order(jobs, budget, share)
+    waiting = deque(ordered)
+    plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
+    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=())
     sched = Scheduler(store, token_budget=budget, kv_budget=max(default_kv_budget(model), longest),
                       max_batch=None, admit_check=lambda r: None, chunk=not kernel.rows, share=share,
                       stats=_NoStats(), read_ahead=READ_AHEAD)
@@ -223,16 +226,21 @@ def _whole_refusal(name: int, n: int, budget: int, kernel, rope, model) -> str:
     return head + "a prompt with images runs whole, in one forward (raise token_budget)"
 
 
-def _order(jobs: list, lengths: np.ndarray, budget: int, share: bool) -> list:
-    """The order requests are admitted in: sharers adjacent (sorted by tokens) when prefixes are shared, else the
-    planner's best-fit order, so that each step is about one planned forward and few prompts are cut."""
+def _order(jobs: list, budget: int, share: bool) -> tuple[list, bool]:
+    """The order requests are admitted in, and whether any can share a region: sharers adjacent (sorted by tokens)
+    when some prompts share a prefix worth a region, else the planner's best-fit order, so that each step is about
+    one planned forward."""
     if share:
         # a byte-wise sort keeps every group of prompts with a common token prefix contiguous, as a token-wise one would
-        return sorted(jobs, key=lambda j: j.prompt.tobytes())
+        by_tokens = sorted(jobs, key=lambda j: j.prompt.tobytes())
+        for a, b in zip(by_tokens, by_tokens[1:]):
+            n = common_prefix_length(a.shareable, b.shareable)
+            if n >= MIN_SHARED_TOKENS or 0 < n == min(len(a.shareable), len(b.shareable)):
+                return by_tokens, True
     if not jobs:
-        return []
+        return [], False
     p = plan(np.array([len(j.prompt) for j in jobs], np.int64), max(budget, max(len(j.prompt) for j in jobs)))
-    return [jobs[i] for i in p.order]
+    return [jobs[i] for i in p.order], False
 
 
 class _Jobs:
