@@ -92,7 +92,8 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     """
     name = _name(module)
     # output_* flags (output_attentions, output_router_logits, ...) choose what a model returns, not what it computes
-    unknown = sorted(k for k in kwargs if k not in ALLOWED_KWARGS and not k.startswith("output_"))
+    # a keyword whose value is None asks for nothing (Gemma 4's multimodal class forwards labels=None to every layer)
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ALLOWED_KWARGS and not k.startswith("output_"))
     if unknown:
         raise UnsupportedModelError(
             f"{name} passed attention keyword(s) {', '.join(unknown)} that prepack does not implement; "
