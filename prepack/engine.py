@@ -47,7 +47,7 @@ from .kvstore import KVStore
 from .prefix_regions import sharing_refusal
 from .scheduler import Request, Scheduler
 from .rope import RopeDependence, rope_dependence
-from .support import UnsupportedModelError
+from .support import UnsupportedModelError, kv_share_sources
 from .vision import StepRunner
 from .wrapped import check_mode, runner, unwrap
 
@@ -201,7 +201,8 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     if vision is not None:  # each step's images and mRoPE positions go in at the model call
         module = StepRunner(module, vision, rules.samples)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
-    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model))
+    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model),
+                    reads=kv_share_sources(unwrap(model).config))
 
     limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
     if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost
@@ -410,7 +411,7 @@ def _forward_step(model, kernel, store: KVStore, feeds: dict, units: dict) -> tu
                     use_cache=False, logits_to_keep=last)
     if first:  # every layer's attention must have gone through prepack's (the store holds one pool per such layer)
         layers = unwrap(model).config.get_text_config(decoder=True).num_hidden_layers
-        missing = sorted(set(range(layers)) - set(store.pools))
+        missing = sorted(set(range(layers)) - set(store.pools) - set(store.reads))  # readers read their source's pool
         if missing:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: layers {missing} of {layers} did not go through prepack's attention, so their "
@@ -526,8 +527,7 @@ def check_engine_model(model) -> None:
             f"{name} has {', '.join(other)} layers; prepack's decode engine caches attention keys and values only "
             "(recurrent or linear-attention state is not implemented)"
         )
-    if getattr(config, "num_kv_shared_layers", 0):
-        raise UnsupportedModelError(f"{name} shares keys and values between layers; prepack's decode engine cannot cache them")
+    kv_share_sources(config)  # layers reading another's keys read its pool (KVStore.reads); refuses what it cannot map
 
 
 def _budget(value, name: str, default: int) -> int:

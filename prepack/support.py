@@ -7,7 +7,8 @@ that prepack can restrict to one request. So:
 * :func:`check_model` refuses, before anything runs, a model with token mixing
   outside attention (recurrent, convolutional and linear-attention layers leak
   state from one packed prompt into the next) or with caches that are not plain
-  per-layer keys and values (KV shared across layers, sparse-attention indexers).
+  per-layer keys and values (sparse-attention indexers; KV shared across layers is plain keys and values read by
+  later layers, :func:`kv_share_sources`).
   It reads the model's structure (its cache layer types and its modules), so a
   new hybrid architecture is refused too, not only the ones named here.
 * :func:`layer_attention` turns one attention call into the semantics prepack
@@ -192,8 +193,48 @@ def _token_mixing_outside_attention(model) -> str | None:
     return None
 
 
+def kv_share_sources(config) -> dict[int, int]:
+    """Layers that read another layer's keys and values instead of computing their own -> that layer.
+
+    transformers' cross-layer KV sharing (Gemma 3n, Gemma 4: ``num_kv_shared_layers``): the config's
+    ``kv_sharing_modes`` marks the last layers ``"reuse"``, and each reads the keys and values that the
+    ``"store"`` layer of its own layer type left in the forward's ``shared_kv_states``. Those layers keep no
+    cache of their own (transformers gives them a ``DummyLayer``); prepack's caches and KV store hand them
+    their source layer's entries. Empty for a model without sharing.
+
+    Args:
+        config: the model's config (its decoder text config is read).
+
+    Raises:
+        UnsupportedModelError: a sharing mode other than ``"reuse"`` / ``"store"``, or a layer that reuses keys
+            no layer of this model stores (a drafter reading its target model's cache).
+    """
+    config = config.get_text_config(decoder=True)
+    if not getattr(config, "num_kv_shared_layers", 0):
+        return {}
+    modes, types = list(config.kv_sharing_modes), list(config.layer_types)
+    odd = sorted({m for m in modes if m not in (None, "reuse", "store")})
+    if odd:
+        raise UnsupportedModelError(f"{type(config).__name__} shares keys and values across layers in mode(s) {odd}, which prepack does not implement")
+    stores = {types[j]: j for j, m in enumerate(modes) if m == "store"}
+    sources = {}
+    for i, m in enumerate(modes):
+        if m != "reuse":
+            continue
+        if types[i] not in stores:
+            raise UnsupportedModelError(
+                f"{type(config).__name__}'s layer {i} reuses {types[i]!r} keys and values that no layer of this model "
+                "computes (they come from another model's forward, as a drafter's do); prepack cannot run it alone"
+            )
+        sources[i] = stores[types[i]]
+    return sources
+
+
 def _unsupported_cache_layers(model) -> str | None:
-    """A cache layer type other than plain keys and values per attention layer (transformers' own view)."""
+    """A cache layer type other than plain keys and values per attention layer (transformers' own view).
+
+    Layers that read another layer's keys and values (:func:`kv_share_sources`) are plain attention too.
+    """
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:  # pragma: no cover - older transformers
@@ -203,11 +244,15 @@ def _unsupported_cache_layers(model) -> str | None:
         types, _ = get_layer_types_and_kwargs(config)
     except Exception:  # a config transformers itself cannot lay a cache out for: judge by modules only
         return None
-    odd = sorted({t for t in types if t not in ATTENTION_LAYER_TYPES})
+    try:
+        shared = kv_share_sources(config)
+    except UnsupportedModelError as e:
+        return str(e)
+    odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and i not in shared})
     if not odd:
         return None
     kinds = {
-        "dummy": "layers that keep no KV of their own (KV shared across layers, or layers without attention)",
+        "dummy": "layers that keep no KV of their own (layers without attention)",
         "conv": "convolutional layers",
         "linear_attention": "linear-attention / recurrent layers",
         "hybrid": "hybrid linear-attention layers",
