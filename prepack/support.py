@@ -216,7 +216,16 @@ def kv_share_sources(config) -> dict[int, int]:
     odd = sorted({m for m in modes if m not in (None, "reuse", "store")})
     if odd:
         raise UnsupportedModelError(f"{type(config).__name__} shares keys and values across layers in mode(s) {odd}, which prepack does not implement")
-    stores = {types[j]: j for j, m in enumerate(modes) if m == "store"}
+    named = getattr(config, "kv_source_layers", None)
+    if named is not None:  # Kolibri 1.1: each layer names the layer it reads
+        return {i: int(s) for i, s in enumerate(named) if s != i}
+    stores = {}
+    for j, m in enumerate(modes):
+        if m == "store" and stores.setdefault(types[j], j) != j:
+            raise UnsupportedModelError(
+                f"{type(config).__name__} has two layers ({stores[types[j]]}, {j}) storing {types[j]!r} keys and values "
+                "for later layers; which one a reusing layer reads is not in its config, so prepack cannot map it"
+            )
     sources = {}
     for i, m in enumerate(modes):
         if m != "reuse":
@@ -251,6 +260,9 @@ def _unsupported_cache_layers(model) -> str | None:
     odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and i not in shared})
     if not odd:
         return None
+    sparse = _sparse_attention(model, odd)
+    if sparse:
+        return sparse
     kinds = {
         "dummy": "layers that keep no KV of their own (layers without attention)",
         "conv": "convolutional layers",
@@ -261,3 +273,42 @@ def _unsupported_cache_layers(model) -> str | None:
     }
     what = "; ".join(f"{t!r} ({kinds.get(t, 'not plain attention')})" for t in odd)
     return f"its cache has layer types {what}, and prepack builds caches of plain per-layer keys and values only"
+
+
+# cache layer types of sparse attention whose selection runs inside the attention module (transformers' names)
+_INDEXED = ("indexed_attention",)
+_COMPRESSED = ("compressed_sparse_attention", "heavily_compressed_attention")
+
+
+def _module_names(model, suffix: str) -> str:
+    return ", ".join(sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith(suffix)})) or "?"
+
+
+def _sparse_attention(model, odd: list[str]) -> str | None:
+    """Why sparse attention (DeepSeek V3.2's DSA and its kin, DeepSeek V4's compressed attention) cannot be packed.
+
+    Read from transformers 5.25's modeling files: the indexer (``*Indexer``) runs inside the attention module,
+    not through ``AttentionInterface``. It scores each query against every key of the forward plus its layer's
+    indexer key cache (``cache.update_indexer``), masks the scores with the dense (B, 1, S, T) mask of the whole
+    forward, takes ``min(index_topk, T)`` of them and folds the choice into that mask. In a packed stream that
+    mask and that cache span every request, so a query's top-k would be chosen among other requests' keys; keeping
+    them per request needs a per-request dense mask and indexer keys in prepack's caches and KV store, which it
+    does not have. DeepSeek V4's compressors pool every ``compress_rate`` consecutive tokens of the forward into
+    one key/value entry, so a window would pool two requests' tokens.
+    """
+    if any(t in _COMPRESSED for t in odd):
+        return (
+            f"in a packed stream its compressors ({_module_names(model, 'Compressor')}) would pool two requests' tokens "
+            "into one key/value entry: they pool every compress_rate consecutive tokens of the forward (cache layer "
+            f"types {', '.join(t for t in odd if t in _COMPRESSED)}), and an indexer ({_module_names(model, 'Indexer')}) "
+            "picks top-k entries among them"
+        )
+    if any(t in _INDEXED for t in odd):
+        return (
+            f"in a packed stream its sparse-attention indexer ({_module_names(model, 'Indexer')}) would choose a query's "
+            "top-k keys among other requests' keys: it runs inside the attention module, outside transformers' "
+            "AttentionInterface, and ranks each query's candidates among all keys of the forward (and its cache: "
+            "cache.update_indexer) under the forward's dense attention mask; prepack gives that module neither a "
+            "per-request dense mask nor per-request indexer keys"
+        )
+    return None
