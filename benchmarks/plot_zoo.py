@@ -19,6 +19,7 @@ REASONS = (
     ("attention kwargs not implemented", re.compile(r"passed attention keyword")),
     ("convolution over tokens", re.compile(r"convolution over tokens")),
     ("cache not plain per-layer KV", re.compile(r"cache has layer types|wrote no keys and values")),
+    ("sparse attention (indexer, compressor)", re.compile(r"sparse-attention indexer|compressors \(.*would pool")),
 )
 
 
