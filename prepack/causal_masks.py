@@ -23,8 +23,10 @@ _RESTRICTIONS = ("sliding_window_overlay.", "chunked_overlay.", "packed_sequence
 
 def _closure(fn) -> dict:
     """The names ``fn``'s closure keeps -> their values ({} for a plain function)."""
-    cells = getattr(fn, "__closure__", None) or ()
-    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells)}
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
 
 
 def _qualname(fn) -> str:
