@@ -205,3 +205,18 @@ def test_sparse_attention_is_refused_naming_the_module_and_why(model_type, modul
         model = AutoModelForCausalLM.from_config(default)
     with pytest.raises(UnsupportedModelError, match=f"{module}.*(other requests' keys|two requests' tokens)"):
         prepack.support.check_model(model)
+
+
+def test_a_reading_layer_attends_to_its_source_layers_pool_and_writes_none():
+    from prepack.kvstore import KVStore
+
+    store = KVStore("cpu", reads={1: 0})
+    kv = store.plan({0: 3, 1: 2})
+    key = torch.randn(1, 2, 5, 4)
+    value = torch.randn(1, 2, 5, 4)
+    own = kv.extend(0, key, value)
+    read = kv.extend(1, key, value)  # the very tensors layer 0 got: transformers' shared_kv_states
+    assert read[0].data_ptr() == own[0].data_ptr() and torch.equal(read[0], own[0])
+    assert sorted(store.pools) == [0]  # no pool of its own
+    with pytest.raises(UnsupportedModelError, match="should read layer 0's keys"):
+        kv.extend(1, key.clone(), value)  # equal values, but not what layer 0 wrote: refused, never guessed
