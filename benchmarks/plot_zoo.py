@@ -19,6 +19,9 @@ REASONS = (
     ("attention kwargs not implemented", re.compile(r"passed attention keyword")),
     ("convolution over tokens", re.compile(r"convolution over tokens")),
     ("cache not plain per-layer KV", re.compile(r"cache has layer types|wrote no keys and values")),
+    ("a mask beyond causal (bidirectional, ...)", re.compile(r"attention mask together with a packed layout")),
+    ("recurrent / state-space layers", re.compile(r"has recurrent \(state-space")),
+    ("sparse attention (indexer, compressor)", re.compile(r"sparse-attention indexer|compressors \(.*would pool")),
 )
 
 

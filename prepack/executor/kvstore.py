@@ -46,14 +46,17 @@ class KVStore:
             (:func:`prepack.attention.cascade.shared_parts`); only for plain causal softmax attention.
         slides: per layer, whether the model's own cache keeps only a sliding window of keys
             (:func:`prepack.jobs.engine.cache_slides`): such a layer's attention must apply a window.
+        reads: layer -> the earlier layer whose keys and values it reads (cross-layer KV sharing,
+            :func:`prepack.hf.support.kv_share_sources`): such a layer has no pool of its own.
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=()):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=(), reads=None):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
         self.split_chunks = split_chunks
         self.slides = tuple(slides)  # per layer: whether the model's own cache keeps only a sliding window of keys
+        self.reads = dict(reads or {})  # layer -> the layer whose pool it reads (KV sharing); it writes none
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
@@ -258,6 +261,7 @@ class StepKV:
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
         self._written: set[int] = set()  # layers whose keys this step holds: a second write would overwrite them
+        self._new: dict[int, tuple] = {}  # a layer others read -> the (key, value) tensors it wrote this step
 
     def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
@@ -270,6 +274,8 @@ class StepKV:
         check_layer_idx(layer_idx)
         if key.shape[0] != 1:
             raise UnsupportedModelError(f"layer {layer_idx} got keys of batch {key.shape[0]}; the engine runs one packed stream")
+        if layer_idx in self.store.reads:
+            return self._read_shared(layer_idx, key, value, window)
         if layer_idx in self._written:
             raise UnsupportedModelError(
                 f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
@@ -283,6 +289,8 @@ class StepKV:
                 "cannot reproduce that exactly"
             )
         self._written.add(layer_idx)
+        if layer_idx in store.reads.values():
+            self._new[layer_idx] = (key, value)
         if layer_idx not in store.pools:  # the first step: every layer's pool at the size planned
             store.pools[layer_idx] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
         pool_k, pool_v = store.pools[layer_idx]
@@ -294,4 +302,26 @@ class StepKV:
         pool_k.index_copy_(0, self.dst, key[0].transpose(0, 1))
         pool_v.index_copy_(0, self.dst, value[0].transpose(0, 1))
         store._note_peak()
+        return pool_k[: self.end].transpose(0, 1)[None], pool_v[: self.end].transpose(0, 1)[None]
+
+    def _read_shared(self, layer_idx: int, key, value, window) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool of the layer ``layer_idx`` reads (KV sharing): its entries, not a copy.
+
+        The model hands a reading layer the very key and value tensors its source layer computed this step
+        (transformers' ``shared_kv_states``); anything else would be keys the source's pool does not hold.
+        """
+        source = self.store.reads[layer_idx]
+        new = self._new.get(source)
+        if new is None or new[0] is not key or new[1] is not value:
+            raise UnsupportedModelError(
+                f"layer {layer_idx} should read layer {source}'s keys and values (the config's KV sharing), but its "
+                "attention got other tensors; prepack's engine cannot decode this model exactly"
+            )
+        slides = self.store.slides
+        if source < len(slides) and slides[source] and not window:
+            raise UnsupportedModelError(
+                f"layer {layer_idx} reads layer {source}'s keys, which transformers' own cache keeps only within a "
+                "sliding window, but its attention applies no window; prepack's decode engine cannot reproduce that exactly"
+            )
+        pool_k, pool_v = self.store.pools[source]
         return pool_k[: self.end].transpose(0, 1)[None], pool_v[: self.end].transpose(0, 1)[None]

@@ -142,7 +142,7 @@ def _outputs(module, base, ids, pos, call, at: np.ndarray, output: str, kw: dict
 def check_every_layer(module, store) -> None:
     """After the first stored step: every layer's attention went through prepack's (the store holds one pool per such layer)."""
     layers = unwrap(module).config.get_text_config(decoder=True).num_hidden_layers
-    missing = sorted(set(range(layers)) - set(store.pools))
+    missing = sorted(set(range(layers)) - set(store.pools) - set(store.reads))  # readers read their source's pool
     if missing:
         raise UnsupportedModelError(
             f"{type(unwrap(module)).__name__}: layers {missing} of {layers} did not go through prepack's attention, so "

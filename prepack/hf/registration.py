@@ -45,14 +45,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..attention.functions import dense_attention, segment_mask
 from ..attention.registry import Kernel, Needs, choose
 from ..executor.call import PackedCall, StepLayout
+from .causal_masks import is_plain_causal
 from .wrapped import unwrap
 from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
 
 ATTN_IMPLEMENTATION = "prepack"
 PREFIX = "prepack|"
 _PLAIN_OWN = "sdpa"  # what the plain name "prepack" wraps
-# the mask functions transformers composes for a causal call (plain, sliding, chunked, packed position ids)
-_CAUSAL_MASKS = ("causal_mask_function", "and_masks.")
 
 _LOCK = threading.Lock()
 
@@ -487,8 +486,8 @@ def _layer_window(module, kwargs: dict) -> tuple[int | None, int | None]:
 def prepack_mask(*args, own=_PLAIN_OWN, **kwargs):
     """The mask for ``"prepack|<own>"``: None for a maskless, cacheless causal call, else ``own``'s mask.
 
-    With no padding mask, no cache offset and a causal mask function (plain, sliding, chunked, or
-    packed ``position_ids``), attention computes everything from ``position_ids`` or the call's
+    With no padding mask, no cache offset and a causal mask function (plain, sliding, chunked, packed
+    ``position_ids``, or an image-block overlay with no image in the call: :func:`prepack.hf.causal_masks.is_plain_causal`), attention computes everything from ``position_ids`` or the call's
     packed layout, so no (T, T) mask is built (inside prepack's own calls, or on a model the user switched:
     see :func:`_skips_masks`). Overlays (custom ``or``/``and`` mask functions,
     image-token blocks), bidirectional masks, padding and caches get ``own``'s mask.
@@ -501,7 +500,7 @@ def prepack_mask(*args, own=_PLAIN_OWN, **kwargs):
         and kwargs.get("q_length") == kwargs.get("kv_length")
         and not kwargs.get("q_offset")
         and not kwargs.get("kv_offset")
-        and getattr(mask_function, "__qualname__", "").startswith(_CAUSAL_MASKS)
+        and is_plain_causal(mask_function)
     ):
         return None
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS

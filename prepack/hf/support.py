@@ -7,7 +7,8 @@ that prepack can restrict to one request. So:
 * :func:`check_model` refuses, before anything runs, a model with token mixing
   outside attention (recurrent, convolutional and linear-attention layers leak
   state from one packed prompt into the next) or with caches that are not plain
-  per-layer keys and values (KV shared across layers, sparse-attention indexers).
+  per-layer keys and values (sparse-attention indexers; KV shared across layers is plain keys and values read by
+  later layers, :func:`kv_share_sources`).
   It reads the model's structure (its cache layer types and its modules), so a
   new hybrid architecture is refused too, not only the ones named here.
 * :func:`layer_attention` turns one attention call into the semantics prepack
@@ -92,7 +93,8 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     """
     name = _name(module)
     # output_* flags (output_attentions, output_router_logits, ...) choose what a model returns, not what it computes
-    unknown = sorted(k for k in kwargs if k not in ALLOWED_KWARGS and not k.startswith("output_"))
+    # a keyword whose value is None asks for nothing (Gemma 4's multimodal class forwards labels=None to every layer)
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ALLOWED_KWARGS and not k.startswith("output_"))
     if unknown:
         raise UnsupportedModelError(
             f"{name} passed attention keyword(s) {', '.join(unknown)} that prepack does not implement; "
@@ -191,8 +193,57 @@ def _token_mixing_outside_attention(model) -> str | None:
     return None
 
 
+def kv_share_sources(config) -> dict[int, int]:
+    """Layers that read another layer's keys and values instead of computing their own -> that layer.
+
+    transformers' cross-layer KV sharing (Gemma 3n, Gemma 4: ``num_kv_shared_layers``): the config's
+    ``kv_sharing_modes`` marks the last layers ``"reuse"``, and each reads the keys and values that the
+    ``"store"`` layer of its own layer type left in the forward's ``shared_kv_states``. Those layers keep no
+    cache of their own (transformers gives them a ``DummyLayer``); prepack's caches and KV store hand them
+    their source layer's entries. Empty for a model without sharing.
+
+    Args:
+        config: the model's config (its decoder text config is read).
+
+    Raises:
+        UnsupportedModelError: a sharing mode other than ``"reuse"`` / ``"store"``, or a layer that reuses keys
+            no layer of this model stores (a drafter reading its target model's cache).
+    """
+    config = config.get_text_config(decoder=True)
+    if not getattr(config, "num_kv_shared_layers", 0):
+        return {}
+    modes, types = list(config.kv_sharing_modes), list(config.layer_types)
+    odd = sorted({m for m in modes if m not in (None, "reuse", "store")})
+    if odd:
+        raise UnsupportedModelError(f"{type(config).__name__} shares keys and values across layers in mode(s) {odd}, which prepack does not implement")
+    named = getattr(config, "kv_source_layers", None)
+    if named is not None:  # Kolibri 1.1: each layer names the layer it reads
+        return {i: int(s) for i, s in enumerate(named) if s != i}
+    stores = {}
+    for j, m in enumerate(modes):
+        if m == "store" and stores.setdefault(types[j], j) != j:
+            raise UnsupportedModelError(
+                f"{type(config).__name__} has two layers ({stores[types[j]]}, {j}) storing {types[j]!r} keys and values "
+                "for later layers; which one a reusing layer reads is not in its config, so prepack cannot map it"
+            )
+    sources = {}
+    for i, m in enumerate(modes):
+        if m != "reuse":
+            continue
+        if types[i] not in stores:
+            raise UnsupportedModelError(
+                f"{type(config).__name__}'s layer {i} reuses {types[i]!r} keys and values that no layer of this model "
+                "computes (they come from another model's forward, as a drafter's do); prepack cannot run it alone"
+            )
+        sources[i] = stores[types[i]]
+    return sources
+
+
 def _unsupported_cache_layers(model) -> str | None:
-    """A cache layer type other than plain keys and values per attention layer (transformers' own view)."""
+    """A cache layer type other than plain keys and values per attention layer (transformers' own view).
+
+    Layers that read another layer's keys and values (:func:`kv_share_sources`) are plain attention too.
+    """
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:  # pragma: no cover - older transformers
@@ -202,11 +253,18 @@ def _unsupported_cache_layers(model) -> str | None:
         types, _ = get_layer_types_and_kwargs(config)
     except Exception:  # a config transformers itself cannot lay a cache out for: judge by modules only
         return None
-    odd = sorted({t for t in types if t not in ATTENTION_LAYER_TYPES})
+    try:
+        shared = kv_share_sources(config)
+    except UnsupportedModelError as e:
+        return str(e)
+    odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and i not in shared})
     if not odd:
         return None
+    sparse = _sparse_attention(model, odd)
+    if sparse:
+        return sparse
     kinds = {
-        "dummy": "layers that keep no KV of their own (KV shared across layers, or layers without attention)",
+        "dummy": "layers that keep no KV of their own (layers without attention)",
         "conv": "convolutional layers",
         "linear_attention": "linear-attention / recurrent layers",
         "hybrid": "hybrid linear-attention layers",
@@ -215,3 +273,42 @@ def _unsupported_cache_layers(model) -> str | None:
     }
     what = "; ".join(f"{t!r} ({kinds.get(t, 'not plain attention')})" for t in odd)
     return f"its cache has layer types {what}, and prepack builds caches of plain per-layer keys and values only"
+
+
+# cache layer types of sparse attention whose selection runs inside the attention module (transformers' names)
+_INDEXED = ("indexed_attention",)
+_COMPRESSED = ("compressed_sparse_attention", "heavily_compressed_attention")
+
+
+def _module_names(model, suffix: str) -> str:
+    return ", ".join(sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith(suffix)})) or "?"
+
+
+def _sparse_attention(model, odd: list[str]) -> str | None:
+    """Why sparse attention (DeepSeek V3.2's DSA and its kin, DeepSeek V4's compressed attention) cannot be packed.
+
+    Read from transformers 5.25's modeling files: the indexer (``*Indexer``) runs inside the attention module,
+    not through ``AttentionInterface``. It scores each query against every key of the forward plus its layer's
+    indexer key cache (``cache.update_indexer``), masks the scores with the dense (B, 1, S, T) mask of the whole
+    forward, takes ``min(index_topk, T)`` of them and folds the choice into that mask. In a packed stream that
+    mask and that cache span every request, so a query's top-k would be chosen among other requests' keys; keeping
+    them per request needs a per-request dense mask and indexer keys in prepack's caches and KV store, which it
+    does not have. DeepSeek V4's compressors pool every ``compress_rate`` consecutive tokens of the forward into
+    one key/value entry, so a window would pool two requests' tokens.
+    """
+    if any(t in _COMPRESSED for t in odd):
+        return (
+            f"in a packed stream its compressors ({_module_names(model, 'Compressor')}) would pool two requests' tokens "
+            "into one key/value entry: they pool every compress_rate consecutive tokens of the forward (cache layer "
+            f"types {', '.join(t for t in odd if t in _COMPRESSED)}), and an indexer ({_module_names(model, 'Indexer')}) "
+            "picks top-k entries among them"
+        )
+    if any(t in _INDEXED for t in odd):
+        return (
+            f"in a packed stream its sparse-attention indexer ({_module_names(model, 'Indexer')}) would choose a query's "
+            "top-k keys among other requests' keys: it runs inside the attention module, outside transformers' "
+            "AttentionInterface, and ranks each query's candidates among all keys of the forward (and its cache: "
+            "cache.update_indexer) under the forward's dense attention mask; prepack gives that module neither a "
+            "per-request dense mask nor per-request indexer keys"
+        )
+    return None

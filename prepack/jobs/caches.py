@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..planner import layout
+from ..hf.support import kv_share_sources
 
 
 class FlashKVCache(NamedTuple):
@@ -110,6 +111,8 @@ def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int):
     cache = DynamicCache(config=config)
     where = [(c, src, dst // pad_to, dst % pad_to) for c, src, dst in pieces]
     for i, kv in enumerate(chunks[0]):
+        if _keeps_no_kv(cache.layers[i]):  # a layer reading another's keys (KV sharing): transformers caches none for it
+            continue
         zeros = [x.new_zeros(()).expand(n, x.shape[1], pad_to, x.shape[3]) for x in kv]
         for j, full in enumerate(cache.update(*zeros, i)):
             for c, src, rows, cols in where:
@@ -141,7 +144,10 @@ def recording_cache(config, records: dict):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
-    cache.layers = [_recording_layer_class()(i, records) for i in range(len(cache.layers))]
+    readers: dict[int, list[int]] = {}  # a layer -> the later layers that read its keys and values (KV sharing)
+    for reader, source in kv_share_sources(config).items():
+        readers.setdefault(source, []).append(reader)
+    cache.layers = [_recording_layer_class()(i, records, readers.get(i, ())) for i in range(len(cache.layers))]
     return cache
 
 
@@ -150,12 +156,14 @@ def _recording_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class RecordingLayer(DynamicLayer):
-        def __init__(self, layer_idx: int, records: dict):
+        def __init__(self, layer_idx: int, records: dict, readers=()):
             super().__init__()
-            self.layer_idx, self.records = layer_idx, records
+            self.layer_idx, self.records, self.readers = layer_idx, records, tuple(readers)
 
         def update(self, key_states, value_states, *args, **kwargs):
-            self.records[self.layer_idx] = (own_storage(key_states), own_storage(value_states))
+            kept = (own_storage(key_states), own_storage(value_states))
+            for i in (self.layer_idx, *self.readers):  # layers reading this one's keys and values hold the same tensors
+                self.records[i] = kept
             return key_states, value_states
 
     return RecordingLayer
@@ -171,5 +179,14 @@ def build_dynamic_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]])
 
     cache = DynamicCache(config=config)
     for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+        if not _keeps_no_kv(cache.layers[i]):  # a layer reading another's keys (KV sharing) caches none of its own
+            cache.update(k, v, i)
     return cache
+
+
+def _keeps_no_kv(layer) -> bool:
+    """Whether a cache layer holds no keys by design: transformers' ``DummyLayer`` (a layer that reads another
+    layer's keys and values, :func:`prepack.support.kv_share_sources`)."""
+    from transformers.cache_utils import DummyLayer
+
+    return isinstance(layer, DummyLayer)

@@ -45,7 +45,7 @@ from ..executor.kvstore import KVStore
 from ..executor.regions import sharing_refusal
 from ..executor.scheduler import Request, Scheduler
 from ..hf.rope import RopeDependence, rope_dependence
-from ..hf.support import UnsupportedModelError
+from ..hf.support import UnsupportedModelError, kv_share_sources
 from ..hf.wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -196,7 +196,8 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     require_switched(model)  # held by the caller for the whole run (prepack.hf.registration.switched_iter)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
-    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model))
+    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model),
+                    reads=kv_share_sources(unwrap(model).config))
 
     limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
     if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost
@@ -494,8 +495,7 @@ def check_engine_model(model) -> None:
             f"{name} has {', '.join(other)} layers; prepack's decode engine caches attention keys and values only "
             "(recurrent or linear-attention state is not implemented)"
         )
-    if getattr(config, "num_kv_shared_layers", 0):
-        raise UnsupportedModelError(f"{name} shares keys and values between layers; prepack's decode engine cannot cache them")
+    kv_share_sources(config)  # layers reading another's keys read its pool (KVStore.reads); refuses what it cannot map
 
 
 def _budget(value, name: str, default: int) -> int:
