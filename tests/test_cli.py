@@ -112,7 +112,7 @@ def test_plan_exits_1_and_still_prints_every_row_when_an_algorithm_fails(files, 
             raise ImportError("ffd is broken here")
         return real(lengths, capacity, algorithm=algorithm, **kw)
 
-    monkeypatch.setattr(prepack.cli, "plan", ffd_breaks)
+    monkeypatch.setattr(prepack.cli.commands, "plan", ffd_breaks)
     assert main(["plan", files["LENGTHS"], "--algorithms", "bfd,ffd,sorted"]) == 1
     captured = capsys.readouterr()
     assert "| ffd | error: ffd is broken here |" in captured.out

@@ -338,7 +338,7 @@ def _keywords(fn) -> frozenset[str]:
 
 def __getattr__(name: str):
     """Names the one registry (:data:`prepack.attention.registry.KERNELS`) replaced, kept for one release."""
-    from .. import backends  # the registry imports this module
+    from . import registry as backends  # the registry imports this module
 
     if f"kernels.{name}" in backends.DEPRECATED:
         return backends.deprecated("kernels", name)
