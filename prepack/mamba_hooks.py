@@ -1,0 +1,134 @@
+"""Mamba2 mixers over a packed stream in one call, through the hooks transformers' modeling files expose.
+
+Every Mamba2-style mixer in transformers (``Mamba2Mixer``, ``BambaMixer``, ``NemotronHMamba2Mixer``,
+``FalconH1Mixer``, ``GraniteMoeHybridMambaLayer``, ``Zamba2MambaMixer``) runs its convolution and its
+scan through two functions of its modeling file, ``causal_conv1d_forward`` and ``mamba2_scan_forward``,
+which it lists in ``use_kernelized_func``: the ``kernels`` package gives each mixer instance its own
+copy of each (``module._kernel_funcs[name]``, an ``nn.Module``), the one ``kernelize`` swaps "for a
+runtime that manages the conv / recurrent state itself" (transformers' docstring). The mixer forwards
+every keyword it gets to both.
+
+:func:`install` puts prepack's runtime there, once per mixer: an instance-level ``forward`` on those
+two per-instance functions that runs the modeling file's own function unless the call carries
+causal-conv1d's / mamba-ssm's ``seq_idx`` keyword (the segment of each token of a ``(1, T)`` stream).
+With ``seq_idx`` the conv and the scan keep the segments apart -- exactly, with
+:func:`prepack.ssm.segment_conv1d` and :func:`prepack.ssm.ssd_scan` on any device, or with
+causal-conv1d's and mamba-ssm's CUDA kernels where they import -- so the mixer's own forward runs once
+over all the packed prompts. Nothing is written to the model per call.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+
+from . import ssm
+
+CONV_HOOK = "causal_conv1d_forward"
+SCAN_HOOK = "mamba2_scan_forward"
+# The attributes transformers' mamba2_scan_forward reads from the mixer (its geometry and parameters).
+MIXER_ATTRIBUTES = (
+    "A_log", "D", "dt_bias", "num_heads", "head_dim", "n_groups", "ssm_state_size", "chunk_size",
+    "time_step_limit", "intermediate_size", "layer_idx", "conv1d",
+)
+
+
+def hook_funcs(module) -> dict | None:
+    """The mixer's per-instance kernel functions (``kernels``' ``use_kernelized_func``), or None."""
+    funcs = module.__dict__.get("_kernel_funcs")
+    if not isinstance(funcs, dict) or CONV_HOOK not in funcs or SCAN_HOOK not in funcs:
+        return None
+    if not all(hasattr(module, a) for a in MIXER_ATTRIBUTES):
+        return None
+    return funcs
+
+
+def install(module) -> bool:
+    """Put prepack's segment-aware conv and scan on ``module``'s per-instance hooks (idempotent).
+
+    Returns False (installing nothing) where the mixer has no such hooks (``kernels`` not installed,
+    another mixer layout) or where something else replaced them already (``kernelize``): its
+    packed prompts then run one segment at a time through its own forward.
+    """
+    funcs = hook_funcs(module)
+    if funcs is None:
+        return False
+    wanted = {CONV_HOOK: _conv_forward, SCAN_HOOK: _scan_forward}
+    for name, hook in wanted.items():
+        current = funcs[name].__dict__.get("forward")
+        if current is not None and getattr(current, "__func__", None) is not hook:
+            return False
+    for name, hook in wanted.items():
+        funcs[name].forward = types.MethodType(hook, funcs[name])
+    return True
+
+
+def installed(module) -> bool:
+    """Whether ``module``'s conv and scan hooks are prepack's."""
+    funcs = hook_funcs(module)
+    return funcs is not None and all(
+        getattr(funcs[n].__dict__.get("forward"), "__func__", None) is h
+        for n, h in ((CONV_HOOK, _conv_forward), (SCAN_HOOK, _scan_forward))
+    )
+
+
+def _lengths(seq_idx: torch.Tensor, tokens: int) -> np.ndarray:
+    """(n,) int64 host segment lengths from a (1, T) ``seq_idx`` of consecutive segment indices."""
+    if seq_idx.dim() != 2 or seq_idx.shape[0] != 1 or seq_idx.shape[1] != tokens:
+        raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}; a packed (1, {tokens}) stream takes (1, {tokens})")
+    lengths = torch.bincount(seq_idx[0].long()).cpu().numpy()
+    if (lengths == 0).any() or not bool((seq_idx[0, 1:] >= seq_idx[0, :-1]).all()):
+        raise ValueError("seq_idx must number the segments 0, 1, ... in stream order")
+    return lengths
+
+
+def _refuse_cache(cache, what: str) -> None:
+    if cache is not None:
+        raise ValueError(
+            f"{what} got both a cache and seq_idx: one cache holds one request's state, so a packed call keeps "
+            "states per request elsewhere (prepack runs such segments one at a time)"
+        )
+
+
+def _conv_forward(self, conv1d, hidden_states, cache, layer_idx, activation=None, state_idx=0, **kwargs):
+    """``causal_conv1d_forward`` with ``seq_idx``: the depthwise conv of a (1, C, T) stream per segment."""
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is None:
+        return type(self).forward(self, conv1d, hidden_states, cache, layer_idx, activation=activation, state_idx=state_idx, **kwargs)
+    _refuse_cache(cache, f"causal_conv1d_forward (layer {layer_idx})")
+    lengths = _lengths(seq_idx, hidden_states.shape[-1])
+    weight = conv1d.weight.squeeze(1)
+    kernel = ssm.conv1d_kernel() if hidden_states.is_cuda else None
+    if kernel is not None:
+        out, _ = ssm.kernel_conv1d(kernel, hidden_states[0], weight, conv1d.bias, lengths, activation=activation)
+    else:
+        out, _ = ssm.segment_conv1d(hidden_states[0], weight, conv1d.bias, lengths, activation=activation)
+    return out[None]
+
+
+def _scan_forward(self, module, hidden_states, B, C, dt, cache, **kwargs):
+    """``mamba2_scan_forward`` with ``seq_idx``: the SSD scan of a (1, T, H * P) stream per segment."""
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is None:
+        return type(self).forward(self, module, hidden_states, B, C, dt, cache, **kwargs)
+    _refuse_cache(cache, f"mamba2_scan_forward (layer {module.layer_idx})")
+    _, tokens, _ = hidden_states.shape
+    lengths = _lengths(seq_idx, tokens)
+    args = (
+        hidden_states[0].view(tokens, module.num_heads, module.head_dim),
+        dt[0],
+        -torch.exp(module.A_log.float()),
+        B[0].view(tokens, module.n_groups, module.ssm_state_size),
+        C[0].view(tokens, module.n_groups, module.ssm_state_size),
+        lengths,
+        module.chunk_size,
+    )
+    options = dict(D=module.D, dt_bias=module.dt_bias, dt_softplus=True, dt_limit=module.time_step_limit)
+    kernel = ssm.ssd_scan_kernel() if hidden_states.is_cuda else None
+    if kernel is not None:
+        y, _ = ssm.kernel_ssd_scan(kernel, *args, **options)
+    else:
+        y, _ = ssm.ssd_scan(*args, **options)
+    return y.reshape(1, tokens, module.intermediate_size)
