@@ -259,10 +259,11 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba1's selective scan over a packed stream, each segment from its own initial state.
 
-    The segments become the rows of one batch (longest first is not needed: a row past its
-    segment's end multiplies its state by 1 and adds 0, which leaves it exact), and the
-    recurrence ``h = exp(A dt) h + dt B u`` runs once over the longest segment, as transformers'
-    sequential fallback runs over one sequence.
+    transformers' sequential fallback runs ``h = exp(A dt) h + dt B u`` token by token over one
+    sequence; here step t advances every segment longer than t at once (the segments sorted
+    longest first, so the ones still running are a prefix of the batch), with the discretised
+    ``exp(A dt)`` and ``dt B u`` computed for the whole stream as transformers computes them for
+    one sequence. A segment's state after its last step is its final state.
 
     Args:
         u: ``(D_in, T)`` scan input. delta: ``(D_in, T)`` time steps before bias and softplus.
@@ -284,30 +285,29 @@ def selective_scan(
         delta = delta + delta_bias.to(delta.dtype)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
-    longest = int(lengths.max())
-    rows = torch.as_tensor(ranges(np.arange(len(lengths)) * longest, lengths), device=u.device)
-
-    def batched(t: torch.Tensor) -> torch.Tensor:  # (X, T) -> (S, X, longest)
-        out = t.new_zeros(t.shape[0], len(lengths) * longest)
-        out[:, rows] = t
-        return out.reshape(t.shape[0], len(lengths), longest).transpose(0, 1)
-
-    ub, db, Bb, Cb = batched(u), batched(delta), batched(B).float(), batched(C)
-    live = batched(torch.ones(1, total, dtype=torch.bool, device=u.device))[:, 0]  # (S, longest)
-    h = u.new_zeros(len(lengths), channels, A.shape[-1]) if initial_states is None else initial_states.to(dtype).clone()
-    outs = []
-    for t in range(longest):
-        dA = torch.exp(A[None] * db[:, :, t, None])
-        dBu = db[:, :, t, None] * Bb[:, None, :, t] * ub[:, :, t, None].float()
-        step = dA * h + dBu
-        h = torch.where(live[:, t, None, None], step, h)  # past a segment's end its state stays
-        outs.append(torch.matmul(h.to(dtype), Cb[:, :, t, None])[..., 0])
-    y = torch.stack(outs, dim=-1).transpose(0, 1).reshape(channels, -1)[:, rows]
+    # token-major (T, D_in, N), so each step gathers whole rows
+    dA = torch.exp(A[None] * delta.t()[:, :, None])
+    dBu = delta.t()[:, :, None] * B.t()[:, None, :].float() * u.t()[:, :, None].float()
+    order = np.argsort(-lengths, kind="stable")
+    first = starts(lengths)[order]
+    running = np.searchsorted(-lengths[order], -np.arange(int(lengths.max())), side="left")  # segments longer than t
+    h = u.new_zeros(len(lengths), channels, A.shape[-1])
+    if initial_states is not None:
+        h = initial_states[torch.as_tensor(order, device=u.device)].to(dtype).clone()
+    y = u.new_empty(total, channels)
+    Ct = C.t().to(dtype)
+    for t, k in enumerate(running.tolist()):
+        at = torch.as_tensor(first[:k] + t, device=u.device)
+        h[:k] = dA.index_select(0, at) * h[:k] + dBu.index_select(0, at)
+        y.index_copy_(0, at, torch.bmm(h[:k].to(dtype), Ct.index_select(0, at)[:, :, None])[..., 0])
+    y = y.t()
     if D is not None:
         y = y + u * D[:, None]
     if z is not None:
         y = y * F.silu(z)
-    return y, h
+    final = torch.empty_like(h)
+    final[torch.as_tensor(order, device=u.device)] = h
+    return y, final
 
 
 @functools.cache
