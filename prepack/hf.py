@@ -47,7 +47,7 @@ from .backends import Kernel, Needs, choose
 from .mixers import install as install_mixers
 from .step import PackedCall, StepLayout
 from .wrapped import unwrap
-from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
+from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention, mixes_outside_attention
 
 ATTN_IMPLEMENTATION = "prepack"
 PREFIX = "prepack|"
@@ -381,6 +381,12 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             batch = _training_layout(kwargs["position_ids"], (B, Lq, query.device), functools.partial(
                 _restarts, kwargs["position_ids"], B, Lq, query.device))
             cu_q = batch.cu_q
+            if cu_q is not None and mixes_outside_attention(getattr(module, "config", None)):
+                raise UnsupportedModelError(
+                    f"{type(module).__name__}: this padding-free batch marks its sequences by restarting position_ids "
+                    "only, which the model's convolution / recurrent layers never see (they would run across the "
+                    "sequences); pass cu_seq_lens_q too: DataCollatorWithFlattening(return_flash_attn_kwargs=True)"
+                )
         if cu_q is None:
             return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:

@@ -155,6 +155,13 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     return LayerAttention(int(window) if window else None, chunk, float(softcap), sinks)
 
 
+def mixes_outside_attention(config) -> bool:
+    """Whether ``config``'s layers include token mixers other than attention (``layer_types`` such as
+    ``"linear_attention"``, ``"conv"``, ``"mamba"``): their layers see no attention layout."""
+    types = getattr(config, "layer_types", None) or ()
+    return any(t not in ATTENTION_LAYER_TYPES for t in types)
+
+
 def has_attention_sinks(model) -> bool:
     """Whether any attention module of ``model`` carries sinks (gpt-oss's ``sinks`` parameter)."""
     return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
