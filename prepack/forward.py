@@ -39,6 +39,8 @@ from .hf import attention_needs, cache_kwarg, model_device, switched
 from .packing import PackedBatch, pack_plan
 from .planner import check_capacity, plan
 from .rope import grouped_plan, rope_groups
+from .mixers.states import MixerCapture, SegmentCaches
+from .mixers.states import layer_indices as mixer_layers
 from .step import PackedCall, PrefixKV, RecordKV, StepLayout
 from .support import UnsupportedModelError
 from .wrapped import check_mode, runner, unwrap
@@ -306,10 +308,12 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
     """
     kwargs: dict = {"use_cache": False}
     records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kv="cache"/"both": layer_idx -> what the model caches
-    cache = None
+    cache = states = None
     if kv in ("cache", "both"):
         cache = kvcache.recording_cache(model.config, records)
         kwargs.update({"use_cache": True, cache_kwarg(model): cache})
+        if mixer_layers(model):  # each request's conv / recurrent states, in a cache of the model's own class
+            states = SegmentCaches(model.config)
     seg = batch.segments(rows)
     order, lengths = seg.order, seg.lengths
     record = kv in ("attention", "both")  # keys as attention sees them, for later calls to continue
@@ -319,7 +323,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
         row_mask = functools.lru_cache(maxsize=None)(
             lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk, rows=rows).to(device)
         )
-        call = PackedCall(StepLayout(lengths, lengths, device), kernel, kv=RecordKV() if record else None, row_mask=row_mask)
+        call = PackedCall(StepLayout(lengths, lengths, device), kernel, kv=RecordKV() if record else None, row_mask=row_mask, states=states)
     else:
         v = batch.to_varlen(rows)
         ids, pos = v.input_ids[None], v.position_ids[None]
@@ -329,7 +333,7 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
             earlier, k_lengths = _earlier_keys(prefix, order, lengths, device)
             # position ids continue after the earlier tokens each segment's keys start with
             pos = pos + torch.from_numpy(np.repeat(k_lengths - lengths, lengths))[None]
-        call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=RecordKV(earlier) if record else earlier)
+        call = PackedCall(StepLayout(lengths, k_lengths, device), kernel, kv=RecordKV(earlier) if record else earlier, states=states)
     kwargs["prepack"] = call
     ids, pos = ids.to(device), pos.to(device)
     if vision is not None:  # the call's images through the vision tower once; mRoPE rows per request
@@ -356,15 +360,19 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
             values = reduce(values, where)
     captured = seen = call.kv.layers if record else []
     if kv in ("cache", "both"):
-        if sorted(records) != list(range(len(cache.layers))):
-            missing = sorted(set(range(len(cache.layers))) - set(records))
+        # a mixer layer caches no keys: its states are in the request's own cache (`states`)
+        expected = [i for i in range(len(cache.layers)) if i not in mixer_layers(model)]
+        if sorted(records) != expected:
+            missing = sorted(set(expected) - set(records))
             raise UnsupportedModelError(
                 f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "
                 f"{len(cache.layers)}; prepack builds each request's cache from what the model caches"
             )
         # "both": where attention sees what the model caches (all but MLA-like models) the two lists hold the
         # same tensors (own_storage returns the tensor itself), so the keys are held once
-        captured = [records[i] for i in range(len(cache.layers))]
+        captured = [records.get(i) for i in range(len(cache.layers))]
+    if states is not None:  # kept beside the keys: per segment of this forward, its request's mixer states
+        captured = MixerCapture(captured, {int(first[j]): c for j, c in states.caches.items()})
     return captured, seen, values, where
 
 

@@ -26,6 +26,7 @@ from .forward import ROW_BACKENDS, Prefix, default_token_budget, run_packed
 from .backends import choose
 from .hf import attention_needs, check_model, model_device
 from .packing import token_array
+from .mixers import continuation_refusal
 from .rope import rope_dependence
 from .staged import run_staged
 from .inputs import is_chat, with_images, check_prompts
@@ -108,6 +109,8 @@ def score(
         groups.setdefault(c.tobytes(), []).append(i)
     shared = [g for g in groups.values() if len(g) > 1] if share_contexts else []
     shared = _same_rope(model, shared, contexts, continuations)
+    if continuation_refusal(model):  # a mixer's state does not continue a shared context: each request runs whole
+        shared = []
     # the call's one kernel, passed down to every run below
     kernel = choose(backend, device=model_device(model), dtype=next(model.parameters()).dtype, needs=attention_needs(model))
     if shared and kernel.rows:  # refused before anything runs ("auto" is never a row backend)

@@ -40,7 +40,9 @@ from .hf import attention_needs, model_device
 from .packing import PackedBatch
 from .planner import check_capacity
 from .prefixes import PrefixPlan, no_sharing, plan_prefixes
+from .mixers import continuation_refusal
 from .rope import rope_dependence
+from .support import UnsupportedModelError
 
 
 class StagedRun(NamedTuple):
@@ -124,9 +126,17 @@ def run_staged(
             "lays requests out in rows, so it cannot prefill a prompt in chunks (use a varlen backend such as "
             "'sdpa_varlen', or raise token_budget)"
         )
+    # a mixer's conv / recurrent state does not continue a shared prefix or an earlier chunk (prepack.mixers)
+    stateful = continuation_refusal(model) if (share_prefixes or long) else None
+    if long and stateful:
+        i = int(np.argmax(lengths > token_budget))
+        raise UnsupportedModelError(
+            f"request {i if names is None else names[i]} has {int(lengths[i])} tokens but token_budget is {token_budget}, "
+            f"and {type(model).__name__} cannot prefill a prompt in chunks exactly: {stateful} (raise token_budget to its length)"
+        )
     if not kernel.rows and vision is None:
         dep = rope_dependence(model) if (share_prefixes or long) else None
-        if share_prefixes and dep is None:
+        if share_prefixes and dep is None and not stateful:
             limits = np.maximum(lengths - 1, 0)
             if reduce is not None and spans is not None:  # a shared output row could not be reduced per request
                 limits = np.minimum(limits, spans[:, 0])

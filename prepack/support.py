@@ -20,6 +20,7 @@ Errors are :class:`UnsupportedModelError` and name the model class and the featu
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -154,6 +155,13 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     return LayerAttention(int(window) if window else None, chunk, float(softcap), sinks)
 
 
+def mixes_outside_attention(config) -> bool:
+    """Whether ``config``'s layers include token mixers other than attention (``layer_types`` such as
+    ``"linear_attention"``, ``"conv"``, ``"mamba"``): their layers see no attention layout."""
+    types = getattr(config, "layer_types", None) or ()
+    return any(t not in ATTENTION_LAYER_TYPES for t in types)
+
+
 def has_attention_sinks(model) -> bool:
     """Whether any attention module of ``model`` carries sinks (gpt-oss's ``sinks`` parameter)."""
     return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
@@ -167,19 +175,41 @@ def check_model(model) -> None:
         raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel (it has no .config)")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; prepack packs decoder-only prompts")
-    if not getattr(model, "_supports_attention_backend", False):
+    from .mixers import mixer_modules
+
+    mixers = mixer_modules(model)
+    mixer_ids = {id(m) for _, m, _ in mixers}
+    if not getattr(model, "_supports_attention_backend", False) and not (mixers and _attention_routes_through_interface(model, mixer_ids)):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
         )
-    reason = _token_mixing_outside_attention(model) or _unsupported_cache_layers(model)
+    reason = _token_mixing_outside_attention(model, {path for path, _, _ in mixers}) or _unsupported_cache_layers(model, mixers)
     if reason:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {reason}")
 
 
-def _token_mixing_outside_attention(model) -> str | None:
-    """Modules that carry state from token to token outside attention: it would leak across packed prompts."""
+def _attention_routes_through_interface(model, mixer_ids: set) -> bool:
+    """Whether every attention module of a hybrid model (transformers marks these ``_supports_attention_backend =
+    False``, since vLLM-style backends cannot hold their recurrent state) calls ``ALL_ATTENTION_FUNCTIONS``, the
+    registry prepack's implementation is looked up in. Read from the class's own forward code, not from a list."""
+    found = False
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and id(module) not in mixer_ids:
+            forward = inspect.unwrap(type(module).forward)
+            if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
+                return False
+            found = True
+    return found
+
+
+def _token_mixing_outside_attention(model, mixers: set = frozenset()) -> str | None:
+    """Modules that carry state from token to token outside attention: it would leak across packed prompts.
+
+    ``mixers``: paths of the modules :mod:`prepack.mixers` runs packed (their inner convolutions are theirs)."""
     for path, module in model.named_modules():
+        if any(path == m or path.startswith(m + ".") for m in mixers):
+            continue
         if isinstance(module, torch.nn.Conv1d):
             return f"it has a convolution over tokens ({path}: {type(module).__name__}), which would mix packed prompts"
         for pname, _ in module.named_parameters(recurse=False):
@@ -191,8 +221,9 @@ def _token_mixing_outside_attention(model) -> str | None:
     return None
 
 
-def _unsupported_cache_layers(model) -> str | None:
-    """A cache layer type other than plain keys and values per attention layer (transformers' own view)."""
+def _unsupported_cache_layers(model, mixers: list = ()) -> str | None:
+    """A cache layer type other than plain keys and values per attention layer (transformers' own view), unless
+    every layer of that type holds a mixer :mod:`prepack.mixers` runs packed (``mixers``: its (path, module, kind))."""
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:  # pragma: no cover - older transformers
@@ -202,7 +233,8 @@ def _unsupported_cache_layers(model) -> str | None:
         types, _ = get_layer_types_and_kwargs(config)
     except Exception:  # a config transformers itself cannot lay a cache out for: judge by modules only
         return None
-    odd = sorted({t for t in types if t not in ATTENTION_LAYER_TYPES})
+    covered = {(getattr(m, "layer_idx", None), t) for _, m, kind in mixers for t in kind.layer_types}
+    odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and (i, t) not in covered})
     if not odd:
         return None
     kinds = {

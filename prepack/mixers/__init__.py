@@ -1,0 +1,31 @@
+"""Token mixers outside attention (short convolutions, gated delta-nets, state-space blocks), packed exactly.
+
+* :mod:`prepack.mixers.kinds` — what a mixer is: :class:`MixerKind` declarations (how to recognise the
+  module, its layer types, its states, its optional varlen-kernel path), the registry ``KINDS`` and
+  :func:`mixer_modules`.
+* :mod:`prepack.mixers.packed` — how a packed call reaches it: the wrapper :func:`install` puts on each
+  mixer once, which runs the module's own forward once per segment (or once, on the field's varlen
+  kernels), with each segment's state in the call's :class:`MixerStates`.
+
+See docs/hybrid.md.
+"""
+
+from .kinds import KINDS, MixerKind, VarlenKernels, kind_of, mixer_layer_types, mixer_modules, register_kind, seq_idx_of
+from .packed import (
+    CACHE_NAMES,
+    LAYOUT_KWARGS,
+    MixerStates,
+    Segments,
+    call_segments,
+    continuation_refusal,
+    install,
+    installed,
+    packed_forward,
+    run_segments,
+)
+
+__all__ = [
+    "CACHE_NAMES", "KINDS", "LAYOUT_KWARGS", "MixerKind", "MixerStates", "Segments", "VarlenKernels", "call_segments",
+    "continuation_refusal", "install", "installed", "kind_of", "mixer_layer_types", "mixer_modules", "packed_forward",
+    "register_kind", "run_segments", "seq_idx_of",
+]
