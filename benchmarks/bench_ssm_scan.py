@@ -30,7 +30,7 @@ import torch
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
-from prepack import ssm
+from prepack.mixers import ssm
 from prepack.bench.prompts import sample_lengths
 
 

@@ -42,7 +42,7 @@ from .rope import grouped_plan, rope_groups
 from .mixers.states import MixerCapture, SegmentCaches
 from .mixers.states import layer_indices as mixer_layers
 from .step import PackedCall, PrefixKV, RecordKV, StepLayout
-from .support import UnsupportedModelError
+from .support import UnsupportedModelError, stateless_layers
 from .wrapped import check_mode, runner, unwrap
 
 # Backends that lay requests out as rows of ``capacity`` tokens, each row under a dense (C, C)
@@ -361,8 +361,9 @@ def _forward(model, batch: PackedBatch, rows: slice, kernel: Kernel, device, sel
     captured = seen = call.kv.layers if record else []
     if kv in ("cache", "both"):
         # a mixer layer caches no keys: its states are in the request's own cache (`states`)
-        expected = [i for i in range(len(cache.layers)) if i not in mixer_layers(model)]
-        if sorted(records) != expected:
+        # (a hybrid layer, FalconH1's or Zamba's, has both: its keys are recorded too; an MLP-only layer, none)
+        expected = [i for i in range(len(cache.layers)) if i not in mixer_layers(model) and i not in stateless_layers(model)]
+        if not set(expected) <= set(records):
             missing = sorted(set(expected) - set(records))
             raise UnsupportedModelError(
                 f"{type(model).__name__} wrote no keys and values to its cache for layer(s) {missing} of "

@@ -28,6 +28,9 @@ import torch
 # Cache layer types whose per-token state is exactly one layer's keys and values.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
+# transformers' cache layer types of attention beside a mixer in one layer -> the attention they hold
+HYBRID_ATTENTION = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+
 # Attention kwargs prepack implements, checked in :func:`layer_attention`.
 SEMANTIC_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "is_causal")
 # The packed layout, in the names of transformers' flash path and DataCollatorWithFlattening.
@@ -103,6 +106,8 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
         raise UnsupportedModelError(f"{name} asks for non-causal attention; prepack packs causal decoder prompts only")
     config = getattr(module, "config", None)
     layer_type = _layer_type(module)
+    # a hybrid layer's attention (FalconH1, Zamba) is plain attention beside a mixer check_model accepted
+    layer_type = HYBRID_ATTENTION.get(layer_type, layer_type)
     if layer_type is not None and layer_type not in ATTENTION_LAYER_TYPES:
         raise UnsupportedModelError(f"{name} is a {layer_type!r} layer, which prepack does not implement")
 
@@ -200,7 +205,25 @@ def _attention_routes_through_interface(model, mixer_ids: set) -> bool:
             if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
                 return False
             found = True
-    return found
+    # a model of mixers only (Mamba2) has no attention to route: every layer's cache type is a mixer's
+    return found or not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
+
+
+def _cache_layer_types(model) -> list[str]:
+    """transformers' cache layer type of each decoder layer (``get_layer_types_and_kwargs``), [] if it has none."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return list(get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0])
+    except Exception:  # older transformers, or a config it cannot lay a cache out for
+        return []
+
+
+def stateless_layers(model) -> set[int]:
+    """Decoder layers with no attention module (NemotronH's MLP / MoE blocks): transformers gives them a
+    ``dummy`` cache layer, and they carry nothing from token to token."""
+    attending = {getattr(m, "layer_idx", None) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    return {i for i in range(len(_cache_layer_types(model))) if i not in attending}
 
 
 def _token_mixing_outside_attention(model, mixers: set = frozenset()) -> str | None:
@@ -234,6 +257,8 @@ def _unsupported_cache_layers(model, mixers: list = ()) -> str | None:
     except Exception:  # a config transformers itself cannot lay a cache out for: judge by modules only
         return None
     covered = {(getattr(m, "layer_idx", None), t) for _, m, kind in mixers for t in kind.layer_types}
+    if mixers:  # a hybrid's MLP-only layers (NemotronH): a dummy cache layer, nothing carried across tokens
+        covered |= {(i, "dummy") for i in stateless_layers(model) - {getattr(m, "layer_idx", None) for _, m, _ in mixers}}
     odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and (i, t) not in covered})
     if not odd:
         return None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prepack import mamba_hooks, ssm
+from prepack.mixers import mamba as mamba_hooks, ssm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import model_zoo  # noqa: E402

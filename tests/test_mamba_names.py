@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from prepack import mamba_hooks
+from prepack.mixers import mamba as mamba_hooks
 
 MAMBA2_TYPES = ("mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid", "zamba2")
 # the hooks' parameters, in order, as transformers' modeling files define them

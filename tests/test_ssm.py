@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
-from prepack import ssm
+from prepack.mixers import ssm
 
 LENGTHS = [7, 1, 3, 12, 2]  # shorter and longer than the conv width and the SSD chunk
 

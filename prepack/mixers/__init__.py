@@ -11,6 +11,7 @@ See docs/hybrid.md.
 """
 
 from .kinds import KINDS, MixerKind, VarlenKernels, kind_of, mixer_layer_types, mixer_modules, register_kind, seq_idx_of
+from . import mamba  # noqa: F401, E402 - registers the state-space kinds
 from .packed import (
     CACHE_NAMES,
     LAYOUT_KWARGS,

@@ -63,6 +63,9 @@ class MixerKind:
         layer_types: the cache / config layer types of the decoder layers holding this mixer.
         states: what it carries from token to token (``("conv", "recurrent")``), for errors and docs.
         varlen: the one-call varlen path on the field's kernels, or None.
+        prepare: ``prepare(module)``, run once per mixer by :func:`prepack.mixers.install` beside the
+            wrapper, for what the kind's one-call path needs on the module (e.g. prepack's runtime on
+            transformers' per-instance kernel hooks, :mod:`prepack.mixers.mamba`), or None.
     """
 
     name: str
@@ -70,6 +73,7 @@ class MixerKind:
     layer_types: tuple[str, ...]
     states: tuple[str, ...]
     varlen: VarlenKernels | None = field(default=None)
+    prepare: Callable[[torch.nn.Module], object] | None = field(default=None)
 
 
 KINDS: list[MixerKind] = []

@@ -38,6 +38,8 @@ from .kinds import kind_of, mixer_modules, seq_idx_of
 
 # the names transformers' mixers take a cache under (5.x renamed past_key_values / cache_params to cache)
 CACHE_NAMES = ("cache", "cache_params", "past_key_values", "past_key_value")
+# per-token keywords a segment's call gets its own slice of (its positions restart at 0, as the prompt alone)
+PER_TOKEN_KWARGS = ("position_ids",)
 # the packed layout's keywords: the wrapper reads them, the per-segment calls get none
 LAYOUT_KWARGS = ("prepack", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
@@ -77,7 +79,7 @@ def install(model) -> int:
     hooks, ``kernels.kernelize``): prepack would run past it.
     """
     found = mixer_modules(model)
-    for path, module, _ in found:
+    for path, module, kind in found:
         current = module.__dict__.get("forward")
         if current is None:
             module.forward = types.MethodType(packed_forward, module)
@@ -86,6 +88,8 @@ def install(model) -> int:
                 f"{path} ({type(module).__name__}) has its forward replaced on the instance already (accelerate "
                 "offloading or kernels' kernelize); prepack cannot keep packed prompts apart in it"
             )
+        if kind.prepare is not None:
+            kind.prepare(module)
     return len(found)
 
 
@@ -138,6 +142,11 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
         raise UnsupportedModelError(f"{name} got a padding mask together with a packed layout; prepack cannot honour both")
     for key in CACHE_NAMES + LAYOUT_KWARGS:
         rest.pop(key, None)  # the call's cache holds attention's keys; a segment's state goes to its own cache
+    # per-token tensors a mixer may be handed beside the stream (Mamba2Model passes position_ids on): cut per segment
+    per_token = {k: rest.pop(k) for k in PER_TOKEN_KWARGS if isinstance(rest.get(k), torch.Tensor)}
+    for key, value in per_token.items():
+        if value.dim() != 2 or tuple(value.shape) != (1, T):
+            raise UnsupportedModelError(f"{name} got {key} of shape {tuple(value.shape)}; prepack cuts a (1, {T}) one per segment")
     odd = sorted(k for k, v in rest.items() if isinstance(v, torch.Tensor))
     if odd:
         raise UnsupportedModelError(f"{name} got tensor keyword(s) {', '.join(odd)} that prepack cannot split per segment")
@@ -153,7 +162,7 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
     varlen = kind_of(module).varlen
     if seg.states is None and varlen is not None and varlen.ready(hidden.device):
         extra = varlen.kwargs(seg.cu_seqlens, seq_idx_of(seg.q_lengths, hidden.device))
-        return forward(module, hidden, attention_mask=None, **rest, **extra)
+        return forward(module, hidden, attention_mask=None, **rest, **per_token, **extra)
     cache_name = _cache_name(type(module))
     outs, start = [], 0
     for j, n in enumerate(seg.q_lengths.tolist()):
@@ -161,6 +170,7 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
             continue
         cache = seg.states.cache_for(j) if seg.states is not None else None
         own = {} if cache is None else {cache_name: cache}
+        own.update({k: v[:, start:start + n] for k, v in per_token.items()})
         outs.append(forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest))
         start += n
     return _concat(outs, name)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layout import cu_seqlens, ranges, starts
+from ..layout import cu_seqlens, ranges, starts
 
 
 def _activation(name: str | None):

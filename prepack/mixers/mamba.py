@@ -1,4 +1,4 @@
-"""Mamba2 mixers over a packed stream in one call, through the hooks transformers' modeling files expose.
+"""State-space mixers (Mamba2, Zamba's Mamba) as :mod:`prepack.mixers` kinds; Mamba2 packed in one call.
 
 Every Mamba2-style mixer in transformers (``Mamba2Mixer``, ``BambaMixer``, ``NemotronHMamba2Mixer``,
 ``FalconH1Mixer``, ``GraniteMoeHybridMambaLayer``, ``Zamba2MambaMixer``) runs its convolution and its
@@ -14,7 +14,13 @@ causal-conv1d's / mamba-ssm's ``seq_idx`` keyword (the segment of each token of 
 With ``seq_idx`` the conv and the scan keep the segments apart -- exactly, with
 :func:`prepack.ssm.segment_conv1d` and :func:`prepack.ssm.ssd_scan` on any device, or with
 causal-conv1d's and mamba-ssm's CUDA kernels where they import -- so the mixer's own forward runs once
-over all the packed prompts. Nothing is written to the model per call.
+over all the packed prompts. Nothing is written to the model per call. A third hook,
+``mamba_split_conv1d_scan_combined`` (the fused training kernel, which transformers' torch code does not
+implement), declines a packed CPU call so that the mixer takes the two hooks above.
+
+Kinds registered here (:func:`prepack.mixers.register_kind`): ``mamba2`` (that one-call path; per segment
+through the mixer's own forward where it is not installed, or where each request's states are kept) and
+``zamba_mamba`` (Zamba's per-head Mamba, whose scan takes no keywords: per segment).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import numpy as np
 import torch
 
 from . import ssm
+from .kinds import MixerKind, VarlenKernels, register_kind
 
 CONV_HOOK = "causal_conv1d_forward"
 SCAN_HOOK = "mamba2_scan_forward"
+FUSED_HOOK = "mamba_split_conv1d_scan_combined"
 # The attributes transformers' mamba2_scan_forward reads from the mixer (its geometry and parameters).
 MIXER_ATTRIBUTES = (
     "A_log", "D", "dt_bias", "num_heads", "head_dim", "n_groups", "ssm_state_size", "chunk_size",
@@ -56,6 +64,8 @@ def install(module) -> bool:
     if funcs is None:
         return False
     wanted = {CONV_HOOK: _conv_forward, SCAN_HOOK: _scan_forward}
+    if FUSED_HOOK in funcs:
+        wanted[FUSED_HOOK] = _fused_forward
     for name, hook in wanted.items():
         current = funcs[name].__dict__.get("forward")
         if current is not None and getattr(current, "__func__", None) is not hook:
@@ -132,3 +142,39 @@ def _scan_forward(self, module, hidden_states, B, C, dt, cache, **kwargs):
     else:
         y, _ = ssm.ssd_scan(*args, **options)
     return y.reshape(1, tokens, module.intermediate_size)
+
+
+def _fused_forward(self, *args, **kwargs):
+    """``mamba_split_conv1d_scan_combined`` (train mode only): with ``seq_idx`` on CPU, None, which makes the
+    mixer run its unfused path through the two hooks above (transformers' torch fallback returns None too)."""
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is not None and not seq_idx.is_cuda:
+        return None
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _is_mamba2(module) -> bool:
+    return all(hasattr(module, a) for a in MIXER_ATTRIBUTES) and hasattr(module, "in_proj") and hasattr(module, "out_proj")
+
+
+# Mamba2 / Bamba / NemotronH / FalconH1 / GraniteMoeHybrid / Zamba2: in_proj -> causal conv1d -> SSD scan -> gated norm.
+# The one-call path needs the per-instance hooks, which exist where `kernels` is installed (transformers' hub decorators
+# are no-ops without it); on CUDA the hooks use causal-conv1d / mamba-ssm where they import, else the exact torch scans.
+MAMBA2 = register_kind(MixerKind(
+    name="mamba2",
+    matches=_is_mamba2,
+    layer_types=("linear_attention", "hybrid"),
+    states=("conv", "ssm"),
+    varlen=VarlenKernels(packages=("kernels",), devices=("cpu", "cuda"), kwargs=lambda cu, seq_idx: {"seq_idx": seq_idx}),
+    prepare=install,
+))
+
+# Zamba: a Mamba1 mixer with per-head x / dt projections; its scan (selective_scan_fn) receives no keywords
+ZAMBA_MAMBA = register_kind(MixerKind(
+    name="zamba_mamba",
+    matches=lambda m: type(m).__name__.endswith("MambaMixer") and all(
+        hasattr(m, a) for a in ("conv1d", "A_log", "x_proj_weight", "dt_proj_weight", "n_mamba_heads", "layer_idx")
+    ),
+    layer_types=("linear_attention", "hybrid"),
+    states=("conv", "ssm"),
+))
