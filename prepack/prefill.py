@@ -84,7 +84,11 @@ class PrefillResult:
         per_piece = []
         for c, start, n in zip(pieces.chunk.tolist(), pieces.starts.tolist(), pieces.sizes.tolist()):
             layers = self.chunks[c]
-            b, l = divmod(start, next(kv for kv in layers if kv is not None)[0].shape[2])
+            keyed = next((kv for kv in layers if kv is not None), None)
+            if keyed is None:  # a model of mixers only (Mamba2): no layer caches keys
+                per_piece.append([None] * len(layers))
+                continue
+            b, l = divmod(start, keyed[0].shape[2])
             # a mixer layer (prepack.mixers) caches no keys: None, its states are in the request's mixer cache
             per_piece.append([None if kv is None else (kv[0][b : b + 1, :, l : l + n], kv[1][b : b + 1, :, l : l + n]) for kv in layers])
         if len(per_piece) == 1:
