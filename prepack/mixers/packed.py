@@ -179,7 +179,7 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
 def _concat(outs: list, name: str):
     """Per-segment outputs (a tensor, or a tuple whose other entries are None) -> one along the token axis."""
     if all(isinstance(o, torch.Tensor) for o in outs):
-        return torch.cat(outs, dim=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if all(isinstance(o, tuple) and all(x is None for x in o[1:]) for o in outs):
         return (torch.cat([o[0] for o in outs], dim=1),) + outs[0][1:]
     raise UnsupportedModelError(f"{name} returned {type(outs[0]).__name__}; prepack joins tensors (or (tensor, None, ...)) only")
