@@ -256,9 +256,11 @@ def _unsupported_cache_layers(model, mixers: list = ()) -> str | None:
         types, _ = get_layer_types_and_kwargs(config)
     except Exception:  # a config transformers itself cannot lay a cache out for: judge by modules only
         return None
-    covered = {(getattr(m, "layer_idx", None), t) for _, m, kind in mixers for t in kind.layer_types}
+    from .mixers.kinds import mixer_layer_idx
+
+    covered = {(mixer_layer_idx(m), t) for _, m, kind in mixers for t in kind.layer_types}
     if mixers:  # a hybrid's MLP-only layers (NemotronH): a dummy cache layer, nothing carried across tokens
-        covered |= {(i, "dummy") for i in stateless_layers(model) - {getattr(m, "layer_idx", None) for _, m, _ in mixers}}
+        covered |= {(i, "dummy") for i in stateless_layers(model) - {mixer_layer_idx(m) for _, m, _ in mixers}}
     odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and (i, t) not in covered})
     if not odd:
         return None

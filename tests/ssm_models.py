@@ -19,8 +19,8 @@ CHUNKED = {
     "granitemoehybrid": {"mamba_chunk_size": 4},
     "zamba2": {"chunk_size": 4},
 }
-# every state-space type prepack packs: the Mamba2 family (one call) and Zamba (per segment)
-SSM_TYPES = (*CHUNKED, "zamba")
+# every state-space type prepack packs: the Mamba2 family (one call), Zamba and Jamba (per segment)
+SSM_TYPES = (*CHUNKED, "zamba", "jamba")
 
 
 def build_ssm(model_type: str, **extra):

@@ -72,5 +72,5 @@ def test_score_with_a_shared_context_matches_each_pair_alone():
 
 @pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba"])
 def test_mamba1_models_whose_blocks_drop_keywords_are_refused(model_type):
-    with pytest.raises(prepack.UnsupportedModelError):
+    with pytest.raises(prepack.UnsupportedModelError, match="Mixer \\(layer 0\\) ran without prepack's packed layout.*does not pass keyword"):
         prepack.forward_at(build_ssm(model_type), random_prompts([3, 4]))

@@ -106,6 +106,16 @@ def mixer_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Mi
     return found
 
 
+def mixer_layer_idx(module: torch.nn.Module) -> int | None:
+    """The decoder layer a mixer belongs to: its ``layer_idx``, else its first submodule's (a mixer kind that is a
+    whole decoder layer, Jamba's Mamba layer, keeps the index on its mixer), or None."""
+    for sub in module.modules():
+        idx = getattr(sub, "layer_idx", None)
+        if isinstance(idx, int):
+            return idx
+    return None
+
+
 def mixer_layer_types() -> frozenset[str]:
     """The layer types the registered kinds account for."""
     return frozenset(t for kind in KINDS for t in kind.layer_types)

@@ -19,8 +19,11 @@ over all the packed prompts. Nothing is written to the model per call. A third h
 implement), declines a packed CPU call so that the mixer takes the two hooks above.
 
 Kinds registered here (:func:`prepack.mixers.register_kind`): ``mamba2`` (that one-call path; per segment
-through the mixer's own forward where it is not installed, or where each request's states are kept) and
-``zamba_mamba`` (Zamba's per-head Mamba, whose scan takes no keywords: per segment).
+through the mixer's own forward where it is not installed, or where each request's states are kept),
+``zamba_mamba`` (Zamba's per-head Mamba, whose scan takes no keywords: per segment), ``mamba_layer`` (Jamba's
+Mamba decoder layer, run whole per segment: it passes no keyword on to its mixer, but gets them itself) and
+``mamba1`` (a Mamba1 mixer anywhere else: Mamba's and FalconMamba's blocks pass it no keyword, so a packed call
+never reaches it with its layout and the wrapper refuses it, naming the layer).
 """
 
 from __future__ import annotations
@@ -178,3 +181,21 @@ ZAMBA_MAMBA = register_kind(MixerKind(
     layer_types=("linear_attention", "hybrid"),
     states=("conv", "ssm"),
 ))
+
+
+def _is_mamba1(module) -> bool:
+    return all(hasattr(module, a) for a in ("conv1d", "A_log", "x_proj", "dt_proj", "layer_idx")) and not hasattr(module, "chunk_size")
+
+
+# Jamba: the decoder layer (norm -> Mamba1 mixer -> residual -> norm -> MLP / MoE -> residual) takes the call's keywords
+# but hands its mixer none; every step but the mixer is per token, so the whole layer runs per segment
+MAMBA_LAYER = register_kind(MixerKind(
+    name="mamba_layer",
+    matches=lambda m: type(m).__name__.endswith("MambaDecoderLayer") and _is_mamba1(getattr(m, "mamba", None)),
+    layer_types=("linear_attention",),
+    states=("conv", "ssm"),
+))
+
+# Mamba / FalconMamba (and any other Mamba1 mixer): matched so that a packed call that cannot reach it is refused
+# by name when it runs (packed.py's check), rather than the model being called unsupported for a wrong reason
+MAMBA1 = register_kind(MixerKind(name="mamba1", matches=_is_mamba1, layer_types=("linear_attention",), states=("conv", "ssm")))

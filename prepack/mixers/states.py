@@ -67,7 +67,9 @@ def layer_indices(model) -> frozenset[int]:
     """The decoder layers of ``model`` whose token mixer is a registered mixer (they cache no keys)."""
     from .kinds import mixer_modules
 
-    return frozenset(int(m.layer_idx) for _, m, _ in mixer_modules(model) if getattr(m, "layer_idx", None) is not None)
+    from .kinds import mixer_layer_idx
+
+    return frozenset(i for _, m, _ in mixer_modules(model) if (i := mixer_layer_idx(m)) is not None)
 
 
 def state_tensors(cache, layer_idx: int) -> dict[str, torch.Tensor]:
