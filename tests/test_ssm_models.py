@@ -12,6 +12,7 @@ import prepack
 from prepack import mixers
 from prepack.mixers import mamba
 
+from .conftest import gpu
 from .ssm_models import SSM_TYPES, build_ssm, random_prompts
 
 TOL = 1e-4
@@ -74,3 +75,38 @@ def test_score_with_a_shared_context_matches_each_pair_alone():
 def test_mamba1_models_whose_blocks_drop_keywords_are_refused(model_type):
     with pytest.raises(prepack.UnsupportedModelError, match="Mixer \\(layer 0\\) ran without prepack's packed layout.*does not pass keyword"):
         prepack.forward_at(build_ssm(model_type), random_prompts([3, 4]))
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "bamba"])
+def test_padding_free_training_batch_gives_the_padded_batch_loss_and_grads(model_type):
+    """transformers' DataCollatorWithFlattening batch through the one-call path (train mode: the fused kernel's hook
+    declines, the conv and SSD scan hooks keep the sequences apart) against the right-padded batch."""
+    from transformers import DataCollatorWithFlattening
+
+    seqs = random_prompts([7, 12, 4], seed=11)
+    padded = build_ssm(model_type).train()
+    packed = prepack.enable(build_ssm(model_type).train())
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    loss_padded = padded(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
+    loss_packed = packed(**batch, use_cache=False).loss
+    assert abs(loss_packed.item() - loss_padded.item()) <= TOL
+    loss_padded.backward()
+    loss_packed.backward()
+    for (name, p), q in zip(padded.named_parameters(), packed.parameters(), strict=True):
+        if p.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 1e-4, name
+
+
+@gpu
+@pytest.mark.parametrize("model_type", ["mamba2", "granitemoehybrid"])
+def test_forward_at_on_cuda_matches_each_prompt_alone(model_type):
+    """On CUDA the hooks call causal-conv1d / mamba-ssm where they import, else the same exact torch scans."""
+    model, seqs = build_ssm(model_type).to("cuda"), random_prompts(LENGTHS, seed=12)
+    got = prepack.forward_at(model, seqs, positions=[(0, len(s)) for s in seqs])
+    for i, seq in enumerate(seqs):
+        with torch.no_grad():
+            want = model(torch.tensor([seq], device="cuda"), use_cache=False).logits[0]
+        assert (got[i] - want).abs().max() <= 1e-3, f"request {i}"
