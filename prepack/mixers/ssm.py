@@ -116,6 +116,9 @@ def segment_conv1d(
     return out.to(x.dtype), final
 
 
+_CHUNK_GROUP = 1  # chunks per step of the within-chunk part: 1 measured fastest (bench_ssm_scan.py, 1 thread)
+
+
 def _segment_sum(values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     """``(..., S) -> (..., S, S)``: ``out[i, j] = sum(values[j+1 : i+1])`` within one segment, else -inf.
 
@@ -198,7 +201,13 @@ def ssd_scan(
     xc, Ac, Bc, Cc = chunked(x), chunked(A), chunked(B), chunked(C)
     Ac = Ac.permute(0, 3, 1, 2)  # (1, h, c, l)
     A_cumsum = torch.cumsum(Ac, dim=-1)
-    y_diag, chunk_states = _ssd_within_chunks(xc, Ac, Bc, Cc, A_cumsum)
+    # chunk by chunk: the (chunk, l, l, heads) decay and score tensors of every chunk at once fall out of cache
+    parts = [
+        _ssd_within_chunks(xc[:, a:a + _CHUNK_GROUP], Ac[:, :, a:a + _CHUNK_GROUP], Bc[:, a:a + _CHUNK_GROUP],
+                           Cc[:, a:a + _CHUNK_GROUP], A_cumsum[:, :, a:a + _CHUNK_GROUP])
+        for a in range(0, n_chunks, _CHUNK_GROUP)
+    ]
+    y_diag, chunk_states = (torch.cat(t, dim=1) for t in zip(*parts))
     start_states, final = _ssd_between_chunks(chunk_states, A_cumsum, chunks, initial_states, (heads, head_dim, state))
     y_off = torch.einsum("bclhn,bchpn->bclhp", Cc, start_states) * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
     y = (y_diag + y_off).reshape(-1, heads, head_dim)[where]
