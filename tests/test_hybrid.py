@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
 import prepack

@@ -10,7 +10,7 @@
 See docs/hybrid.md.
 """
 
-from .kinds import KINDS, MixerKind, VarlenKernels, kind_of, mixer_layer_types, mixer_modules, register_kind, seq_idx_of
+from .kinds import KINDS, MixerKind, VarlenKernels, kind_of, mixer_modules, register_kind, seq_idx_of
 from .packed import (
     CACHE_NAMES,
     LAYOUT_KWARGS,
@@ -26,6 +26,6 @@ from .packed import (
 
 __all__ = [
     "CACHE_NAMES", "KINDS", "LAYOUT_KWARGS", "MixerKind", "MixerStates", "Segments", "VarlenKernels", "call_segments",
-    "continuation_refusal", "install", "installed", "kind_of", "mixer_layer_types", "mixer_modules", "packed_forward",
+    "continuation_refusal", "install", "installed", "kind_of", "mixer_modules", "packed_forward",
     "register_kind", "run_segments", "seq_idx_of",
 ]

@@ -102,11 +102,6 @@ def mixer_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Mi
     return found
 
 
-def mixer_layer_types() -> frozenset[str]:
-    """The layer types the registered kinds account for."""
-    return frozenset(t for kind in KINDS for t in kind.layer_types)
-
-
 # ---------------------------------------------------------------- built-in kinds
 
 
