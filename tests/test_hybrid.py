@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
 import prepack
@@ -180,3 +179,15 @@ def test_position_ids_only_training_batch_is_refused():
     batch = flattened(random_prompts([5, 6], seed=12))
     with pytest.raises(UnsupportedModelError, match="return_flash_attn_kwargs=True"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "lfm3"])
+def test_dynamic_caches_equal_the_models_own_cache_alone(model_type):
+    from prepack import oracle
+
+    model, seqs = build_hybrid(model_type), [torch.tensor(s) for s in random_prompts([7, 23, 2], seed=13)]
+    _, theirs = oracle.alone(model, seqs)
+    mine = prepack.prefill(model, seqs).dynamic_caches
+    assert all(oracle.cache_gap(a, b) <= TOL for a, b in zip(mine, theirs, strict=True))
+    other = prepack.prefill(model, [seqs[1]]).dynamic_caches[0]
+    assert oracle.cache_gap(other, theirs[0]) == float("inf")  # another prompt's states and keys do not pass

@@ -116,11 +116,6 @@ def mixer_layer_idx(module: torch.nn.Module) -> int | None:
     return None
 
 
-def mixer_layer_types() -> frozenset[str]:
-    """The layer types the registered kinds account for."""
-    return frozenset(t for kind in KINDS for t in kind.layer_types)
-
-
 # ---------------------------------------------------------------- built-in kinds
 
 

@@ -10,7 +10,6 @@ adds each request's keys and values from the packed stream afterwards (:func:`wi
 
 from __future__ import annotations
 
-import torch
 
 
 class SegmentCaches:
@@ -71,14 +70,3 @@ def layer_indices(model) -> frozenset[int]:
 
     return frozenset(i for _, m, _ in mixer_modules(model) if (i := mixer_layer_idx(m)) is not None)
 
-
-def state_tensors(cache, layer_idx: int) -> dict[str, torch.Tensor]:
-    """The states a request's cache holds for one mixer layer: ``{"conv": ..., "recurrent": ...}`` (those present)."""
-    out = {}
-    conv = cache.get_conv_state(layer_idx)
-    if conv is not None:
-        out["conv"] = conv
-    rec = cache.get_recurrent_state(layer_idx)
-    if rec is not None:
-        out["recurrent"] = rec
-    return out
