@@ -184,12 +184,17 @@ def check_model(model) -> None:
 
     mixers = mixer_modules(model)
     mixer_ids = {id(m) for _, m, _ in mixers}
+    # token mixing no registered kind accounts for is the first reason (RWKV, RecurrentGemma: recurrent layers that
+    # also bypass AttentionInterface are refused for their recurrence, the precise reason)
+    mixing = _token_mixing_outside_attention(model, {path for path, _, _ in mixers})
+    if mixing:
+        raise UnsupportedModelError(f"{name} cannot be packed exactly: {mixing}")
     if not getattr(model, "_supports_attention_backend", False) and not (mixers and _attention_routes_through_interface(model, mixer_ids)):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
         )
-    reason = _token_mixing_outside_attention(model, {path for path, _, _ in mixers}) or _unsupported_cache_layers(model, mixers)
+    reason = _unsupported_cache_layers(model, mixers)
     if reason:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {reason}")
 
@@ -241,6 +246,11 @@ def _token_mixing_outside_attention(model, mixers: set = frozenset()) -> str | N
                     f"it has recurrent (state-space / linear-attention) layers ({path}.{pname} of "
                     f"{type(module).__name__}), whose state would carry from one packed prompt into the next"
                 )
+        if hasattr(module, "igate_preact") and hasattr(module, "fgate_preact"):  # xLSTM's mLSTM: input / forget gates
+            return (
+                f"it has recurrent (xLSTM) layers ({path}: {type(module).__name__}, with input and forget gates), "
+                "whose state would carry from one packed prompt into the next"
+            )
     return None
 
 

@@ -110,3 +110,17 @@ def test_forward_at_on_cuda_matches_each_prompt_alone(model_type):
         with torch.no_grad():
             want = model(torch.tensor([seq], device="cuda"), use_cache=False).logits[0]
         assert (got[i] - want).abs().max() <= 1e-3, f"request {i}"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("rwkv", r"recurrent \(state-space / linear-attention\) layers \(rwkv\.blocks\.0\.attention\.time_decay"),
+        ("xlstm", r"recurrent \(xLSTM\) layers \(backbone\.blocks\.0\.mlstm_layer"),
+        ("recurrent_gemma", r"a convolution over tokens \(model\.layers\.0\.temporal_block\.conv_1d"),
+    ],
+)
+def test_recurrent_models_prepack_does_not_pack_are_refused_for_their_recurrence(model_type, reason):
+    """Refused before anything runs, naming the recurrent module, not for a side issue (attention routing)."""
+    with pytest.raises(prepack.UnsupportedModelError, match="cannot be packed exactly: it has " + reason):
+        prepack.forward_at(build_ssm(model_type), random_prompts([3, 4]))
