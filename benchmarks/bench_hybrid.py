@@ -1,6 +1,6 @@
 """Packed prefill of a Qwen3.5-shaped hybrid model (gated delta-net + attention) against its own left-padded batch.
 
-    python benchmarks/bench_hybrid.py [--batch-size 32] [--max-len 1024] [--seed 0] [--repeat 3]
+    python benchmarks/bench_hybrid.py [--batch-size 32] [--max-len 1024] [--seed 0] [--repeat 3] [--warmup 1] [--only prefill|kernel]
 
 Model: Qwen3.5's architecture (``Qwen3_5ForCausalLM``), fp32, random weights: hidden 1024, 8 layers, three
 gated-delta-net layers to each attention layer, vocab 32k (see ``qwen35_shaped``). Prompts: ShareGPT first turns
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--only", choices=("prefill", "kernel"), help="run one of the two comparisons")
     args = ap.parse_args()
     model = qwen35_shaped()
     ps = load_prompts("sharegpt", args.batch_size, max_len=args.max_len, on_long="truncate", seed=args.seed,
@@ -155,8 +156,10 @@ def main() -> None:
     with torch.no_grad():  # one-time costs (first calls, prepack's wrapper install) out of every timing
         model(torch.tensor([seqs[0][:8]]))
     prepack.prefill(model, [seqs[0][:8]])
-    bench_prefill(model, seqs, args.repeat, args.warmup)
-    bench_kernel(model, seqs, args.repeat, args.warmup)
+    if args.only != "kernel":
+        bench_prefill(model, seqs, args.repeat, args.warmup)
+    if args.only != "prefill":
+        bench_kernel(model, seqs, args.repeat, args.warmup)
 
 
 if __name__ == "__main__":
