@@ -58,14 +58,17 @@ def test_a_call_without_seq_idx_runs_the_modeling_files_own_code():
         assert (plain(ids.reshape(1, -1)).logits.reshape(2, 9, -1)[1] - plain(ids).logits[1]).abs().max() > 1e-3
 
 
-def test_install_is_idempotent_and_leaves_hooks_someone_else_replaced():
+def test_install_is_idempotent_and_refuses_hooks_someone_else_replaced():
+    from prepack.support import UnsupportedModelError
+
     model = model_zoo.build("mamba2", MAMBA2_FAMILY["mamba2"])
     first, second = _mixers(model)[:2]
     assert mamba_hooks.install(first) and mamba_hooks.install(first) and mamba_hooks.installed(first)
     funcs = mamba_hooks.hook_funcs(second)
     funcs[mamba_hooks.SCAN_HOOK].forward = lambda *a, **k: None  # what kernelize does with a hub kernel
-    assert not mamba_hooks.install(second) and not mamba_hooks.installed(second)
-    assert "forward" not in funcs[mamba_hooks.CONV_HOOK].__dict__
+    with pytest.raises(UnsupportedModelError, match="mamba2_scan_forward hook replaced already"):
+        mamba_hooks.install(second)
+    assert not mamba_hooks.installed(second) and "forward" not in funcs[mamba_hooks.CONV_HOOK].__dict__
 
 
 def test_a_packed_call_with_one_cache_for_all_segments_is_refused():

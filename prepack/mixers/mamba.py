@@ -59,10 +59,14 @@ def hook_funcs(module) -> dict | None:
 def install(module) -> bool:
     """Put prepack's segment-aware conv and scan on ``module``'s per-instance hooks (idempotent).
 
-    Returns False (installing nothing) where the mixer has no such hooks (``kernels`` not installed,
-    another mixer layout) or where something else replaced them already (``kernelize``): its
-    packed prompts then run one segment at a time through its own forward.
+    Returns False (installing nothing) where the mixer has no such hooks (``kernels`` is not installed,
+    so the ``mamba2`` kind's one-call path is not ready either and its packed prompts run one segment at
+    a time through its own forward). Refuses a mixer whose hooks something else replaced already
+    (``kernels``' ``kernelize`` with a hub kernel): prepack cannot tell whether that kernel keeps packed
+    prompts apart, and the one-call path would hand it ``seq_idx``.
     """
+    from ..support import UnsupportedModelError
+
     funcs = hook_funcs(module)
     if funcs is None:
         return False
@@ -72,7 +76,10 @@ def install(module) -> bool:
     for name, hook in wanted.items():
         current = funcs[name].__dict__.get("forward")
         if current is not None and getattr(current, "__func__", None) is not hook:
-            return False
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {module.layer_idx}) has its {name} hook replaced already (kernels' "
+                "kernelize); prepack cannot tell whether that kernel keeps packed prompts apart"
+            )
     for name, hook in wanted.items():
         funcs[name].forward = types.MethodType(hook, funcs[name])
     return True
