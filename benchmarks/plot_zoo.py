@@ -12,7 +12,7 @@ import argparse
 import re
 from collections import Counter
 
-OUTCOMES = ("exact", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
+OUTCOMES = ("exact", "exact prefill", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
 # the reasons prepack gives, grouped by the words of its refusal messages (prepack/hf/support.py, prepack/hf/registration.py)
 REASONS = (
     ("no AttentionInterface", re.compile(r"does not route attention through")),
@@ -52,7 +52,7 @@ def plot_zoo(rows: list[dict], path: str, title: str) -> None:
     outcomes = Counter(r["outcome"] for r in rows)
     features = Counter(f for r in rows if r["outcome"] == "exact" for f in (r["features"] or ["plain causal"]))
     reasons = Counter(refusal_reason(r["detail"]) for r in rows if r["outcome"] == "refused")
-    colours = {"exact": "tab:green", "refused": "tab:orange", "not buildable tiny": "tab:gray",
+    colours = {"exact": "tab:green", "exact prefill": "yellowgreen", "refused": "tab:orange", "not buildable tiny": "tab:gray",
                "transformers fails": "tab:blue", "silently wrong": "tab:red", "prepack crash": "darkred"}
     panels = (
         (axes[0], list(OUTCOMES), [outcomes[o] for o in OUTCOMES], [colours[o] for o in OUTCOMES],

@@ -11,6 +11,12 @@ _GEMMA4_ASSISTANT_TEXT = dict(  # a drafter's text config, as its config validat
     hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, enable_moe_block=False, use_double_wide_mlp=False,
 )
 # Where the generic shrink fails, per type: the smallest change that builds and runs.
+_KDA = dict(
+    num_hidden_layers=3, layer_types=["linear_attention", "linear_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse"], num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=8, qk_head_dim=24, num_experts_per_token=2,
+    num_shared_experts=1, num_expert_group=1, linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4,
+)
 OVERRIDES: dict[str, dict] = {
     # MLA expands keys to every query head
     # the default leaves num_experts_per_tok unset (None): the router's topk needs it
@@ -97,6 +103,11 @@ OVERRIDES: dict[str, dict] = {
     # one codebook: prompts are plain token rows (with 4, each row would be 4 rows of codes)
     "musicgen": dict(num_codebooks=1),
     "musicgen_melody": dict(num_codebooks=1),
+    # Kimi delta attention beside MLA: the shrink's head_dim (16) is MLA's RoPE part, and the linear heads' width
+    # (linear_num_heads * linear_head_dim) must agree with the forget gate's: set the MLA and KDA widths together
+    "kimi_linear": dict(_KDA),
+    "bailing_hybrid": dict(_KDA, expert_swiglu_limit_list=[0] * 3, share_expert_swiglu_limit_list=[0] * 3,
+                           num_nextn_predict_layers=0),
 }
 # Types whose causal-LM class takes a sub-config, not the type's own config: the config type to shrink instead.
 CONFIG_TYPE: dict[str, str] = {

@@ -51,15 +51,30 @@ def alone_generate(model, seq: torch.Tensor, **generate_kwargs) -> list[int]:
     return row[:cut]
 
 
+def _layer_tensors(layer) -> dict:
+    """A cache layer's tensors by name: keys and values, and a mixer layer's conv and recurrent states."""
+    out = {"keys": getattr(layer, "keys", None), "values": getattr(layer, "values", None)}
+    for name in ("conv_states", "recurrent_states"):
+        states = getattr(layer, name, None)
+        items = states.items() if isinstance(states, dict) else enumerate(states or ())
+        out.update({f"{name}[{i}]": t for i, t in items if isinstance(t, torch.Tensor)})
+    return out
+
+
 def cache_gap(mine, theirs) -> float:
-    """Max abs difference between two caches' keys and values, layer by layer (inf if laid out differently)."""
+    """Max abs difference between two caches' keys and values (and mixer layers' conv and recurrent states), layer
+    by layer (inf if laid out differently)."""
     if theirs is None or not hasattr(theirs, "layers"):
         return 0.0
     if len(mine.layers) != len(theirs.layers):
         return float("inf")
     gap = 0.0
     for a, b in zip(mine.layers, theirs.layers, strict=True):
-        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+        ta, tb = _layer_tensors(a), _layer_tensors(b)
+        if set(ta) != set(tb):
+            return float("inf")
+        for name in ta:
+            x, y = ta[name], tb[name]
             if x is None and y is None:
                 continue
             if x is None or y is None or x.shape != y.shape:

@@ -306,7 +306,7 @@ def test_the_checks_catch_missing_names_members_modules_and_public_names():
 
 
 SUMMARY = re.compile(
-    r"\*\*Summary: (?P<exact>\d+) exact / (?P<refused>\d+) refused / (?P<tiny>\d+) not buildable tiny / "
+    r"\*\*Summary: (?P<exact>\d+) exact / (?P<prefill>\d+) exact prefill / (?P<refused>\d+) refused / (?P<tiny>\d+) not buildable tiny / "
     r"(?P<fails>\d+) transformers fails / (?P<wrong>\d+) silently wrong / (?P<crash>\d+) prepack crash "
     r"\(of (?P<total>\d+) causal-LM model types\)\.\*\*"
 )
@@ -316,7 +316,8 @@ def readme_model_claims(summary: dict) -> list[str]:
     """What README.md says about the model matrix, rendered from docs/models.md's summary line."""
     s = {k: int(v) for k, v in summary.items()}
     return [
-        f"of transformers' {s['total']} causal-LM types, {s['exact']} exact, {s['refused']} refused with a reason, "
+        f"of transformers' {s['total']} causal-LM types, {s['exact']} exact, {s['prefill']} exact for prefill "
+        f"(hybrid models: generate refused), {s['refused']} refused with a reason, "
         f"{s['tiny']} not buildable tiny, {s['fails']} failing in transformers itself, {s['wrong']} silently wrong",
     ]
 

@@ -14,7 +14,11 @@ from prepack.hf.support import UnsupportedModelError
 
 from .models import COMMON, prompts
 
-def test_convolution_hybrid_is_refused_before_anything_runs():
+def test_convolution_hybrid_without_a_registered_mixer_kind_is_refused_before_anything_runs(monkeypatch):
+    from prepack.mixers import kinds
+
+    # LFM2's ShortConv is a registered kind (tests/test_hybrid.py); without it, its convolution is refused
+    monkeypatch.setattr(kinds, "KINDS", [k for k in kinds.KINDS if k.name != "short_conv"])
     torch.manual_seed(0)
     model = Lfm2ForCausalLM(Lfm2Config(
         **{**COMMON, "num_hidden_layers": 2}, layer_types=["conv", "full_attention"],

@@ -24,6 +24,7 @@ import torch
 from ..planner import layout
 from ..attention.registry import Kernel
 from ..hf.support import UnsupportedModelError
+from ..mixers import MixerStates
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,12 +143,16 @@ class PackedCall:
             None: each segment attends to its own new keys only.
         row_mask: for a row backend (``sdpa_masked``): ``row_mask(window, chunk)`` -> the rows' dense
             (R, 1, C, C) bool masks.
+        states: for models with mixers outside attention (:mod:`prepack.mixers`): each segment's state holder
+            (:class:`prepack.mixers.MixerStates`), or None: every segment starts from zero state and its
+            final state is not kept (a segment that continues earlier tokens is then refused).
     """
 
     layout: StepLayout
     kernel: Kernel
     kv: KVSource | None = None
     row_mask: Callable | None = field(default=None)
+    states: MixerStates | None = None
 
 
 def check_layer_idx(layer_idx: int | None) -> None:

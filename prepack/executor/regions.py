@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hf.registration import attention_needs
+from ..mixers import continuation_refusal
 
 MIN_SHARED_TOKENS = 32  # below this a region saves less than the extra attention part costs
 
@@ -70,6 +71,9 @@ def sharing_refusal(model, rope) -> str | None:
     rotary frequencies must not depend on the request's length (:mod:`prepack.hf.rope`).
     """
     needs = attention_needs(model)
+    stateful = continuation_refusal(model)
+    if stateful:
+        return stateful
     if rope is not None:
         return "its rotary frequencies depend on the sequence length"
     if needs.window:

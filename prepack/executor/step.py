@@ -55,7 +55,7 @@ class Fed(NamedTuple):
 
 def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Callable[[Fed], np.ndarray], *,
                  output: str = "logits", base=None, cache: dict | None = None, vision=None, samples: int = 1,
-                 capacity: int | None = None) -> tuple[Fed, torch.Tensor]:
+                 capacity: int | None = None, states=None) -> tuple[Fed, torch.Tensor]:
     """One packed forward: ``feeds[key]`` pending tokens of each unit ``units[key]``.
 
     Args:
@@ -69,6 +69,8 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
         vision: the prompts' images (:class:`prepack.hf.vision.VisionPrompts`), unit ``u`` being prompt
             ``u.index // samples``; or None.
         capacity: a row kernel's row length.
+        states: for a model with token mixers outside attention (:mod:`prepack.mixers`), where each segment's
+            conv / recurrent state goes (a :class:`prepack.mixers.MixerStates`), or None.
 
     Returns:
         ``(fed, values)``: :class:`Fed`, and (K, X) the outputs at ``rows_of(fed)``.
@@ -78,7 +80,7 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
     if cache is not None:
         kw.update({"use_cache": True, cache["kwarg"]: cache["cache"]})
     if store is None:
-        fed, ids, pos, call = _direct(kernel, feeds, units, device, capacity)
+        fed, ids, pos, call = _direct(kernel, feeds, units, device, capacity, states)
     else:
         kv = store.plan(feeds)
         order = [units[k] for k in kv.order]
@@ -88,7 +90,7 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
         offset = np.array([u.offset for u in order], np.int64)  # a sharer's own keys follow its prefix regions'
         pos = torch.from_numpy(layout.ranges(offset + fed.cached, q))[None].to(device)
         step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
-        call = PackedCall(kv.layout, step_kernel, kv=kv)
+        call = PackedCall(kv.layout, step_kernel, kv=kv, states=states)
     if vision is not None:
         prompts = np.array([u.index // samples for u in fed.units], np.int64)
         pos, images = vision.forward_inputs(module, prompts, fed.q, np.array([u.offset for u in fed.units]) + fed.cached, pos)
@@ -106,7 +108,7 @@ def _device(module) -> torch.device:
     return next(unwrap(module).parameters()).device
 
 
-def _direct(kernel, feeds: dict, units: dict, device, capacity: int | None):
+def _direct(kernel, feeds: dict, units: dict, device, capacity: int | None, states=None):
     """A step of whole prompts that attend to their own new keys only: a varlen stream, or rows of ``capacity``."""
     order = [units[k] for k in feeds]
     q = np.array([feeds[k] for k in feeds], np.int64)
@@ -114,7 +116,8 @@ def _direct(kernel, feeds: dict, units: dict, device, capacity: int | None):
     if not kernel.rows:
         ids = torch.from_numpy(np.concatenate([u.pending[:n] for u, n in zip(order, q)]))[None].to(device)
         pos = torch.from_numpy(layout.ranges(zero, q))[None].to(device)
-        return Fed(order, q, zero, layout.starts(q), (1, int(q.sum()))), ids, pos, PackedCall(StepLayout(q, q, device), kernel)
+        call = PackedCall(StepLayout(q, q, device), kernel, states=states)
+        return Fed(order, q, zero, layout.starts(q), (1, int(q.sum()))), ids, pos, call
     batch = pack_plan(plan(q, capacity), [u.pending[:n] for u, n in zip(order, q)])
     seg = batch.segments()
     start = np.empty(len(q), np.int64)
@@ -122,7 +125,7 @@ def _direct(kernel, feeds: dict, units: dict, device, capacity: int | None):
     row_mask = functools.lru_cache(maxsize=None)(
         lambda window, chunk: batch.attention_mask("bool", window=window, chunk=chunk).to(device)
     )
-    call = PackedCall(StepLayout(seg.lengths, seg.lengths, device), kernel, row_mask=row_mask)
+    call = PackedCall(StepLayout(seg.lengths, seg.lengths, device), kernel, row_mask=row_mask, states=states)
     fed = Fed(order, q, zero, start, tuple(batch.input_ids.shape))
     return fed, batch.input_ids.to(device), batch.position_ids.to(device), call
 

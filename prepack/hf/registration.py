@@ -46,8 +46,9 @@ from ..attention.functions import dense_attention, segment_mask
 from ..attention.registry import Kernel, Needs, choose
 from ..executor.call import PackedCall, StepLayout
 from .causal_masks import is_plain_causal
+from ..mixers import install as install_mixers
 from .wrapped import unwrap
-from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention
+from .support import PREPACK_KWARGS, UnsupportedModelError, check_model, has_attention_sinks, layer_attention, mixes_outside_attention
 
 ATTN_IMPLEMENTATION = "prepack"
 PREFIX = "prepack|"
@@ -109,6 +110,11 @@ def _hold(model) -> _Hold:
     return hold
 
 
+def inside_entry_point() -> bool:
+    """Whether this thread (context) is inside a prepack entry point, whose model calls all carry a packed layout."""
+    return _INSIDE.get() > 0
+
+
 def enable(model):
     """Switch ``model`` to prepack's attention until :func:`disable`: each config to ``"prepack|<its own>"``.
 
@@ -122,6 +128,7 @@ def enable(model):
     """
     check_model(model)
     with _LOCK:
+        install_mixers(model)
         _switch_on(model)
         _hold(model).user = True
     return model
@@ -192,6 +199,7 @@ def _acquire(model) -> None:
     with _LOCK:
         hold = _hold(model)
         if hold.calls == 0:
+            install_mixers(model)  # once: a mixer already wrapped is left as it is
             # switched before the first call (enable, or loaded as "prepack|..."): the user's, left switched
             hold.user = is_enabled(model)
             _switch_on(model)
@@ -372,6 +380,12 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
             batch = _training_layout(kwargs["position_ids"], (B, Lq, query.device), functools.partial(
                 _restarts, kwargs["position_ids"], B, Lq, query.device))
             cu_q = batch.cu_q
+            if cu_q is not None and mixes_outside_attention(getattr(module, "config", None)):
+                raise UnsupportedModelError(
+                    f"{type(module).__name__}: this padding-free batch marks its sequences by restarting position_ids "
+                    "only, which the model's convolution / recurrent layers never see (they would run across the "
+                    "sequences); pass cu_seq_lens_q too: DataCollatorWithFlattening(return_flash_attn_kwargs=True)"
+                )
         if cu_q is None:
             return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:

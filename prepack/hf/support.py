@@ -21,12 +21,16 @@ Errors are :class:`UnsupportedModelError` and name the model class and the featu
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
 
 # Cache layer types whose per-token state is exactly one layer's keys and values.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+# transformers' cache layer types of attention beside a mixer in one layer -> the attention they hold
+HYBRID_ATTENTION = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
 
 # Attention kwargs prepack implements, checked in :func:`layer_attention`.
 SEMANTIC_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "is_causal")
@@ -104,6 +108,8 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
         raise UnsupportedModelError(f"{name} asks for non-causal attention; prepack packs causal decoder prompts only")
     config = getattr(module, "config", None)
     layer_type = _layer_type(module)
+    # a hybrid layer's attention (FalconH1, Zamba) is plain attention beside a mixer check_model accepted
+    layer_type = HYBRID_ATTENTION.get(layer_type, layer_type)
     if layer_type is not None and layer_type not in ATTENTION_LAYER_TYPES:
         raise UnsupportedModelError(f"{name} is a {layer_type!r} layer, which prepack does not implement")
 
@@ -156,6 +162,13 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     return LayerAttention(int(window) if window else None, chunk, float(softcap), sinks)
 
 
+def mixes_outside_attention(config) -> bool:
+    """Whether ``config``'s layers include token mixers other than attention (``layer_types`` such as
+    ``"linear_attention"``, ``"conv"``, ``"mamba"``): their layers see no attention layout."""
+    types = getattr(config, "layer_types", None) or ()
+    return any(t not in ATTENTION_LAYER_TYPES for t in types)
+
+
 def has_attention_sinks(model) -> bool:
     """Whether any attention module of ``model`` carries sinks (gpt-oss's ``sinks`` parameter)."""
     return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
@@ -169,19 +182,64 @@ def check_model(model) -> None:
         raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel (it has no .config)")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; prepack packs decoder-only prompts")
-    if not getattr(model, "_supports_attention_backend", False):
+    from ..mixers import mixer_modules
+
+    mixers = mixer_modules(model)
+    mixer_ids = {id(m) for _, m, _ in mixers}
+    # token mixing no registered kind accounts for is the first reason (RWKV, RecurrentGemma: recurrent layers that
+    # also bypass AttentionInterface are refused for their recurrence, the precise reason)
+    mixing = _token_mixing_outside_attention(model, {path for path, _, _ in mixers})
+    if mixing:
+        raise UnsupportedModelError(f"{name} cannot be packed exactly: {mixing}")
+    if not getattr(model, "_supports_attention_backend", False) and not (mixers and _attention_routes_through_interface(model, mixer_ids)):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
         )
-    reason = _token_mixing_outside_attention(model) or _unsupported_cache_layers(model)
+    reason = _unsupported_cache_layers(model, mixers)
     if reason:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {reason}")
 
 
-def _token_mixing_outside_attention(model) -> str | None:
-    """Modules that carry state from token to token outside attention: it would leak across packed prompts."""
+def _attention_routes_through_interface(model, mixer_ids: set) -> bool:
+    """Whether every attention module of a hybrid model (transformers marks these ``_supports_attention_backend =
+    False``, since vLLM-style backends cannot hold their recurrent state) calls ``ALL_ATTENTION_FUNCTIONS``, the
+    registry prepack's implementation is looked up in. Read from the class's own forward code, not from a list."""
+    found = False
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and id(module) not in mixer_ids:
+            forward = inspect.unwrap(type(module).forward)
+            if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
+                return False
+            found = True
+    # a model of mixers only (Mamba2) has no attention to route: every layer's cache type is a mixer's
+    return found or not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
+
+
+def _cache_layer_types(model) -> list[str]:
+    """transformers' cache layer type of each decoder layer (``get_layer_types_and_kwargs``), [] if it has none."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return list(get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0])
+    except Exception:  # older transformers, or a config it cannot lay a cache out for
+        return []
+
+
+def stateless_layers(model) -> set[int]:
+    """Decoder layers with no attention module (NemotronH's MLP / MoE blocks): transformers gives them a
+    ``dummy`` cache layer, and they carry nothing from token to token."""
+    attending = {getattr(m, "layer_idx", None) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    return {i for i in range(len(_cache_layer_types(model))) if i not in attending}
+
+
+def _token_mixing_outside_attention(model, mixers: set = frozenset()) -> str | None:
+    """Modules that carry state from token to token outside attention: it would leak across packed prompts.
+
+    ``mixers``: paths of the modules :mod:`prepack.mixers` runs packed (their inner convolutions are theirs)."""
     for path, module in model.named_modules():
+        if any(path == m or path.startswith(m + ".") for m in mixers):
+            continue
         if isinstance(module, torch.nn.Conv1d):
             return f"it has a convolution over tokens ({path}: {type(module).__name__}), which would mix packed prompts"
         for pname, _ in module.named_parameters(recurse=False):
@@ -190,6 +248,11 @@ def _token_mixing_outside_attention(model) -> str | None:
                     f"it has recurrent (state-space / linear-attention) layers ({path}.{pname} of "
                     f"{type(module).__name__}), whose state would carry from one packed prompt into the next"
                 )
+        if hasattr(module, "igate_preact") and hasattr(module, "fgate_preact"):  # xLSTM's mLSTM: input / forget gates
+            return (
+                f"it has recurrent (xLSTM) layers ({path}: {type(module).__name__}, with input and forget gates), "
+                "whose state would carry from one packed prompt into the next"
+            )
     return None
 
 
@@ -239,8 +302,9 @@ def kv_share_sources(config) -> dict[int, int]:
     return sources
 
 
-def _unsupported_cache_layers(model) -> str | None:
-    """A cache layer type other than plain keys and values per attention layer (transformers' own view).
+def _unsupported_cache_layers(model, mixers: list = ()) -> str | None:
+    """A cache layer type other than plain keys and values per attention layer (transformers' own view), unless
+    every layer of that type holds a mixer :mod:`prepack.mixers` runs packed (``mixers``: its (path, module, kind)).
 
     Layers that read another layer's keys and values (:func:`kv_share_sources`) are plain attention too.
     """
@@ -257,7 +321,12 @@ def _unsupported_cache_layers(model) -> str | None:
         shared = kv_share_sources(config)
     except UnsupportedModelError as e:
         return str(e)
-    odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and i not in shared})
+    from ..mixers.kinds import mixer_layer_idx
+
+    covered = {(mixer_layer_idx(m), t) for _, m, kind in mixers for t in kind.layer_types}
+    if mixers:  # a hybrid's MLP-only layers (NemotronH): a dummy cache layer, nothing carried across tokens
+        covered |= {(i, "dummy") for i in stateless_layers(model) - {mixer_layer_idx(m) for _, m, _ in mixers}}
+    odd = sorted({t for i, t in enumerate(types) if t not in ATTENTION_LAYER_TYPES and i not in shared and (i, t) not in covered})
     if not odd:
         return None
     sparse = _sparse_attention(model, odd)

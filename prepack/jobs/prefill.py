@@ -32,6 +32,8 @@ from ..hf.inputs import check_prompts
 from .run import JobsRun, run_jobs
 from ..data.batch import PackedBatch, pack_plan
 from ..planner.bins import Plan
+from ..mixers.states import MixerCapture, SegmentCaches, with_keys
+from ..hf.support import UnsupportedModelError
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,18 +99,42 @@ class PrefillResult:
         per_piece = []
         for c, start, n in zip(pieces.chunk.tolist(), pieces.starts.tolist(), pieces.sizes.tolist()):
             layers = self.chunks[c]
-            b, l = divmod(start, layers[0][0].shape[2])
-            per_piece.append([(k[b : b + 1, :, l : l + n], v[b : b + 1, :, l : l + n]) for k, v in layers])
+            keyed = next((kv for kv in layers if kv is not None), None)
+            if keyed is None:  # a model of mixers only (Mamba2): no layer caches keys
+                per_piece.append([None] * len(layers))
+                continue
+            b, l = divmod(start, keyed[0].shape[2])
+            # a mixer layer (prepack.mixers) caches no keys: None, its states are in the request's mixer cache
+            per_piece.append([None if kv is None else (kv[0][b : b + 1, :, l : l + n], kv[1][b : b + 1, :, l : l + n]) for kv in layers])
         if len(per_piece) == 1:
             return per_piece[0]
         if not per_piece:  # an empty prompt: zero-length views of the first chunk's layers
             layers = self.chunks[0] if self.chunks else []
-            return [(k[:1, :, :0], v[:1, :, :0]) for k, v in layers]
+            return [None if kv is None else (kv[0][:1, :, :0], kv[1][:1, :, :0]) for kv in layers]
         return [tuple(torch.cat(xs, dim=2) for xs in zip(*layer)) for layer in zip(*per_piece)]
+
+    def _mixer_states(self, i: int):
+        """Request ``i``'s cache of the model's own class holding its mixer layers' final states (prepack.mixers),
+        or None for a model without mixers. Each request of such a model runs whole, as one piece."""
+        if not self.chunks or not isinstance(self.chunks[0], MixerCapture):
+            return None
+        pieces = self.parts.select([i])
+        if len(pieces.chunk) == 0:  # an empty prompt: a fresh cache, as the model alone starts from
+            return SegmentCaches(self.config).cache_for(0)
+        return self.chunks[int(pieces.chunk[0])].states[int(pieces.starts[0])]
+
+    def _refuse_mixers(self, what: str) -> None:
+        if self.chunks and isinstance(self.chunks[0], MixerCapture):
+            raise UnsupportedModelError(
+                f"{what} holds padded keys and values only, and this model's convolution / recurrent layers keep "
+                "per-request states besides them; use .dynamic_caches (the model's own cache class per request)"
+            )
 
     @functools.cached_property
     def dynamic_caches(self) -> list:
         """One transformers ``DynamicCache`` per request, holding a copy of exactly its prompt's keys and values."""
+        if self.chunks and isinstance(self.chunks[0], MixerCapture):  # mixer states + attention keys, one cache
+            return [with_keys(self._mixer_states(i), self.request_kv(i)) for i in range(self.num_requests)]
         return [kvcache.build_dynamic_cache(self.config, self.request_kv(i)) for i in range(self.num_requests)]
 
     def _pieces(self, rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -129,6 +155,7 @@ class PrefillResult:
             ``(cache, attention_mask)``: a ``DynamicCache`` whose layers are
             (M, H_kv, pad_to, D), and an (M, pad_to) int64 mask, 1 on real tokens.
         """
+        self._refuse_mixers("left_padded_cache()")
         pad_to = self._pad_to(pad_to)
         rows = np.arange(self.num_requests) if rows is None else np.asarray(rows, np.int64)
         dst = kvcache.padded_targets(self._lengths[rows], pad_to, left=True)
@@ -149,6 +176,7 @@ class PrefillResult:
             A :class:`~prepack.jobs.caches.FlashKVCache`: per layer (N, longest + extra, H_kv, D)
             keys and values, ``cache_seqlens`` (N,) int32 and, for ``"left"``, ``cache_leftpad`` (N,) int32.
         """
+        self._refuse_mixers("flash_kvcache()")
         if padding not in ("right", "left"):
             raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
         if not isinstance(extra, int) or extra < 0:

@@ -41,7 +41,10 @@ from ..planner.bins import check_capacity, plan
 from ..executor.regions import MIN_SHARED_TOKENS, common_prefix_length, sharing_refusal
 from ..hf.rope import rope_dependence
 from ..executor.scheduler import Scheduler
-from ..hf.support import UnsupportedModelError, kv_share_sources
+from ..hf.support import UnsupportedModelError, kv_share_sources, stateless_layers
+from ..mixers import continuation_refusal
+from ..mixers.states import MixerCapture, SegmentCaches
+from ..mixers.states import layer_indices as mixer_layer_indices
 from ..hf.wrapped import check_mode, runner, unwrap
 
 READ_AHEAD = 128  # waiting requests a new shared region is chosen for (requests are ordered so that sharers are adjacent)
@@ -150,6 +153,7 @@ def run_jobs(
     explicit = capacity is not None
     budget, capacity = _budgets(model, kernel, token_budget, capacity, longest, vision)
     rope = rope_dependence(model)
+    stateful = continuation_refusal(model)  # a token mixer outside attention: each request runs whole, in one step
     share = share_prefixes and not kernel.rows and vision is None and sharing_refusal(model, rope) is None
     out_start = layout.starts(spans[:, 1] - spans[:, 0]) if spans is not None else np.zeros(len(lengths), np.int64)
     if explicit:  # every request must fit one row
@@ -157,9 +161,9 @@ def run_jobs(
     jobs = []
     for i in real.tolist():
         span = (0, 0) if spans is None else tuple(int(x) for x in spans[i])
-        whole = kernel.rows or vision is not None or not _rope_splittable(rope, int(lengths[i]))
+        whole = kernel.rows or vision is not None or stateful is not None or not _rope_splittable(rope, int(lengths[i]))
         if whole and lengths[i] > budget:
-            raise ValueError(_whole_refusal(int(names[i]), int(lengths[i]), budget, kernel, rope, model))
+            raise _whole_refusal(int(names[i]), int(lengths[i]), budget, kernel, rope, model, stateful)
         # a prompt that fits a forward runs whole (its step ends before it instead): only a longer one is cut
         jobs.append(Job(i, tokens[i], span, int(out_start[i]), splittable=not whole and lengths[i] > budget))
     ordered, share = _order(jobs, budget, share)
@@ -215,15 +219,20 @@ def _rope_splittable(rope, n: int) -> bool:
     return rope is None or all(rope.key(e) == rope.key(n) for e in range(1, n))
 
 
-def _whole_refusal(name: int, n: int, budget: int, kernel, rope, model) -> str:
+def _whole_refusal(name: int, n: int, budget: int, kernel, rope, model, stateful: str | None) -> Exception:
+    """The error for a request that must run whole in one forward and is longer than ``token_budget``."""
     head = f"request {name} has {n} tokens but token_budget is {budget}, and "
+    model_name = type(unwrap(model)).__name__
     if kernel.rows:
-        return head + (f"backend {kernel.name!r} lays requests out in rows, so it cannot prefill a prompt in chunks (use a "
-                       "varlen backend such as 'sdpa_varlen', or raise token_budget)")
+        return ValueError(head + f"backend {kernel.name!r} lays requests out in rows, so it cannot prefill a prompt in "
+                          "chunks (use a varlen backend such as 'sdpa_varlen', or raise token_budget)")
+    if stateful is not None:
+        return UnsupportedModelError(head + f"{model_name} cannot prefill a prompt in chunks exactly: {stateful} "
+                                     "(raise token_budget to its length)")
     if rope is not None:
-        return head + (f"{type(unwrap(model)).__name__}'s {rope.describe()} gives a chunk of it other rotary frequencies "
-                       "than the whole request: prepack cannot prefill it in chunks exactly (raise token_budget to its length)")
-    return head + "a prompt with images runs whole, in one forward (raise token_budget)"
+        return ValueError(head + f"{model_name}'s {rope.describe()} gives a chunk of it other rotary frequencies than the "
+                          "whole request: prepack cannot prefill it in chunks exactly (raise token_budget to its length)")
+    return ValueError(head + "a prompt with images runs whole, in one forward (raise token_budget)")
 
 
 def _order(jobs: list, budget: int, share: bool) -> tuple[list, bool]:
@@ -252,6 +261,9 @@ class _Jobs:
         self.kernel, self.store, self.sched, self.rope, self.capacity = kernel, store, sched, rope, capacity
         self.output, self.reduce, self.keep_cache, self.vision = output, reduce, keep_cache, vision
         self.name = type(unwrap(model)).__name__
+        self.mixer_layers = mixer_layer_indices(model)
+        # layers that write no keys: a mixer's (its states are in the request's own cache) and an MLP-only one
+        self.keyless = self.mixer_layers | stateless_layers(model) if self.mixer_layers else frozenset()
         self.chunks: list = []  # per forward, per layer (keys, values) what the model cached (keep_cache)
         self.outputs: list = []  # per forward, (values, rows in the request-order result)
         self.grids: list = []  # per forward, its (B, L) token grid
@@ -288,18 +300,23 @@ class _Jobs:
             isinstance(units[k], Job) and units[k].prefix is None and n == len(units[k].prompt) for k, n in feeds.items()
         )
         records: dict = {}
-        cache = None
+        cache = states = None
         if self.keep_cache:
             config = unwrap(self.model).config
             cache = {"kwarg": cache_kwarg(self.model), "cache": kvcache.recording_cache(config, records)}
+            if self.mixer_layers:  # each request's conv / recurrent states, in a cache of the model's own class
+                states = SegmentCaches(config)
         where: list = []
         fed, values = forward_step(
             self.module, self.kernel, None if direct else self.store, feeds, units, lambda f: self._span_rows(f, where),
-            output=self.output, base=self.base, cache=cache, vision=self.vision, capacity=self.capacity,
+            output=self.output, base=self.base, cache=cache, vision=self.vision, capacity=self.capacity, states=states,
         )
         self.grids.append(fed.grid)
         if self.keep_cache:
-            self.chunks.append(_recorded(records, len(cache["cache"].layers), self.name))
+            chunk = _recorded(records, len(cache["cache"].layers), self.name, self.keyless)
+            if states is not None:  # kept beside the keys: per segment of this forward, its request's mixer states
+                chunk = MixerCapture(chunk, {int(fed.start[j]): c for j, c in states.caches.items()})
+            self.chunks.append(chunk)
         for u, n, start in zip(fed.units, fed.q.tolist(), fed.start.tolist()):
             u.pieces.append((self.steps, start, n))
             if not isinstance(u, Job):
@@ -340,15 +357,16 @@ class _Jobs:
         return packed.new_empty(packed.shape).index_copy_(0, rows, packed)
 
 
-def _recorded(records: dict, layers: int, name: str) -> list:
-    """Per layer (keys, values) the model wrote to its cache in one forward; refuses a layer that wrote none."""
-    missing = sorted(set(range(layers)) - set(records))
+def _recorded(records: dict, layers: int, name: str, keyless=frozenset()) -> list:
+    """Per layer (keys, values) the model wrote to its cache in one forward (None where it wrote none); refuses a
+    layer that wrote none unless it is ``keyless`` (a token mixer's, an MLP-only one's)."""
+    missing = sorted(set(range(layers)) - set(records) - set(keyless))
     if missing:
         raise UnsupportedModelError(
             f"{name} wrote no keys and values to its cache for layer(s) {missing} of {layers}; prepack builds each "
             "request's cache from what the model caches"
         )
-    return [records[i] for i in range(layers)]
+    return [records.get(i) for i in range(layers)]
 
 
 def _chain(job: Job) -> list[tuple[int, int, int]]:

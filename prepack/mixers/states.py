@@ -1,0 +1,72 @@
+"""Where a packed prefill keeps each request's mixer states: one cache of the model's own class per request.
+
+A packed call's :class:`SegmentCaches` hands each segment a fresh cache of the model's own class
+(transformers' ``DynamicCache`` for the model's config: ``LinearAttentionLayer`` for gated delta-net
+and short-convolution layers, plain layers for attention). The mixer's own forward, run on that
+segment alone, writes its final convolution window and recurrent state into it, exactly as
+``model(prompt, cache=DynamicCache(config=config))`` would. Attention layers stay empty here; prepack
+adds each request's keys and values from the packed stream afterwards (:func:`with_keys`).
+"""
+
+from __future__ import annotations
+
+
+
+class SegmentCaches:
+    """A :class:`prepack.mixers.MixerStates` that makes one cache per segment, on first use.
+
+    Attributes:
+        caches: segment -> its cache (only segments whose mixers ran: an empty prompt has none).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.caches: dict[int, object] = {}
+
+    def cache_for(self, segment: int):
+        cache = self.caches.get(segment)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = self.caches[segment] = DynamicCache(config=self.config)
+        return cache
+
+
+class MixerCapture(list):
+    """One forward's per-layer (keys, values) (None for a mixer layer), with each request's mixer states.
+
+    Attributes:
+        states: where a request's segment starts in the forward's flattened token axis -> its cache
+            (:class:`SegmentCaches`), holding the mixer layers' final conv and recurrent states.
+    """
+
+    def __init__(self, layers: list, states: dict):
+        super().__init__(layers)
+        self.states = states
+
+
+def with_keys(cache, layers: list):
+    """``cache`` (a request's mixer states, or None) with each attention layer's keys and values added.
+
+    Args:
+        layers: per layer (keys, values) each (1, H_kv, L, D), or None for a mixer layer.
+
+    Returns:
+        the model's own cache class holding the request's whole prompt: mixer states and attention keys.
+    """
+    if cache is None:
+        raise ValueError("a request with mixer layers has no states (an empty prompt?)")
+    for i, kv in enumerate(layers):
+        if kv is not None:
+            cache.update(kv[0], kv[1], i)
+    return cache
+
+
+def layer_indices(model) -> frozenset[int]:
+    """The decoder layers of ``model`` whose token mixer is a registered mixer (they cache no keys)."""
+    from .kinds import mixer_modules
+
+    from .kinds import mixer_layer_idx
+
+    return frozenset(i for _, m, _ in mixer_modules(model) if (i := mixer_layer_idx(m)) is not None)
+
