@@ -25,6 +25,7 @@ from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .outputs import forward_at
+from .completions import logprobs
 from .generation import generate, generate_iter
 from .result import VLLM_FINISH_REASON, Generation
 from .heads import classify, embed
@@ -66,6 +67,7 @@ __all__ = [
     "forward_at",
     "generate",
     "generate_iter",
+    "logprobs",
     "get_backend",
     "lower_bound_l1",
     "lower_bound_l2",
