@@ -7,7 +7,7 @@
 The workload: ``--prompts`` ShareGPT first turns (16 to ``--max-len`` tokens of a byte-level BPE trained on other
 ShareGPT turns, so that prompts are text and TRL templates them itself), ``--generations`` samples each
 (TRL's ``num_generations``), ``--new-tokens`` (``max_completion_length``), ``temperature=0.7, top_p=0.9``,
-a random-weight Llama in fp32 on CPU: ``llama-512`` (4 layers, 512 wide, 32000 ids) or ``llama-small``
+a random-weight Llama in fp32 on CPU: ``llama-512`` (4 layers, 512 wide, ``--vocab`` ids, 32000 by default) or ``llama-small``
 (prepack's preset: 4 layers, 1024 wide, 100352 ids). ``--eos-set F`` declares a random fraction F of the
 ids EOS (``generation_config.eos_token_id``, which TRL adds to its EOS ids), so that completions end at
 different lengths on a random model.
@@ -46,14 +46,14 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, vocab: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prepack.bench.models import preset_config
 
     if name == "llama-512":
         config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, bos_token_id=None,
+                             num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=4096, bos_token_id=None,
                              eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
     elif name == "llama-small":
         config = preset_config("llama-small")
@@ -66,8 +66,9 @@ def build(name: str, seed: int = 0):
     return model.eval()
 
 
-def tokenizer_and_prompts(n: int, max_len: int):
-    """A 32000-id byte-level BPE trained on ShareGPT first turns 0..3999, and n later first turns of 16..max_len tokens."""
+def tokenizer_and_prompts(n: int, max_len: int, vocab: int):
+    """A byte-level BPE of ``min(vocab, 32000)`` ids trained on ShareGPT first turns 0..3999, and n later first turns
+    of 16..max_len tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +79,7 @@ def tokenizer_and_prompts(n: int, max_len: int):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts[:4000], trainers.BpeTrainer(
-        vocab_size=32000, special_tokens=["[PAD]", "[UNK]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=min(vocab, 32000), special_tokens=["[PAD]", "[UNK]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     order = np.random.default_rng(0).permutation(np.arange(4000, len(texts)))
     prompts = [texts[i] for i in order if 16 <= len(tok(texts[i])["input_ids"]) <= max_len][:n]
@@ -143,6 +144,8 @@ def rollouts(model, tok, prompts, args, out_dir) -> dict:
     times: dict = {m: [] for m in methods}
     model.train()
     torch.manual_seed(0)
+    for tr in trainers.values():  # warm-up: one prompt's samples through each
+        tr._generate(repeated[: args.generations])
     for _ in range(args.repeat):
         for m, tr in trainers.items():
             timed(lambda: tr._generate(repeated), times[m])
@@ -167,6 +170,8 @@ def sampling(model, tok, prompts, args) -> dict:
                 "temperature=0.7, top_p=0.9": dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0)}
     times: dict = {v: [] for v in variants}
     out = {}
+    for kw in variants.values():  # warm-up
+        prepack.generate(model, ids[: args.generations], **common, **kw)
     for _ in range(args.repeat):
         for v, kw in variants.items():
             out[v] = timed(lambda: prepack.generate(model, ids, **common, **kw), times[v])
@@ -236,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000, help="llama-512's vocabulary (ids past the tokenizer's are never prompted)")
     ap.add_argument("--eos-set", type=float, default=0.0, help="fraction of the ids declared EOS (0: none)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-cb", action="store_true", help="leave out use_transformers_continuous_batching")
@@ -244,9 +250,9 @@ def main(argv=None) -> int:
     if not 0 <= args.eos_set < 1:
         ap.error(f"--eos-set must be in [0, 1), got {args.eos_set}")
 
-    model = build(args.model)
-    tok, prompts = tokenizer_and_prompts(args.prompts, args.max_len)
+    model = build(args.model, args.vocab)
     vocab = model.config.vocab_size
+    tok, prompts = tokenizer_and_prompts(args.prompts, args.max_len, vocab)
     if args.eos_set:
         ids = np.random.default_rng(1).permutation(np.arange(3, vocab))[: int(args.eos_set * vocab)]
         model.generation_config.eos_token_id = sorted(int(i) for i in ids)
