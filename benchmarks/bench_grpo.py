@@ -180,6 +180,32 @@ def sampling(model, tok, prompts, args) -> dict:
     return {"times": times, "tokens": tokens, "same": same}
 
 
+def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
+    """Part 2b: one decode step's token choice for ``rows`` requests at ``vocab`` ids, piece by piece (medians, ms):
+    what prepack's engine runs per step beyond greedy's argmax when every request samples with its own generator."""
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)])
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    state: dict = {}
+    pieces = {
+        "greedy argmax": lambda: logits.argmax(-1),
+        "temperature + top-p warpers (transformers', batched)": lambda: state.update(
+            scores=warpers(torch.zeros(rows, 0, dtype=torch.long), logits.clone())),
+        "  of which the top-p sort": lambda: torch.sort(logits, descending=False),
+        "softmax (batched)": lambda: state.update(probs=torch.softmax(state["scores"], -1)),
+        "one multinomial per request (its own generator)": lambda: [
+            torch.multinomial(state["probs"][j : j + 1], 1, generator=gens[j]) for j in range(rows)],
+        "log_softmax + gather (logprobs)": lambda: torch.log_softmax(logits / 0.7, -1).gather(1, logits.argmax(-1)[:, None]),
+    }
+    times: dict = {k: [] for k in pieces}
+    for _ in range(repeat):
+        for k, fn in pieces.items():
+            timed(fn, times[k])
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
 def logprobs(model, tr, batch, args) -> dict:
     """Part 3: TRL's padded per-token log-probabilities against prepack.logprobs on the rollout batch."""
     import prepack
@@ -282,6 +308,11 @@ def report(model, tok, prompts, args, out_dir) -> None:
     print("| decoding | seconds | / greedy | new tokens |\n|---|---|---|---|")
     for v, ts in s["times"].items():
         print(f"| {v} | {med(ts):.2f} | {med(ts) / g:.2f}x | {s['tokens'][v]} |")
+    n = len(prompts) * args.generations
+    print(f"\n2b. one decode step's token choice for {n} requests at {model.config.vocab_size} ids (median ms)\n")
+    print("| piece | ms |\n|---|---|")
+    for k, ms in sampling_step(model.config.vocab_size, n).items():
+        print(f"| {k} | {ms:.1f} |")
     lp = logprobs(model, r["trainer"], r["batch"], args)
     ours = med(lp["times"]["prepack.logprobs"])
     print(f"\n3. per-token log-probabilities and entropies of the rollout batch ({lp['tokens']} tokens, padded "
