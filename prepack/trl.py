@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .completions import logprobs as _packed_logprobs
+from .decoding import integer, positive_integer
 from .generation import generate
 
 
@@ -50,8 +51,13 @@ def rollout_func(
     (its prompt's ids, its new tokens ending at the first EOS when one came, their float log-probabilities).
 
     Refused, with the reason: a trainer with vLLM, tools or environments, FSDP, a multimodal processor or
-    prompts with images, and any generation setting :func:`prepack.generate` cannot honour (beam search, ...).
+    prompts with images, ``bf16``/``fp16`` autocast over a policy of another dtype, and any generation setting
+    :func:`prepack.generate` cannot honour (beam search, ...).
     """
+    seed = None if seed is None else integer(seed, "seed")
+    for name, value in (("token_budget", token_budget), ("kv_budget", kv_budget), ("max_batch", max_batch)):
+        if value is not None:
+            positive_integer(value, name)
     options = dict(backend=backend, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch)
 
     def rollout(prompts: list, trainer) -> dict:

@@ -170,6 +170,10 @@ def test_rollout_refuses_what_it_cannot_honour(tiny, tmp_path):
     image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
     with pytest.raises(ValueError, match="prompt 0 carries non-text content"):
         rollout([image], trainer(model, tok, tmp_path, data=CHATS))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        prepack.trl.rollout_func(seed=1.5)
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        prepack.trl.rollout_func(max_batch=0)
     tr = trainer(model, tok, tmp_path)
     tr.tools = [reward]
     with pytest.raises(ValueError, match="tools"):
