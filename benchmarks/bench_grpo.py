@@ -194,6 +194,7 @@ def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
         "temperature + top-p warpers (transformers', batched)": lambda: state.update(
             scores=warpers(torch.zeros(rows, 0, dtype=torch.long), logits.clone())),
         "  of which the top-p sort": lambda: torch.sort(logits, descending=False),
+        "the same warpers as prepack's engine applies them (top_p_warp)": lambda: _engine_warp(warpers, logits.clone()),
         "softmax (batched)": lambda: state.update(probs=torch.softmax(state["scores"], -1)),
         "one multinomial per request (its own generator)": lambda: [
             torch.multinomial(state["probs"][j : j + 1], 1, generator=gens[j]) for j in range(rows)],
@@ -204,6 +205,19 @@ def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
         for k, fn in pieces.items():
             timed(fn, times[k])
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def _engine_warp(warpers, scores):
+    from prepack.engine import _warp  # the engine's own application of row-wise warpers (private: measured here)
+
+    return _warp(warpers, scores)
+
+
+def print_pieces(vocab: int, rows: int) -> None:
+    print(f"\n2b. one decode step's token choice for {rows} requests at {vocab} ids (median ms)\n")
+    print("| piece | ms |\n|---|---|")
+    for k, ms in sampling_step(vocab, rows).items():
+        print(f"| {k} | {ms:.1f} |")
 
 
 def logprobs(model, tr, batch, args) -> dict:
@@ -272,7 +286,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-cb", action="store_true", help="leave out use_transformers_continuous_batching")
     ap.add_argument("--no-step", action="store_true", help="leave out the full GRPOTrainer step")
+    ap.add_argument("--pieces-only", action="store_true", help="only part 2b (no model, no trainer)")
     args = ap.parse_args(argv)
+    if args.pieces_only:
+        print_pieces(args.vocab, args.prompts * args.generations)
+        return 0
     if not 0 <= args.eos_set < 1:
         ap.error(f"--eos-set must be in [0, 1), got {args.eos_set}")
 
@@ -308,11 +326,7 @@ def report(model, tok, prompts, args, out_dir) -> None:
     print("| decoding | seconds | / greedy | new tokens |\n|---|---|---|---|")
     for v, ts in s["times"].items():
         print(f"| {v} | {med(ts):.2f} | {med(ts) / g:.2f}x | {s['tokens'][v]} |")
-    n = len(prompts) * args.generations
-    print(f"\n2b. one decode step's token choice for {n} requests at {model.config.vocab_size} ids (median ms)\n")
-    print("| piece | ms |\n|---|---|")
-    for k, ms in sampling_step(model.config.vocab_size, n).items():
-        print(f"| {k} | {ms:.1f} |")
+    print_pieces(model.config.vocab_size, len(prompts) * args.generations)
     lp = logprobs(model, r["trainer"], r["batch"], args)
     ours = med(lp["times"]["prepack.logprobs"])
     print(f"\n3. per-token log-probabilities and entropies of the rollout batch ({lp['tokens']} tokens, padded "
