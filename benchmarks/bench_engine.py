@@ -30,9 +30,9 @@ import torch
 from prepack.bench.methods import cb_config, generate_batch
 from prepack.bench.models import build_model
 from prepack.bench.prompts import load_prompts
-from prepack.decoding import Rules
-from prepack.generation import generate_with_backends, left_pad
-from prepack.prefill import prefill_tokens
+from prepack.jobs.decoding import Rules
+from prepack.jobs.generation import generate_with_backends, left_pad
+from prepack.jobs.prefill import prefill_tokens
 
 
 def eos_ids(vocab: int) -> list[int]:
@@ -83,11 +83,11 @@ def run_generate_batch(model, seqs, args):
 def step_vs_forward(model, seqs, batch: int, cached: int) -> tuple[float, float]:
     """Seconds of one engine decode step of ``batch`` rows with ``cached`` keys each, and of a no-KV forward
     of the same ``batch`` one-token rows (packed, positions 0)."""
-    from prepack.backends import choose
-    from prepack.engine import _step
-    from prepack.hf import attention_needs, enable
-    from prepack.kvstore import KVStore
-    from prepack.scheduler import Request
+    from prepack.attention.registry import choose
+    from prepack.jobs.engine import _step
+    from prepack.hf.registration import attention_needs, enable
+    from prepack.executor.kvstore import KVStore
+    from prepack.executor.scheduler import Request
 
     enable(model)  # generate_batch ran the model's own attention
     kernel = choose("auto", device="cpu", dtype=torch.float32, needs=attention_needs(model, continues_keys=True))

@@ -11,7 +11,7 @@ Three workloads, each run interleaved (``--repeat`` times, medians) with the sam
 * ``long``: a ``--long``-token prompt arrives among 64 decoding requests (tiny llama whose
   ``max_position_embeddings`` allows it); ``token_budget=--budget`` (the prompt is prefilled in
   chunks beside the decodes) against a budget that takes it in one step. Reports the worst gap
-  between two tokens of a decoding request (:meth:`prepack.engine.EngineStats.worst_decode_gap_s`).
+  between two tokens of a decoding request (:meth:`prepack.jobs.engine.EngineStats.worst_decode_gap_s`).
 
     python benchmarks/bench_engine_prefixes.py                 # default: 16 chats, 4 prompts x 8 samples (~3 min)
     python benchmarks/bench_engine_prefixes.py --chats 64 --sample-prompts 8 --workloads system,samples  # full
@@ -28,7 +28,7 @@ import torch
 
 from prepack.bench.models import build_model, preset_config
 from prepack.bench.prompts import fit_vocab, source_prompts
-from prepack.generation import generate_with_backends
+from prepack.jobs.generation import generate_with_backends
 
 
 def sharegpt(vocab: int, lo: int, hi: int, n: int, seed: int = 0) -> list[list[int]]:

@@ -29,9 +29,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import prepack
-from prepack import kernels
+from prepack.attention import cuda as kernels
 from prepack.bench import build_model, load_prompts
-from prepack.generation import left_pad
+from prepack.jobs.generation import left_pad
 
 VOCAB = 100352
 LARGE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,

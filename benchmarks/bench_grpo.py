@@ -208,7 +208,7 @@ def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
 
 
 def _engine_warp(warpers, scores):
-    from prepack.engine import _warp  # the engine's own application of row-wise warpers (private: measured here)
+    from prepack.jobs.engine import _warp  # the engine's own application of row-wise warpers (private: measured here)
 
     return _warp(warpers, scores)
 

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import trl
 
-    from prepack.planner import lower_bound_l2
+    from prepack.planner.bins import lower_bound_l2
 
     lengths, ds = build_dataset(args.rows, args.capacity)
     l2 = lower_bound_l2(lengths, args.capacity)

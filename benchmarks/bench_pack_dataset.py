@@ -44,8 +44,8 @@ from typing import Any, Self
 import numpy as np
 
 from prepack.bench.prompts import sample_lengths
-from prepack.data import pack_dataset, pack_examples, pack_stats
-from prepack.planner import lower_bound_l2, plan
+from prepack.data.fronts import pack_dataset, pack_examples, pack_stats
+from prepack.planner.bins import lower_bound_l2, plan
 
 GOAL_ROWS_PER_S = 500_000
 # The figures in docs/data_pipeline.md ("Warm throughput") were taken with every layout column stored;

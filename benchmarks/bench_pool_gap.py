@@ -14,7 +14,7 @@ import argparse
 import time
 
 from prepack.bench import sample_lengths
-from prepack.planner import lower_bound_l2, plan
+from prepack.planner.bins import lower_bound_l2, plan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 
 import prepack
 from prepack.bench import build_model, format_table, load_prompts, run_bench
-from prepack.packing import pack_plan
+from prepack.data.batch import pack_plan
 
 
 def median_time(fn, repeat: int) -> float:

@@ -1,7 +1,7 @@
 """How fast PackedRowSampler's schedule is planned, and how even the per-rank cost is.
 
 1M ShareGPT-length examples (``prepack.bench.prompts.sample_lengths``, cut at the capacity) are packed
-into rows (``prepack.plan``, bfd) and dealt by ``prepack.balance.balance_rows`` to 64 ranks x 8
+into rows (``prepack.plan``, bfd) and dealt by ``prepack.planner.balance.balance_rows`` to 64 ranks x 8
 micro-steps. The balance is reported two ways: the epoch's ``sum over steps of the slowest rank /
 sum over steps of the mean rank`` (the time an epoch takes over the time it would take perfectly
 balanced), and the worst single step. Goals (issue 28): planning <= 1 s; max/mean <= 1.05 on tokens,
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from prepack import plan
-from prepack.balance import attention_coefficient, balance_rows, row_costs
+from prepack.planner.balance import attention_coefficient, balance_rows, row_costs
 from prepack.bench.prompts import sample_lengths
 
 

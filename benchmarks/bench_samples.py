@@ -39,7 +39,7 @@ def main() -> None:
 
     import prepack
     from prepack.bench import build_model, load_prompts
-    from prepack.generation import left_pad
+    from prepack.jobs.generation import left_pad
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

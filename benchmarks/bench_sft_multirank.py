@@ -3,7 +3,7 @@
 Every optimizer step trains on the same global batch of examples in both modes (ShareGPT prompt lengths,
 cut at --max-len): ``padded`` gives each rank half of the examples, right-padded, on transformers' sdpa;
 ``packed`` packs the step's examples into rows (``prepack.pack_dataset``), deals the rows to the ranks with
-``prepack.balance.balance_rows`` and runs prepack's attention on ``DataCollatorForPackedRows`` batches. Both
+``prepack.planner.balance.balance_rows`` and runs prepack's attention on ``DataCollatorForPackedRows`` batches. Both
 divide the summed loss by the global count of predicted tokens (``prepack.losses``), so the loss curves
 agree. The driver launches ``torchrun --nproc_per_node 2`` once per mode and repeat, interleaved::
 
@@ -33,7 +33,7 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import prepack
-    from prepack.balance import balance_rows, row_costs
+    from prepack.planner.balance import balance_rows, row_costs
     from prepack.bench.prompts import sample_lengths
     from prepack.losses import num_predicted_tokens, token_mean_loss
 

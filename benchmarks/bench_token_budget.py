@@ -4,7 +4,7 @@
         [--plot docs/img/token_budget.png]
 
 N ShareGPT first turns (cl100k tokens, cut at 4096) go through ``prepack.prefill`` once per
-budget: the default (``prepack.forward.default_token_budget``) and each fixed one. Every
+budget: the default (``prepack.hf.model.default_token_budget``) and each fixed one. Every
 measurement runs in a fresh subprocess, round-robin over the budgets, so that its peak RSS
 (``ru_maxrss``) is its own; the time is the prefill alone, after a small warm-up prefill in the
 same process. Memory is reported against what the prefill returns (the packed keys and values
@@ -33,7 +33,7 @@ def child(args) -> None:
 
     import prepack
     from prepack.bench import build_model, load_prompts
-    from prepack.forward import default_token_budget
+    from prepack.hf.model import default_token_budget
 
     torch.manual_seed(0)
     model = build_model(args.model)

@@ -90,6 +90,8 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "partial_rotary": (dict(partial_rotary_factor=0.5), None),
     "train_mode": (dict(), "train"),
     "train_mode_dropout": (dict(attention_dropout=0.1), "train"),
+    # cross-layer KV sharing (Gemma 3n / Gemma 4 small models): the last two layers read the last sliding and full layer's
+    "kv_shared": (dict(num_kv_shared_layers=2, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2), None),
     "bf16": (dict(), "bfloat16"),
     "fp16": (dict(), "float16"),
 }
@@ -97,7 +99,7 @@ VARIANT_ROWS = [
     *(f"llama@rope_{t}" for t in ("linear", "dynamic", "yarn", "longrope", "llama3", "proportional")),
     "qwen2@rope_longrope", "qwen3@rope_dynamic", "phi3@phi3_longrope", "gemma3_text@gemma3_longrope",
     "llama@use_cache_false", "llama@tied", "llama@untied", "mistral@window_4", "llama@attention_bias",
-    "qwen3@partial_rotary", "llama@train_mode", "llama@train_mode_dropout", "llama@bf16", "llama@fp16",
+    "qwen3@partial_rotary", "gemma4_text@kv_shared", "llama@train_mode", "llama@train_mode_dropout", "llama@bf16", "llama@fp16",
 ]
 # half precision: packed and alone runs round differently (other shapes, other kernels); gaps are judged
 # against this many units of the dtype's eps times the logits' scale
@@ -243,7 +245,7 @@ def solo(model, seqs):
 def padded_generate(model, seqs, pad_id: int):
     import torch
 
-    from prepack.generation import left_pad
+    from prepack.jobs.generation import left_pad
 
     ids, mask = left_pad(seqs, pad_id, "cpu")
     with torch.no_grad():
@@ -268,7 +270,7 @@ def cached_generate(model, seq, pad_id: int) -> list:
     import torch
     from transformers import DynamicCache
 
-    from prepack.hf import cache_kwarg
+    from prepack.hf.registration import cache_kwarg
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -290,7 +292,7 @@ def check(model_type: str) -> dict:
 
     torch.set_num_threads(1)
     import prepack
-    from prepack.support import UnsupportedModelError
+    from prepack.hf.support import UnsupportedModelError
 
     row = {"type": model_type}
     model = seqs = None

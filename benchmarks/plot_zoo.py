@@ -13,12 +13,15 @@ import re
 from collections import Counter
 
 OUTCOMES = ("exact", "refused", "not buildable tiny", "transformers fails", "silently wrong", "prepack crash")
-# the reasons prepack gives, grouped by the words of its refusal messages (prepack/support.py, prepack/hf.py)
+# the reasons prepack gives, grouped by the words of its refusal messages (prepack/hf/support.py, prepack/hf/registration.py)
 REASONS = (
     ("no AttentionInterface", re.compile(r"does not route attention through")),
     ("attention kwargs not implemented", re.compile(r"passed attention keyword")),
     ("convolution over tokens", re.compile(r"convolution over tokens")),
     ("cache not plain per-layer KV", re.compile(r"cache has layer types|wrote no keys and values")),
+    ("a mask beyond causal (bidirectional, ...)", re.compile(r"attention mask together with a packed layout")),
+    ("recurrent / state-space layers", re.compile(r"has recurrent \(state-space")),
+    ("sparse attention (indexer, compressor)", re.compile(r"sparse-attention indexer|compressors \(.*would pool")),
 )
 
 

@@ -15,7 +15,7 @@ The ``MIXES`` types on a dense implementation are the ones :func:`prepack.check_
 refuses by name. Output: one JSON line per type on stdout, and a markdown table with ``--markdown``::
 
     HF_HUB_OFFLINE=1 python benchmarks/sweep_packed_training.py --markdown docs/packed_training_models.md \\
-        --module prepack/packed_training_models.py
+        --module prepack/data/packed_training_models.py
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def write_markdown(rows: list[dict], path: str, command: str, seconds: float) ->
         lines.append("")
     lines += [
         "`prepack.check_packed_training(model)` (and `prepack.PackedTrainingCallback` in a `Trainer`) refuses, "
-        "by model type and implementation, every pair not listed as `apart` below (the table is `prepack/packed_training_models.py`, written by the same run); flash-attention counts as `prepack` (it reads the same `cu_seq_lens_q/k`).",
+        "by model type and implementation, every pair not listed as `apart` below (the table is `prepack/data/packed_training_models.py`, written by the same run); flash-attention counts as `prepack` (it reads the same `cu_seq_lens_q/k`).",
         "",
         "| type | class | sdpa | eager | prepack |",
         "|---|---|---|---|---|",
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--from-jsonl", help="rebuild the outputs from an earlier run's JSON lines instead of running")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per type")
     p.add_argument("--markdown", help="write the table to this file")
-    p.add_argument("--module", help="write prepack's table (prepack/packed_training_models.py) to this file")
+    p.add_argument("--module", help="write prepack's table (prepack/data/packed_training_models.py) to this file")
     args = p.parse_args(argv)
     import torch
 

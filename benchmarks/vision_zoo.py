@@ -2,7 +2,7 @@
 
 For each type in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, in fp32 on CPU:
 
-* the families prepack runs with images (``prepack.vision.FAMILIES``) are built with their own processor
+* the families prepack runs with images (``prepack.hf.vision.FAMILIES``) are built with their own processor
   classes (``prepack/tiny_vision.py``) and checked against each request alone: last-token logits of
   ``prepack.prefill`` on 5 chats with 0-2 images (max abs <= 1e-4) and 8 greedy tokens of
   ``prepack.generate`` against ``model.generate`` on each chat alone -> ``exact`` or ``silently wrong``;
@@ -84,7 +84,7 @@ def check_refused(model_type: str) -> dict:
     import torch
 
     import prepack
-    from prepack.support import UnsupportedModelError
+    from prepack.hf.support import UnsupportedModelError
 
     try:
         model = build_tiny(model_type)
@@ -115,7 +115,7 @@ class _Timeout(Exception):
 
 
 def check(model_type: str, timeout: int) -> dict:
-    from prepack.vision import FAMILIES
+    from prepack.hf.vision import FAMILIES
 
     def alarm(*_):
         raise _Timeout()

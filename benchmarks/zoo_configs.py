@@ -39,6 +39,10 @@ OVERRIDES: dict[str, dict] = {
         **_GEMMA4_ASSISTANT_TEXT, num_kv_shared_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)),
     "gemma4_unified_assistant": dict(text_config=dict(
         num_kv_shared_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)),
+    # index_num_heads must divide into the query heads of one key head (4 / 2); a layer pattern with two indexed layers
+    # (the second reads the first's keys and values) and index sizes below the prompts' lengths
+    "kolibri1_1": dict(index_num_heads=2, layer_types=["sliding_attention", "indexed_attention"] * 2, index_topk=4,
+                       index_pool_size=16, index_compression=4, index_num_local_tokens=2, index_num_sink_tokens=1),
     "zaya": dict(num_experts_per_tok=1),  # its config validator accepts no other value
     # ReformerModelWithLMHead asserts is_decoder; the axial position embeddings' dims sum to hidden_size and
     # their shape multiplies to max_position_embeddings (the shrink leaves (64, 192) and (64, 64))

@@ -21,7 +21,7 @@ import torch
 
 import prepack
 from prepack.bench import build_model, load_prompts, time_interleaved
-from prepack.generation import left_pad
+from prepack.jobs.generation import left_pad
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,22 +5,24 @@ caches), :func:`score` (log-likelihoods, lm-eval) or :func:`pack_dataset` (paddi
 docs/api.md has every public name with an example. The data flow, one module per step::
 
     prompts --inputs--> token arrays
-    lengths --planner--> Plan --packing--> PackedBatch (offsets, positions, cu_seqlens: layout)
-            --attention (kernels), hf (support)--> forward --prefill--> per-request keys/values
-            --kvcache--> DynamicCache / flash_attn_with_kvcache layouts
-    generation: engine (prepack's own decode loop: one packed forward per step, never model.generate)
+    lengths --planner--> Plan --packing--> PackedBatch (offsets, positions, cu_seqlens: layout)   [data pipelines]
+    one executor for every job: scheduler (what each request or shared prefix region feeds this step)
+        --kvstore (keys later steps read)--> executor.forward_step (one packed forward; attention, kernels,
+        hf, support) --> outputs at the rows asked for
+    generation: engine (samples from each step's last-token logits, never model.generate)
                 --result--> one Generation per request
-    prefill-only jobs: outputs.forward_at (outputs at chosen positions) --scoring--> score, score_rolling
-                                                                        --heads--> classify, embed
+    prefill-only jobs: jobs.run_jobs (samples nothing; outputs at spans) --prefill--> per-request caches (kvcache)
+                       --outputs--> forward_at --scoring--> score, score_rolling; --heads--> classify, embed
 
 ``prepack.data`` packs whole ``datasets`` tables for offline inference and padding-free training (the
-packer itself is ``prepack.packer``, its Arrow conversion ``prepack.arrow``),
+packer itself is ``prepack.data.packer``, its Arrow conversion ``prepack.data.arrow``),
 ``prepack.collate`` turns packed rows into ``Trainer`` batches (``prepack.collate_vision``: vision-language
 examples, with the model's own mRoPE positions), and ``prepack.ray_data`` runs both
 packing and batch inference on Ray Data.
 """
 
-from .backends import BACKENDS, get_backend, resolve_backend
+from . import _moved
+from .attention.registry import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
 from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
@@ -92,7 +94,7 @@ __version__ = "0.1.0"
 
 # Training helpers subclass transformers' Trainer classes, whose import pulls in the Trainer's dependencies
 # (peft, accelerate: seconds): they load on first use, not with ``import prepack``.
-_LAZY = {"PackedRowSampler": "sampler", "PackedTrainingCallback": "training", "check_packed_training": "training"}
+_LAZY = {"PackedRowSampler": "data.sampler", "PackedTrainingCallback": "data.training", "check_packed_training": "data.training"}
 
 
 def __getattr__(name: str):

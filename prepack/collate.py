@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import layout
-from .hf import cu_seqlens_from_position_ids
+from .planner import layout
+from .hf.registration import cu_seqlens_from_position_ids
 
 IGNORE_INDEX = -100  # what transformers' cross-entropy skips
 # Per-token masks TRL's SFT datasets carry: a token whose mask is 0 is not trained on (labels -100).

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .collate import IGNORE_INDEX, LOSS_MASKS
-from .hf import is_enabled
+from .hf.registration import is_enabled
 
 # Model types whose packed training step was checked against the unpacked batch (tests/test_collate_vision.py).
 MROPE_MODELS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -103,6 +103,28 @@ class DataCollatorForPackedVisionRows:
             concatenated in stream order (absent when no example has one); ``image_grid_thw`` (n, 3) int64
             for Qwen-VL.
         """
+        self._check_call(features, return_tensors)
+        allowed = (*_TOKEN_KEYS, *_IMAGE_KEYS[self._kind])
+        with_labels = "labels" in features[0]
+        ids, labels, positions, text_positions, pixels, grids = [], [], [], [], [], []
+        for e, example in enumerate(features):
+            tokens, is_image = self._checked_tokens(example, e, allowed, with_labels)
+            label = self._labels(example, tokens, with_labels, e)
+            image, grid = self._images(example, is_image, e)
+            ids.append(tokens)
+            labels.append(label)
+            text_positions.append(np.arange(len(tokens)))
+            if self._rope_index is not None:
+                positions.append(self._mrope(tokens, is_image, grid))
+            if image is not None:
+                pixels.append(image)
+                if grid is not None:
+                    grids.append(grid)
+        return _batch(ids, labels, text_positions, positions if self._rope_index is not None else None, pixels, grids)
+
+    def _check_call(self, features: Sequence[Mapping[str, Any]], return_tensors: str | None) -> None:
+        """Refuse a call the collator cannot answer exactly: other than torch tensors, no examples, or a model
+        whose attention would let the packed examples see each other."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f'DataCollatorForPackedVisionRows returns torch tensors only (return_tensors="pt"), got {return_tensors!r}')
         if not features:
@@ -115,65 +137,49 @@ class DataCollatorForPackedVisionRows:
                 "packed examples attend to each other; call prepack.enable(model) (or "
                 'model.set_attn_implementation("prepack")) before training on these batches'
             )
-        allowed = (*_TOKEN_KEYS, *_IMAGE_KEYS[self._kind])
-        with_labels = "labels" in features[0]
-        ids, labels, positions, text_positions, pixels, grids = [], [], [], [], [], []
-        for e, example in enumerate(features):
-            unknown = [k for k in example if k not in allowed]
-            if unknown:
+
+    def _checked_tokens(
+        self, example: Mapping[str, Any], e: int, allowed: tuple[str, ...], with_labels: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Example e's ``input_ids`` (L,) and which of them are image tokens (L,) bool, after refusing an unknown key,
+        labels present unlike example 0, a per-token column of another length than L, padding, video tokens, or
+        ``mm_token_type_ids`` that do not mark exactly its image tokens."""
+        unknown = [k for k in example if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"example {e} has {unknown}, which DataCollatorForPackedVisionRows does not handle for "
+                f"{self._kind} (it handles {', '.join(allowed)}); remove them or use a collator that builds them"
+            )
+        if ("labels" in example) != with_labels:
+            raise ValueError(f"example {e} {'has no' if with_labels else 'has'} labels, unlike example 0")
+        tokens = _tokens(example, "input_ids", e)
+        n = len(tokens)
+        for key in ("attention_mask", "labels", "mm_token_type_ids", *LOSS_MASKS):
+            if key in example and len(_tokens(example, key, e)) != n:
+                raise ValueError(f"example {e} has {n} input_ids but {len(_tokens(example, key, e))} {key}")
+        if "attention_mask" in example and not (_tokens(example, "attention_mask", e) == 1).all():
+            raise ValueError(f"example {e} is padded (its attention_mask has zeros); pass each example unpadded")
+        is_image = tokens == self._image_token
+        if self._video_token is not None and (tokens == self._video_token).any():
+            raise ValueError(f"example {e} has video tokens (id {self._video_token}); videos are not handled")
+        if "mm_token_type_ids" in example:
+            types = _tokens(example, "mm_token_type_ids", e)
+            if not np.array_equal(types != 0, is_image) or (types > 1).any():
                 raise ValueError(
-                    f"example {e} has {unknown}, which DataCollatorForPackedVisionRows does not handle for "
-                    f"{self._kind} (it handles {', '.join(allowed)}); remove them or use a collator that builds them"
+                    f"example {e}: mm_token_type_ids mark other tokens than its image tokens (id {self._image_token}); "
+                    "only images (type 1) are handled"
                 )
-            if ("labels" in example) != with_labels:
-                raise ValueError(f"example {e} {'has no' if with_labels else 'has'} labels, unlike example 0")
-            tokens = _tokens(example, "input_ids", e)
-            n = len(tokens)
-            for key in ("attention_mask", "labels", "mm_token_type_ids", *LOSS_MASKS):
-                if key in example and len(_tokens(example, key, e)) != n:
-                    raise ValueError(f"example {e} has {n} input_ids but {len(_tokens(example, key, e))} {key}")
-            if "attention_mask" in example and not (_tokens(example, "attention_mask", e) == 1).all():
-                raise ValueError(f"example {e} is padded (its attention_mask has zeros); pass each example unpadded")
-            is_image = tokens == self._image_token
-            if self._video_token is not None and (tokens == self._video_token).any():
-                raise ValueError(f"example {e} has video tokens (id {self._video_token}); videos are not handled")
-            if "mm_token_type_ids" in example:
-                types = _tokens(example, "mm_token_type_ids", e)
-                if not np.array_equal(types != 0, is_image) or (types > 1).any():
-                    raise ValueError(
-                        f"example {e}: mm_token_type_ids mark other tokens than its image tokens (id {self._image_token}); "
-                        "only images (type 1) are handled"
-                    )
-            label = (_tokens(example, "labels", e) if with_labels else tokens).astype(np.int64)  # a copy
-            label[0] = self.separator_id
-            for key in LOSS_MASKS:
-                if key in example:
-                    label[_tokens(example, key, e) == 0] = IGNORE_INDEX
-            image, grid = self._images(example, is_image, e)
-            ids.append(tokens)
-            labels.append(label)
-            text_positions.append(np.arange(n))
-            if self._rope_index is not None:
-                positions.append(self._mrope(tokens, is_image, grid))
-            if image is not None:
-                pixels.append(image)
-                if grid is not None:
-                    grids.append(grid)
-        batch: dict[str, Any] = {
-            "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
-            "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],
-        }
-        text = torch.from_numpy(np.concatenate(text_positions).astype(np.int64))[None]
-        if self._rope_index is None:
-            batch["position_ids"] = text
-        else:
-            # (4, 1, T): the text row first, as transformers' Qwen-VL models read a packed batch
-            batch["position_ids"] = torch.cat([text[None], torch.cat(positions, dim=-1)], dim=0)
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
-            if grids:
-                batch["image_grid_thw"] = torch.cat(grids, dim=0)
-        return batch
+        return tokens, is_image
+
+    def _labels(self, example: Mapping[str, Any], tokens: np.ndarray, with_labels: bool, e: int) -> np.ndarray:
+        """Example e's labels (L,) int64: its ``labels`` (else ``tokens``, (L,)), ``separator_id`` on the first token,
+        -100 wherever a loss mask is 0. A new array: the example is never written."""
+        label = (_tokens(example, "labels", e) if with_labels else tokens).astype(np.int64)  # a copy
+        label[0] = self.separator_id
+        for key in LOSS_MASKS:
+            if key in example:
+                label[_tokens(example, key, e) == 0] = IGNORE_INDEX
+        return label
 
     def _images(self, example: Mapping[str, Any], is_image: np.ndarray, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Example e's pixel values and grids, checked against its image tokens: (None, None) when it has no image."""
@@ -221,6 +227,42 @@ class DataCollatorForPackedVisionRows:
         with torch.no_grad():
             position_ids, _ = self._rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
         return position_ids
+
+
+def _batch(
+    ids: list[np.ndarray],
+    labels: list[np.ndarray],
+    text_positions: list[np.ndarray],
+    mrope_positions: list[torch.Tensor] | None,
+    pixels: list[torch.Tensor],
+    grids: list[torch.Tensor],
+) -> dict[str, Any]:
+    """The E examples' columns -> one batch.
+
+    Args:
+        ids, labels, text_positions: E arrays (L_e,) each.
+        mrope_positions: E tensors (3, 1, L_e) for mRoPE models; None for the others.
+        pixels: the images of the examples that have any, in stream order; grids: their (n_e, 3) grids (Qwen-VL).
+
+    Returns:
+        ``input_ids``, ``labels``: (1, T) int64; ``position_ids``: (4, 1, T) int64 (the text row first) with
+        ``mrope_positions``, else (1, T); ``pixel_values`` and ``image_grid_thw`` concatenated, when there are any.
+    """
+    batch: dict[str, Any] = {
+        "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+        "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],
+    }
+    text = torch.from_numpy(np.concatenate(text_positions).astype(np.int64))[None]
+    if mrope_positions is None:
+        batch["position_ids"] = text
+    else:
+        # (4, 1, T): the text row first, as transformers' Qwen-VL models read a packed batch
+        batch["position_ids"] = torch.cat([text[None], torch.cat(mrope_positions, dim=-1)], dim=0)
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels, dim=0)
+        if grids:
+            batch["image_grid_thw"] = torch.cat(grids, dim=0)
+    return batch
 
 
 def _runs(mask: np.ndarray) -> list[int]:

@@ -46,9 +46,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("prepack.lm_eval needs lm-evaluation-harness: pip install 'prepack[lm_eval]'") from e
 
-from .generation import generate
-from .hf import check_model
-from .scoring import score, score_rolling
+from .jobs.generation import generate
+from .hf.registration import check_model
+from .jobs.scoring import score, score_rolling
 
 logger = logging.getLogger(__name__)
 

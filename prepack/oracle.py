@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .hf import cache_kwarg
+from .hf.registration import cache_kwarg
 
 
 def alone(model, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:

@@ -1,6 +1,6 @@
 """Ray Data stages: packing over a cluster's blocks, and batch inference in an actor pool that holds the model.
 
-Packing is one ``map_batches`` stage running the packer (:mod:`prepack.packer`,
+Packing is one ``map_batches`` stage running the packer (:mod:`prepack.data.packer`,
 with its options validated once when the stage is built) on each batch of
 ``pool_size`` consecutive rows::
 
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .packer import Algorithm, Overflow, PackOptions, ScalarColumns, Schema, check_pool_size, log_cuts, pack_with_cuts
+from .data.packer import Algorithm, Overflow, PackOptions, ScalarColumns, Schema, check_pool_size, log_cuts, pack_with_cuts
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,7 +74,7 @@ def pack_ray_dataset(
             examples by it and the full schema's ``example_ids`` hold it. Without it, examples are
             numbered from 0 within each pool.
         schema, scalar_columns, algorithm, overflow, pad_id, max_per_row: the packer's options, see
-            :class:`prepack.packer.PackOptions`; checked when the stage is built.
+            :class:`prepack.data.packer.PackOptions`; checked when the stage is built.
         **map_batches_kwargs: passed to ``map_batches`` (``concurrency``, ``num_cpus``, ...).
 
     Returns:
@@ -155,13 +155,13 @@ class PrepackPredictor:
         return {**batch, **getattr(self, self.task)(prompts)}
 
     def prefill(self, prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
-        from .prefill import prefill
+        from .jobs.prefill import prefill
 
         logits = prefill(self.model, prompts, **self.task_kwargs).logits
         return {"last_logits": logits.float().cpu().numpy()}
 
     def generate(self, prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
-        from .generation import generate
+        from .jobs.generation import generate
 
         new = generate(self.model, prompts, **self.task_kwargs)
         out = np.empty(len(new), dtype=object)

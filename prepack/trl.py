@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from .completions import logprobs as _packed_logprobs
-from .decoding import integer, positive_integer
-from .generation import generate
+from .jobs.completions import logprobs as _packed_logprobs
+from .jobs.decoding import integer, positive_integer
+from .jobs.generation import generate
 
 
 def rollout_func(

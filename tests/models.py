@@ -105,14 +105,14 @@ def alone_last_logits(model, seqs) -> torch.Tensor:
 
 def left_pad(seqs, pad_id: int = 0):
     """The library's own left padding (what model.generate gets), on CPU."""
-    from prepack.generation import left_pad as _left_pad
+    from prepack.jobs.generation import left_pad as _left_pad
 
     return _left_pad(seqs, pad_id, "cpu")
 
 
 def cache_kwargs(model, cache) -> dict:
     """Pass ``cache`` under the name this transformers version uses (``cache``, formerly ``past_key_values``)."""
-    from prepack.hf import cache_kwarg
+    from prepack.hf.registration import cache_kwarg
 
     return {cache_kwarg(model): cache, "use_cache": True}
 

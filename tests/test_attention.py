@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepack
-from prepack import attention
+from prepack.attention import functions as attention
 
 from .conftest import flash_attn_installed, gpu
 from .flash_attn_reference import attention_ref

@@ -48,7 +48,7 @@ def test_read_jsonl_reads_lengths_and_token_lists_as_lengths_for_prepack_plan(tm
 
 
 def test_prepack_plan_reads_lengths_with_the_same_jsonl_reader_and_errors(tmp_path, capsys):
-    from prepack.cli import main
+    from prepack.cli.commands import main
 
     f = tmp_path / "p.jsonl"
     f.write_text('[1, 2]\n{"tokens": [1]}\n')
@@ -149,7 +149,7 @@ def test_the_row_backend_prefills_but_does_not_decode():
 
 
 def test_generate_with_backends_reports_the_engines_backend(tiny):
-    from prepack.generation import generate_with_backends
+    from prepack.jobs.generation import generate_with_backends
 
     ran = generate_with_backends(tiny, [[1, 2, 3], [4, 5], [6]], backend="reference", max_new_tokens=1)
     assert len(ran.results) == 3 and ran.backends == ("reference",)
@@ -221,7 +221,7 @@ def test_format_table_has_one_line_per_row(tiny):
 # --- the CLI --------------------------------------------------------------------------------------
 
 def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
-    from prepack.cli import main
+    from prepack.cli.commands import main
 
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     code = main([
@@ -239,7 +239,7 @@ def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_cli_bench_reads_a_jsonl_file_and_reports_what_it_dropped(tmp_path, capsys):
-    from prepack.cli import main
+    from prepack.cli.commands import main
 
     f = tmp_path / "p.jsonl"
     f.write_text("[1, 2, 3]\n[]\n" + json.dumps(list(range(100))) + "\n[5, 6]\n")
@@ -250,7 +250,7 @@ def test_cli_bench_reads_a_jsonl_file_and_reports_what_it_dropped(tmp_path, caps
 
 
 def test_cli_bench_refuses_the_old_dense_method_name(capsys):
-    from prepack.cli import main
+    from prepack.cli.commands import main
 
     with pytest.raises(SystemExit):
         main(["bench", "--model", "llama-tiny", "--methods", "padded,prepack-dense"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prepack import bench
-from prepack.cli import build_parser, main
+from prepack.cli.commands import build_parser, main
 
 
 @pytest.fixture
@@ -103,9 +103,9 @@ def test_a_bad_invocation_exits_2_with_an_argparse_error_and_no_traceback(argv, 
 # --- plan ------------------------------------------------------------------------------------------
 
 def test_plan_exits_1_and_still_prints_every_row_when_an_algorithm_fails(files, monkeypatch, capsys):
-    import prepack.cli
+    import prepack.cli.commands
 
-    real = prepack.cli.plan
+    real = prepack.cli.commands.plan
 
     def ffd_breaks(lengths, capacity, *, algorithm="bfd", **kw):
         if algorithm == "ffd":

@@ -10,7 +10,7 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 import prepack
 from prepack.collate import DataCollatorForPackedRows, to_flash_kwargs
-from prepack.data import pack_dataset
+from prepack.data.fronts import pack_dataset
 
 from .models import build
 

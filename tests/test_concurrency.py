@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prepack
-from prepack import hf
+from prepack.hf import registration as hf
 
 from .models import COMMON, alone_last_logits, build, left_pad, prompts
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import prepack
 from prepack.collate import to_flash_kwargs
-from prepack.data import (
+from prepack.data.fronts import (
     FULL_COLUMNS,
     LEAN_COLUMNS,
     pack_dataset,

@@ -252,7 +252,7 @@ def test_every_prepack_reference_in_the_docs_resolves():
 BAD_PAGE = """\
 # API
 
-## Planning — `prepack/planner.py`
+## Planning — `prepack/planner/bins.py`
 
 ### `prepack.plan(lengths)`, `no_such_function(x)`
 
@@ -269,7 +269,7 @@ BAD_PAGE = """\
 |---|---|
 | `real` | a table under a function |
 
-## Packing — `prepack/packing.py`
+## Packing — `prepack/data/batch.py`
 
 ### `PackedBatch`, `prepack.pack_plan(p, tokens)`
 
@@ -287,16 +287,16 @@ def test_the_checks_catch_missing_names_members_modules_and_public_names():
     sections, problems = parse_api(BAD_PAGE)
     assert problems == ["api.md:28: section names no module (`prepack/module.py` or `prepack/package/`): '## No module named here'"]
     planner, packing, missing = sections
-    found = check_section(planner, importlib.import_module("prepack.planner"))
+    found = check_section(planner, importlib.import_module("prepack.planner.bins"))
     assert found == [
-        "api.md:5: prepack.planner has no no_such_function",
-        "api.md:12: prepack.planner.Plan has no attribute or method no_such_attribute",
+        "api.md:5: prepack.planner.bins has no no_such_function",
+        "api.md:12: prepack.planner.bins.Plan has no attribute or method no_such_attribute",
         "api.md:14: check_capacity is not a class, but a table lists members under it",
     ]
-    found = check_section(packing, importlib.import_module("prepack.packing"))
+    found = check_section(packing, importlib.import_module("prepack.data.batch"))
     assert found == [
         "api.md:22: PackedBatch is public: write it as `prepack.PackedBatch`",
-        "api.md:22: prepack.pack_plan is documented but is not prepack.packing.pack_plan in prepack.__all__",
+        "api.md:22: prepack.pack_plan is documented but is not prepack.data.batch.pack_plan in prepack.__all__",
     ]
     assert importlib.util.find_spec(missing.module) is None
     assert "generate" in undocumented(sections, "prepack", prepack)

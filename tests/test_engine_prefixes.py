@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import prepack
-from prepack.generation import generate_with_backends
-from prepack.kvstore import KVStore
-from prepack.step import StepLayout
+from prepack.jobs.generation import generate_with_backends
+from prepack.executor.kvstore import KVStore
+from prepack.executor.call import StepLayout
 
 from .models import VOCAB, build, prompts
 from .test_generate import alone, tokens
 
-SYSTEM = 40  # tokens of the shared system prompt (above prepack.prefix_regions.MIN_SHARED_TOKENS)
+SYSTEM = 40  # tokens of the shared system prompt (above prepack.executor.regions.MIN_SHARED_TOKENS)
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
@@ -124,8 +124,8 @@ def test_decodes_continue_while_a_long_prompt_is_prefilled_in_chunks():
 
 def test_attention_over_a_prefix_region_and_own_keys_matches_flash_attn_reference():
     """The merged parts equal flash-attn's ``attention_ref`` over each request's keys laid end to end."""
-    from prepack.cascade import cascade_kernel, shared_parts
-    from prepack.backends import choose
+    from prepack.attention.cascade import cascade_kernel, shared_parts
+    from prepack.attention.registry import choose
 
     from .flash_attn_reference import attention_ref
 
@@ -210,8 +210,8 @@ def test_a_region_tree_is_freed_from_the_leaves_with_its_last_reader():
 
 def test_attention_over_two_nested_regions_and_own_keys_matches_flash_attn_reference():
     """A query reading a header region, a prompt region under it and its own keys: three merged parts."""
-    from prepack.backends import choose
-    from prepack.cascade import cascade_kernel, shared_parts
+    from prepack.attention.registry import choose
+    from prepack.attention.cascade import cascade_kernel, shared_parts
 
     from .flash_attn_reference import attention_ref
 

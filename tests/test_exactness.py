@@ -44,7 +44,7 @@ def test_packed_logits_match_each_prompt_alone(arch, case):
 def test_packed_logits_match_alone_across_several_forwards(arch):
     model, seqs = build(arch), prompts(SPLIT["lengths"])
     result = prepack.prefill(model, seqs, token_budget=SPLIT["token_budget"])
-    assert result.batch.num_rows > 1
+    assert result.steps > 1
     assert (result.logits - oracle.alone_last_logits(model, seqs)).abs().max() <= TOL
 
 
@@ -90,7 +90,7 @@ def test_chunked_attention_cuts_segments_that_continue_earlier_keys_at_chunk_bou
     """A decode step's query sees its own chunk's keys only, however many keys the segment continues."""
     import numpy as np
 
-    from prepack.step import _chunk_pieces
+    from prepack.executor.call import _chunk_pieces
 
     q, k = _chunk_pieces(np.array([2, 4, 0, 1]), np.array([7, 4, 5, 6]), 3)
     # [2 of 7]: keys 0-2 unseen, query 5 sees 3-5, query 6 sees 6; [4 of 4]: chunks 0-2 and 3;

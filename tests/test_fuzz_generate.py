@@ -26,7 +26,7 @@ def workload(seed: int) -> tuple[str, list, dict, dict]:
     """(architecture, prompts, prepack's scheduling options, the generation options), drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 7))
-    # a shared prefix short or long enough to be held once (prepack.prefix_regions.MIN_SHARED_TOKENS), and a
+    # a shared prefix short or long enough to be held once (prepack.executor.regions.MIN_SHARED_TOKENS), and a
     # second level under it that some of its prompts share too
     prefix = rng.integers(3, VOCAB, int(rng.choice([rng.integers(1, 13), rng.integers(32, 45)]))).tolist()
     middle = rng.integers(3, VOCAB, int(rng.integers(32, 40))).tolist()

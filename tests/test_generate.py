@@ -6,8 +6,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import prepack
-from prepack.generation import generate_with_backends
-from prepack.kvstore import KVStore
+from prepack.jobs.generation import generate_with_backends
+from prepack.executor.kvstore import KVStore
 
 from .models import ARCHITECTURES, build, prompts
 
@@ -291,7 +291,7 @@ def test_the_documented_cache_route_gives_ordinary_generates_tokens():
     model, seqs = build("mistral"), prompts([1, 5, 17, 3])
     scope = {"model": model, "token_lists": [s.tolist() for s in seqs]}
     exec(block, scope)
-    ids, mask = prepack.generation.left_pad(seqs, 0, "cpu")
+    ids, mask = prepack.jobs.generation.left_pad(seqs, 0, "cpu")
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(scope["new_tokens"], want[:, ids.shape[1]:])
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import prepack
-from prepack.forward import default_token_budget
+from prepack.hf.model import default_token_budget
 
 from .models import alone_last_logits, build, left_pad, prompts, tokenizer
 

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepack
-from prepack import attention, kernels
+from prepack.attention import functions as attention
+from prepack.attention import cuda as kernels
 
 from .conftest import gpu
 from .flash_attn_reference import attention_ref, generate_random_padding_mask, pad, unpad

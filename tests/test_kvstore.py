@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepack.kvstore import KVStore
+from prepack.executor.kvstore import KVStore
 
 
 def row(request: int, position: int) -> float:

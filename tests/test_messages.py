@@ -114,7 +114,7 @@ def test_quieting_later_requests_drops_only_the_calling_threads_transformers_log
     import logging
     import threading
 
-    from prepack.decoding import _RULE_LOGGERS, _quiet_transformers
+    from prepack.jobs.decoding import _RULE_LOGGERS, _quiet_transformers
 
     logger, seen = logging.getLogger(_RULE_LOGGERS[0]), []
     handler = logging.Handler()

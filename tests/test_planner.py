@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepack
-from prepack.planner import lower_bound_l1, lower_bound_l2
+from prepack.planner.bins import lower_bound_l1, lower_bound_l2
 
 PACKING = ["bfd", "ffd", "binpacking"]
 
@@ -161,7 +161,7 @@ def test_planner_and_layout_do_not_import_torch():
     folder = Path(prepack.planner.__file__).parent
     code = (
         f"import sys, types; pkg = types.ModuleType('prepack'); pkg.__path__ = [{str(folder)!r}];"
-        "sys.modules['prepack'] = pkg; import prepack.planner, prepack.layout;"
+        "sys.modules['prepack'] = pkg; import prepack.planner.bins, prepack.planner.layout;"
         "prepack.planner.plan([1, 2, 3], 4); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -208,7 +208,7 @@ def test_two_dimensional_lengths_are_rejected():
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 9))
 def test_chunked_cuts_each_segment_at_multiples_of_the_chunk(lengths, chunk):
-    from prepack import layout
+    from prepack.planner import layout
 
     pieces = layout.chunked(lengths, chunk)
     assert pieces.sum() == sum(lengths) and (pieces >= 1).all() and (pieces <= chunk).all()

@@ -16,7 +16,7 @@ from .test_exactness import CASES
 def test_more_requests_than_fit_in_one_row_are_split_into_micro_batches(backend, kwargs):
     model, seqs = build("qwen2"), prompts(CASES["mixed"])
     result = prepack.prefill(model, seqs, backend=backend, **kwargs)
-    assert result.batch.num_rows > 1
+    assert result.steps > 1
     assert (result.logits - alone_last_logits(model, seqs)).abs().max() <= 1e-4
 
 
@@ -175,3 +175,15 @@ def test_masked_prefill_keeps_each_forward_within_the_token_budget():
 def test_bad_arguments_are_rejected_up_front(kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepack.prefill(build("llama"), prompts([3, 4]), **kwargs)
+
+
+def test_the_deprecated_batch_holds_each_requests_last_piece_where_it_ran():
+    model, seqs = build("llama"), prompts([5, 9, 3, 7])
+    result = prepack.prefill(model, seqs, token_budget=8)  # the 9-token prompt runs in two pieces
+    with pytest.deprecated_call(match="PrefillResult.batch is deprecated"):
+        batch = result.batch
+    assert batch.num_rows == result.steps  # one varlen stream per step
+    for i, seq in enumerate(seqs):
+        piece = batch.plan.lengths[i]
+        row, offset = batch.plan.row[i], batch.plan.offset[i]
+        assert torch.equal(batch.input_ids[row, offset : offset + piece], seq[-piece:])

@@ -1,85 +1,77 @@
-"""prepack.prefixes: which shared prefixes a call runs once (pure planning, no model), and layout.Parts, the
+"""prepack.executor.regions: which shared prefix regions a run opens (pure planning, no model), and layout.Parts, the
 pieces a request's tokens become once they ran in several segments."""
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepack.layout import Parts
-from prepack.prefixes import common_prefix_length, plan_prefixes
+from prepack.planner.layout import Parts
+from prepack.executor.regions import common_prefix_length, live_match, next_region_end
 
 
 @st.composite
 def requests_with_shared_heads(draw):
     """Requests built from a few heads (so prefixes really repeat) and random tails over a tiny alphabet."""
     heads = draw(st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=12), min_size=1, max_size=3))
-    n = draw(st.integers(0, 9))
+    n = draw(st.integers(1, 9))
     out = []
     for _ in range(n):
         head = heads[draw(st.integers(0, len(heads) - 1))]
-        tail = draw(st.lists(st.integers(0, 2), min_size=0, max_size=6))
+        tail = draw(st.lists(st.integers(0, 2), min_size=1, max_size=6))
         out.append(np.asarray(head + tail, np.int64))
     return out
 
 
 @settings(max_examples=60, deadline=None)
-@given(requests_with_shared_heads(), st.integers(1, 5))
-def test_every_shared_prefix_is_a_true_common_prefix_and_leaves_each_request_a_token(tokens, min_tokens):
-    plan = plan_prefixes(tokens, min_tokens=min_tokens)
-    for i, t in enumerate(tokens):
-        j, p = int(plan.prefix_of[i]), int(plan.shared[i])
-        if j < 0:
-            assert p == 0
-            continue
-        source = tokens[plan.sources[j]]
-        assert p == plan.prefix_lengths[j] >= min_tokens
-        assert p <= len(t) - 1  # the last token, whose logits are asked for, is the request's own
-        # reconstruction: the prefix run once, then the request's own suffix, is the request
-        assert np.array_equal(np.concatenate([source[:p], t[p:]]), t)
+@given(requests_with_shared_heads(), st.integers(1, 5), st.data())
+def test_a_new_region_is_a_true_common_prefix_worth_its_part(tokens, min_tokens, data):
+    prompt, others = tokens[0], tokens[1:]
+    matched = data.draw(st.integers(0, len(prompt)))
+    end = next_region_end(prompt, matched, others, min_tokens)
+    if end == 0:
+        return
+    sharing = [o for o in others if common_prefix_length(prompt, o) >= end]
+    assert sharing  # some waiting prompt shares all of it
+    assert end - matched >= min_tokens or end == len(prompt) > matched
+    # no other candidate end saves more: (end - matched) * readers is the most of any common prefix length
+    for o in others:
+        length = common_prefix_length(prompt, o)
+        if length - matched >= min_tokens or length == len(prompt) > matched:
+            k = sum(common_prefix_length(prompt, x) >= length for x in others)
+            assert (length - matched) * k <= (end - matched) * len(sharing)
 
 
-@settings(max_examples=60, deadline=None)
-@given(requests_with_shared_heads(), st.integers(1, 5))
-def test_a_shared_prefix_has_at_least_two_requests_and_saves_what_it_reports(tokens, min_tokens):
-    plan = plan_prefixes(tokens, min_tokens=min_tokens)
-    members = np.bincount(plan.prefix_of[plan.prefix_of >= 0], minlength=plan.num_prefixes)
-    assert (members >= 2).all()
-    assert plan.tokens_saved == int(((members - 1) * plan.prefix_lengths).sum()) >= 0
-
-
-@settings(max_examples=40, deadline=None)
-@given(requests_with_shared_heads(), st.integers(1, 5))
-def test_limits_bound_the_shared_tokens(tokens, min_tokens):
-    limits = np.array([len(t) // 2 for t in tokens], np.int64)
-    plan = plan_prefixes(tokens, limits=limits, min_tokens=min_tokens)
-    assert (plan.shared <= limits).all()
-
-
-def test_a_system_prompt_shared_by_chats_is_run_once():
+def test_a_system_prompt_shared_by_chats_is_one_region():
     system = np.arange(100)
     chats = [np.concatenate([system, np.full(k + 1, 500 + k)]) for k in range(5)]
-    plan = plan_prefixes(chats + [np.arange(40) + 1000])
-    assert plan.num_prefixes == 1 and plan.prefix_lengths.tolist() == [100]
-    assert plan.prefix_of.tolist() == [0, 0, 0, 0, 0, -1]
-    assert plan.tokens_saved == 4 * 100
+    assert next_region_end(chats[0], 0, chats[1:] + [np.arange(40) + 1000]) == 100
 
 
-def test_identical_requests_share_all_but_their_last_token():
-    plan = plan_prefixes([np.arange(50), np.arange(50), np.arange(50)])
-    assert plan.shared.tolist() == [49, 49, 49]
+def test_identical_prompts_share_all_of_it_however_short():
+    assert next_region_end(np.arange(5), 0, [np.arange(5)]) == 5
 
 
-def test_longer_prefixes_of_subgroups_win_when_they_save_more():
+def test_longer_prefixes_of_a_subgroup_win_when_they_save_more():
     header = np.arange(40)
     a, b = np.arange(200) + 1000, np.arange(200) + 2000
     tokens = [np.concatenate([header, q, [k]]) for q in (a, b) for k in range(3)]
-    plan = plan_prefixes(tokens)  # one 40-token header (saves 200) < two 240-token questions (save 960)
-    assert sorted(plan.prefix_lengths.tolist()) == [240, 240]
+    # one 40-token header for 5 readers saves 200 < one 240-token question for 2 readers saves 480
+    assert next_region_end(tokens[0], 0, tokens[1:]) == 240
+    # under the header region, the question is the child
+    assert next_region_end(tokens[0], 40, tokens[1:]) == 240
 
 
 def test_prefixes_shorter_than_min_tokens_are_not_shared():
-    plan = plan_prefixes([np.arange(20), np.arange(20)], min_tokens=32)
-    assert plan.num_prefixes == 0 and plan.tokens_saved == 0
+    prompt, other = (np.concatenate([np.arange(20), [k]]) for k in (98, 99))
+    assert next_region_end(prompt, 0, [other], min_tokens=32) == 0
+
+
+def test_a_request_starts_at_the_deepest_live_region_it_begins_with():
+    live = {-1: np.arange(10), -2: np.arange(30), -3: np.arange(5) + 7}
+    assert live_match(np.arange(40), live) == -2
+    assert live_match(np.arange(20), live) == -1
+    assert live_match(np.arange(30), live) == -2  # a whole prompt may be a region
+    assert live_match(np.arange(3), live) is None
 
 
 def test_common_prefix_length_counts_leading_equal_tokens():

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 import prepack  # noqa: E402
-from prepack.data import pack_table  # noqa: E402
+from prepack.data.fronts import pack_table  # noqa: E402
 from prepack.ray_data import PrepackPredictor, pack_ray_dataset  # noqa: E402
 
 from .models import alone_last_logits, build, prompts  # noqa: E402

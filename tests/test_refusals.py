@@ -10,7 +10,7 @@ import torch
 from transformers import Lfm2Config, Lfm2ForCausalLM
 
 import prepack
-from prepack.support import UnsupportedModelError
+from prepack.hf.support import UnsupportedModelError
 
 from .models import COMMON, prompts
 
@@ -56,7 +56,7 @@ class _Attention(torch.nn.Module):
 
 
 def _call(module, q=None, k=None, v=None, cu=None, **kwargs):
-    from prepack.hf import prepack_attention
+    from prepack.hf.registration import prepack_attention
 
     if q is None:
         q = k = v = torch.randn(1, 2, 6, 8)

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import prepack
-from prepack import backends, cascade, forward, kernels, staged
-from prepack.backends import KERNELS, Kernel, KernelRefused, Needs, choose
-from prepack.generation import generate_with_backends
+from prepack.attention import registry as backends
+from prepack.attention import cascade
+from prepack.jobs import run as jobs
+from prepack.attention import cuda as kernels
+from prepack.attention.registry import KERNELS, Kernel, KernelRefused, Needs, choose
+from prepack.jobs.generation import generate_with_backends
 
 from .models import build, prompts
 
@@ -76,30 +79,31 @@ def count_decisions(monkeypatch, *modules) -> list:
 
 def test_a_prefill_with_a_shared_prefix_in_chunks_chooses_its_kernel_once(monkeypatch):
     model = build("llama")
-    header = prompts([40])[0]  # longer than the shortest prefix worth sharing (prefixes.MIN_SHARED_TOKENS)
+    header = prompts([40])[0]  # longer than the shortest prefix worth sharing (prefix_regions.MIN_SHARED_TOKENS)
     seqs = [torch.cat([header, p]) for p in prompts([5, 9, 7], seed=1)]
-    decided = count_decisions(monkeypatch, forward, staged)
+    decided = count_decisions(monkeypatch, jobs)
     result = prepack.prefill(model, seqs, token_budget=16)
     assert result.shared_tokens > 0
     assert decided == ["auto"]
 
 
 def test_generate_reports_the_kernel_it_chose_without_choosing_again(monkeypatch):
-    from prepack import engine, generation
+    from prepack.jobs import engine
+    from prepack.jobs import generation
 
     model = build("llama")
-    decided = count_decisions(monkeypatch, engine, forward, staged)
+    decided = count_decisions(monkeypatch, engine, jobs)
     assert not hasattr(generation, "choose")
     ran = generate_with_backends(model, prompts([4, 6]), backend="reference", max_new_tokens=2, do_sample=False)
     assert decided == ["reference"] and ran.backends == ("reference",)
 
 
 def test_score_with_shared_contexts_chooses_its_kernel_once(monkeypatch):
-    from prepack import scoring
+    from prepack.jobs import scoring
 
     model = build("llama")
     context, other = prompts([9])[0].tolist(), prompts([6], seed=2)[0].tolist()
     requests = [(context, [3, 4]), (context, [5]), (other, [7, 8, 9])]
-    decided = count_decisions(monkeypatch, scoring, forward, staged)
+    decided = count_decisions(monkeypatch, scoring, jobs)
     assert len(prepack.score(model, requests)) == 3
     assert decided == ["auto"]

@@ -23,8 +23,8 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import prepack
-from prepack.rope import rope_dependence
-from prepack.support import UnsupportedModelError
+from prepack.hf.rope import rope_dependence
+from prepack.hf.support import UnsupportedModelError
 from tests.models import COMMON, ROPE_HEAD_DIM, ROPE_ORIG, alone_last_logits, prompts, rope_parameters
 
 # prompts on both sides of ROPE_ORIG, the short ones packed beside long ones

@@ -1,4 +1,4 @@
-"""prepack.sampler / prepack.balance: packed rows across data-parallel ranks x micro-steps.
+"""prepack.data.sampler / prepack.planner.balance: packed rows across data-parallel ranks x micro-steps.
 
 Real process groups (gloo, CPU) check that ranks get equal batch counts and together use every row once.
 """
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prepack import PackedRowSampler, plan
-from prepack.balance import attention_coefficient, balance_rows, row_costs
+from prepack.planner.balance import attention_coefficient, balance_rows, row_costs
 from prepack.bench.prompts import sample_lengths
 
 

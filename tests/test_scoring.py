@@ -200,7 +200,7 @@ def test_a_request_over_the_token_budget_on_a_row_backend_is_refused_with_its_in
 
 
 def test_string_pairs_are_encoded_as_lm_eval_encodes_them():
-    from prepack.scoring import encode_pairs
+    from prepack.jobs.scoring import encode_pairs
 
     from .models import tokenizer
 

@@ -11,7 +11,7 @@ from prepack import oracle
 from .models import COMMON, WINDOW, build, prompts
 from .test_rope import build as rope_model
 
-SYSTEM = 40  # tokens of the shared system prompt: above prefixes.MIN_SHARED_TOKENS
+SYSTEM = 40  # tokens of the shared system prompt: above prefix_regions.MIN_SHARED_TOKENS
 TOL = 1e-4
 
 
@@ -32,6 +32,14 @@ def assert_matches_alone(model, seqs, result):
         assert oracle.cache_gap(mine, theirs) <= TOL
 
 
+def test_a_sliding_window_model_runs_each_prompt_whole_and_matches_each_request_alone():
+    """A merged prefix part would see keys outside the window (prefix_regions.sharing_refusal): nothing is shared."""
+    model, seqs = build("mistral"), chats()
+    result = prepack.prefill(model, seqs)
+    assert result.shared_tokens == 0 and result.tokens_run == sum(len(s) for s in seqs)
+    assert_matches_alone(model, seqs, result)
+
+
 def full_forward(model, seqs, output="logits"):
     with torch.no_grad():
         if output == "logits":
@@ -39,7 +47,7 @@ def full_forward(model, seqs, output="logits"):
         return [model.model(s[None]).last_hidden_state[0] for s in seqs]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "deepseek_v3"])  # full, sliding-window, MLA (cache != attention keys)
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])  # full, MLA (cache != attention keys)
 def test_prefill_shares_a_system_prompt_and_matches_each_request_alone(arch):
     model, seqs = build(arch), chats()
     result = prepack.prefill(model, seqs)

@@ -1,6 +1,6 @@
 """The attention switch is held only for a call: after an entry point returns the model is as the user left it.
 
-Entry points hold a reference-counted switch for their own length (:func:`prepack.hf.switched`);
+Entry points hold a reference-counted switch for their own length (:func:`prepack.hf.registration.switched`);
 ``prepack.enable`` is the user's own switch, kept until ``prepack.disable``. Oracles: transformers'
 ``generate_batch`` and ``model.generate`` on the user's model, and its config as the user set it.
 """
@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import prepack
-from prepack import hf
+from prepack.hf import registration as hf
 
 from .models import build, prompts
 

@@ -1,10 +1,10 @@
-"""prepack.decoding.top_p_warp is transformers' TopPLogitsWarper, bit for bit, on batches with ties and -inf."""
+"""prepack.jobs.decoding.top_p_warp is transformers' TopPLogitsWarper, bit for bit, on batches with ties and -inf."""
 
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from prepack.decoding import top_p_warp
+from prepack.jobs.decoding import top_p_warp
 
 
 def cases(n_cases: int = 80):

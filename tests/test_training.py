@@ -1,4 +1,4 @@
-"""prepack.training: a model that would mix the sequences of padding-free packed rows is refused by name.
+"""prepack.data.training: a model that would mix the sequences of padding-free packed rows is refused by name.
 
 The oracle is each sequence run alone through the plain model.
 """
@@ -19,7 +19,7 @@ from transformers import (
 
 import prepack
 from prepack import DataCollatorForPackedRows, PackedTrainingCallback, check_packed_training
-from prepack.hf import cu_seqlens_from_position_ids
+from prepack.hf.registration import cu_seqlens_from_position_ids
 
 from .models import build
 

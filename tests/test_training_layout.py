@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 import prepack
-from prepack import hf
+from prepack.hf import registration as hf
 
 from .models import build, prompts
 

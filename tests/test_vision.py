@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 import prepack
-from prepack.support import UnsupportedModelError
+from prepack.hf.support import UnsupportedModelError
 
 from .models import alone_last_logits, cache_kwargs, left_pad, prompts
 from .vision_models import alone, chats, gemma3_model, llava_model, llava_processor, qwen_model, qwen_processor

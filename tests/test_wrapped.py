@@ -110,7 +110,7 @@ def test_score_rolling_matches_the_windows_scored_alone(wrapped):
     model, oracle = wrapped
     doc = prompts([20])[0].tolist()
     got = prepack.score_rolling(model, [doc], prefix_token_id=1, max_length=8)
-    want = sum(_logprob(oracle, ctx, cont) for ctx, cont in prepack.scoring.rolling_windows(doc, 1, 8))
+    want = sum(_logprob(oracle, ctx, cont) for ctx, cont in prepack.jobs.scoring.rolling_windows(doc, 1, 8))
     assert len(got) == 1 and abs(got[0] - want) <= TOL
 
 

@@ -1,6 +1,6 @@
 """``prepack bench``: time padded, length-sorted and packed prefill on the same prompts, in one run.
 
-One module per step, so that scripts and the CLI (``prepack/cli.py``) share them::
+One module per step, so that scripts and the CLI (``prepack/cli/commands.py``) share them::
 
     from prepack.bench import build_model, format_table, load_prompts, run_bench
 

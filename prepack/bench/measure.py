@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -106,7 +107,7 @@ def run_bench(
     warmup: int = 1,
     new_tokens: int = 32,
     micro_batch: int = SORTED_MICRO_BATCH,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, bool], None] | None = None,
 ) -> list[dict]:
     """Time every method on ``prompts`` for every metric; one result row per (metric, method).
 
@@ -142,6 +143,31 @@ def run_bench(
     Raises:
         BenchMismatch: two methods predict a different next token for a request.
     """
+    _check_bench_args(prompts, metrics, methods, repeat, warmup)
+    prompts = tuple(list(p) for p in prompts)
+    device = model_device(model)
+    pad_id = model.generation_config.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    lengths = [len(p) for p in prompts]
+    rows = []
+    for metric in metrics:
+        names = [m for m in methods if supports(m, metric)]
+        call = Call(prompts, metric, new_tokens, pad_id, micro_batch)
+        run = _method_runner(model, call, device, progress)
+        rounds = _run_rounds(run, names, metric, repeat=repeat, warmup=warmup)
+        mems = {m: run(m, "memory", measure_memory) for m in names if m not in rounds.failed}
+        rows += _metric_rows(
+            call, names, rounds, mems, lengths=lengths, micro_batch=micro_batch, device=device, repeat=repeat, warmup=warmup
+        )
+        _add_speedups(rows, metric, len(prompts))
+    return rows
+
+
+def _check_bench_args(
+    prompts: Sequence[Sequence[int]], metrics: Sequence[str], methods: Sequence[str], repeat: int, warmup: int
+) -> None:
+    """Refuse :func:`run_bench`'s arguments before any call: an unknown method or metric, ``repeat < 1``,
+    ``warmup < 0``, or an empty request (prompts: N token-id lists), naming the first bad one."""
     for m in methods:
         check_method(m)
     for metric in metrics:
@@ -157,80 +183,122 @@ def run_bench(
                 f"request {i} is empty; drop empty prompts before benchmarking "
                 "(prepack.bench.prompts.select_prompts does)"
             )
-    prompts = tuple(list(p) for p in prompts)
-    device = model_device(model)
-    pad_id = model.generation_config.pad_token_id
-    pad_id = 0 if pad_id is None else int(pad_id)
-    lengths = [len(p) for p in prompts]
-    meter = "cuda max_memory_allocated" if device.type == "cuda" else "rss"
-    rows = []
-    for metric in metrics:
-        names = [m for m in methods if supports(m, metric)]
-        call = Call(prompts, metric, new_tokens, pad_id, micro_batch)
 
-        def run(m: str, label: str, measure: Callable, call: Call = call):
-            """``measure`` (time_call or measure_memory) of one call of ``m``, reported to ``progress``."""
-            what = f"batch {len(prompts)} {call.metric} {m} {label}"
+
+_Runner = Callable[[str, str, Callable], object]
+
+
+def _method_runner(model, call: Call, device: torch.device, progress: Callable[[str, bool], None] | None) -> _Runner:
+    """``run(m, label, measure)``: ``measure`` (:func:`time_call` or :func:`measure_memory`) of one call of
+    method ``m`` on ``call``'s N prompts, reported to ``progress`` as ``"batch N <metric> <m> <label>"``
+    when it starts (``False``) and when it ends (``True``, even if it raised)."""
+
+    def run(m: str, label: str, measure: Callable):
+        what = f"batch {len(call.prompts)} {call.metric} {m} {label}"
+        if progress:
+            progress(what, False)
+        try:
+            return measure(lambda: method_fn(m)(model, call), device)
+        finally:
             if progress:
-                progress(what, False)
-            try:
-                return measure(lambda: method_fn(m)(model, call), device)
-            finally:
-                if progress:
-                    progress(what, True)
+                progress(what, True)
 
-        times = {m: [] for m in names}
-        mems: dict[str, MemoryMeter] = {}
-        outputs: dict[str, object] = {}
-        firsts: dict[str, torch.Tensor] = {}
-        backends: dict[str, str] = {}
-        ran: dict[str, int] = {}  # prompt tokens run, where a method reports them (shared prefixes run once)
-        failed: dict[str, str] = {}
-        for r in range(warmup + repeat):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for m in order:
-                if m in failed:
-                    continue
-                label = "warmup" if r < warmup else f"timed {r - warmup + 1}/{repeat}"
-                try:
-                    dt, outcome = run(m, label, time_call)
-                except Exception as e:  # a peer that cannot run here is reported, not fatal
-                    if m == "padded":
-                        raise
-                    failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    continue
-                if r == 0:
-                    firsts[m] = outcome.first.cpu()
-                    outputs[m] = outcome.output if metric == "generate" else None
-                    backends[m] = outcome.backend
-                    if outcome.tokens_run is not None:
-                        ran[m] = outcome.tokens_run
-                if r >= warmup:
-                    times[m].append(dt)
-                del outcome
+    return run
+
+
+@dataclass
+class _Rounds:
+    """What the warm-up and timed rounds of one metric gave, keyed by method name.
+
+    Attributes:
+        times: ``repeat`` seconds per method, one per timed round it finished.
+        outputs: the first round's output, (N, k) tokens or its per-micro-batch pieces, for ``generate``;
+            None for the other metrics.
+        backends: the attention backend the first round's call reports.
+        ran: prompt tokens the first round's call ran, where the method reports them
+            (shared prefixes run once); absent otherwise.
+        failed: ``"<ErrorType>: <first line of the message>"`` of the call that raised; such a method
+            makes no further call.
+    """
+
+    times: dict[str, list[float]]
+    outputs: dict[str, object] = field(default_factory=dict)
+    backends: dict[str, str] = field(default_factory=dict)
+    ran: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _run_rounds(run: _Runner, names: list[str], metric: str, *, repeat: int, warmup: int) -> _Rounds:
+    """``warmup`` untimed then ``repeat`` timed rounds of every method in ``names``, round-robin with the
+    order rotated by one per round; the first round's next tokens (N,) must agree (:func:`check_agreement`).
+
+    A method other than ``padded`` that raises is recorded in ``failed`` and skipped from then on;
+    ``padded`` raising is fatal (it is the reference every speed-up is taken against).
+    """
+    rounds = _Rounds(times={m: [] for m in names})
+    firsts: dict[str, torch.Tensor] = {}
+    for r in range(warmup + repeat):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for m in order:
+            if m in rounds.failed:
+                continue
+            label = "warmup" if r < warmup else f"timed {r - warmup + 1}/{repeat}"
+            try:
+                dt, outcome = run(m, label, time_call)
+            except Exception as e:  # a peer that cannot run here is reported, not fatal
+                if m == "padded":
+                    raise
+                rounds.failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                continue
             if r == 0:
-                check_agreement({m: firsts[m] for m in names if m not in failed}, metric)
-        for m in [m for m in names if m not in failed]:
-            mems[m] = run(m, "memory", measure_memory)
-        ref = names[0]
-        for m, why in failed.items():
-            rows.append(dict(metric=metric, method=m, batch_size=len(prompts), error=why))
-        for m in [m for m in names if m not in failed]:
-            ts = times[m]
-            median = statistics.median(ts)
-            generated = len(prompts) * call.max_new_tokens
-            computed = ran.get(m, computed_tokens(m, lengths, micro_batch))
-            rows.append(dict(
-                metric=metric, method=m, backend=backends[m], batch_size=len(prompts), real_tokens=sum(lengths),
-                computed_tokens=computed, pad_ratio=computed / sum(lengths), shared_tokens=max(sum(lengths) - computed, 0),
-                times_s=ts, median_s=median, min_s=min(ts), max_s=max(ts),
-                tokens_per_s=(sum(lengths) + (generated if metric == "generate" else 0)) / median,
-                mem_peak_mb=mems[m].peak / MB, mem_growth_mb=mems[m].growth / MB,
-                mem_meter=meter,
-                same_tokens=_same_fraction(outputs.get(ref), outputs.get(m)) if metric == "generate" else 1.0,
-                repeat=repeat, warmup=warmup, device=str(device), new_tokens=call.max_new_tokens if metric != "prefill" else 0,
-            ))
-        _add_speedups(rows, metric, len(prompts))
+                firsts[m] = outcome.first.cpu()
+                rounds.outputs[m] = outcome.output if metric == "generate" else None
+                rounds.backends[m] = outcome.backend
+                if outcome.tokens_run is not None:
+                    rounds.ran[m] = outcome.tokens_run
+            if r >= warmup:
+                rounds.times[m].append(dt)
+            del outcome
+        if r == 0:
+            check_agreement({m: firsts[m] for m in names if m not in rounds.failed}, metric)
+    return rounds
+
+
+def _metric_rows(
+    call: Call,
+    names: list[str],
+    rounds: _Rounds,
+    mems: dict[str, MemoryMeter],
+    *,
+    lengths: list[int],
+    micro_batch: int,
+    device: torch.device,
+    repeat: int,
+    warmup: int,
+) -> list[dict]:
+    """:func:`run_bench`'s rows for one metric (N = ``len(lengths)`` prompts): an ``error`` row per failed
+    method, then a timing row per method that ran (no speed-ups yet: :func:`_add_speedups` adds them)."""
+    metric = call.metric
+    meter = "cuda max_memory_allocated" if device.type == "cuda" else "rss"
+    rows = [dict(metric=metric, method=m, batch_size=len(lengths), error=why) for m, why in rounds.failed.items()]
+    ref = names[0]
+    for m in [m for m in names if m not in rounds.failed]:
+        ts = rounds.times[m]
+        median = statistics.median(ts)
+        generated = len(lengths) * call.max_new_tokens
+        computed = rounds.ran.get(m, computed_tokens(m, lengths, micro_batch))
+        rows.append(dict(
+            metric=metric, method=m, backend=rounds.backends[m], batch_size=len(lengths), real_tokens=sum(lengths),
+            computed_tokens=computed, pad_ratio=computed / sum(lengths), shared_tokens=max(sum(lengths) - computed, 0),
+            times_s=ts, median_s=median, min_s=min(ts), max_s=max(ts),
+            tokens_per_s=(sum(lengths) + (generated if metric == "generate" else 0)) / median,
+            mem_peak_mb=mems[m].peak / MB, mem_growth_mb=mems[m].growth / MB,
+            mem_meter=meter,
+            same_tokens=(
+                _same_fraction(rounds.outputs.get(ref), rounds.outputs.get(m)) if metric == "generate" else 1.0
+            ),
+            repeat=repeat, warmup=warmup, device=str(device), new_tokens=call.max_new_tokens if metric != "prefill" else 0,
+        ))
     return rows
 
 

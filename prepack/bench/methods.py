@@ -26,10 +26,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..backends import BACKENDS
-from ..generation import generate_with_backends, left_pad
-from ..hf import cache_kwarg, wrapped_implementation
-from ..forward import ROW_BACKENDS
+from ..attention.registry import BACKENDS
+from ..jobs.generation import generate_with_backends, left_pad
+from ..hf.registration import cache_kwarg, wrapped_implementation
+from ..hf.model import ROW_BACKENDS
 
 METRICS = ("prefill", "ttft", "generate")
 PREPACK_PREFIX = "prepack:"
@@ -175,7 +175,7 @@ def _m_prepack(backend: str) -> Callable[..., Outcome]:
 
 def m_hf_packed_nocache(model, c: Call) -> Outcome:
     """Rows packed as ``DataCollatorWithFlattening`` would, positions restarting; transformers builds the mask."""
-    from ..packing import pack
+    from ..data.batch import pack
 
     batch = pack([np.asarray(p) for p in c.prompts], algorithm="bfd", pad_id=c.pad_id)
     p = batch.plan
@@ -297,7 +297,7 @@ def computed_tokens(method: str, lengths: Sequence[int], micro_batch: int = SORT
             ``prepack:sdpa_masked`` and ``hf-packed-nocache`` fill rows as long as the longest prompt.
         lengths: (N,) prompt lengths.
     """
-    from ..planner import plan
+    from ..planner.bins import plan
 
     lengths = np.asarray(lengths, np.int64)
     if method == "padded":
