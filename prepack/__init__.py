@@ -25,20 +25,22 @@ from . import _moved
 from .attention.registry import BACKENDS, get_backend, resolve_backend
 from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
-from .data import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
-from .outputs import forward_at
-from .completions import logprobs
-from .generation import generate, generate_iter
-from .result import VLLM_FINISH_REASON, Generation
-from .heads import classify, embed
-from .hf import ATTN_IMPLEMENTATION, disable, enable
-from .hf import register as _register
-from .kvcache import FlashKVCache
-from .packing import PackedBatch, Varlen, pack
-from .planner import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
-from .prefill import PrefillResult, prefill
-from .scoring import Score, rolling_windows, score, score_rolling
-from .support import UnsupportedModelError
+from .data.fronts import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
+from .jobs.outputs import forward_at
+from .jobs.completions import logprobs
+from .jobs.generation import generate, generate_iter
+from .jobs.result import VLLM_FINISH_REASON, Generation
+from .jobs.heads import classify, embed
+from .hf.registration import ATTN_IMPLEMENTATION, disable, enable
+from .hf.registration import register as _register
+from .jobs.caches import FlashKVCache
+from .data.batch import PackedBatch, Varlen, pack
+from .planner.bins import ALGORITHMS, Plan, lower_bound_l1, lower_bound_l2, plan
+from .jobs.prefill import PrefillResult, prefill
+from .jobs.scoring import Score, rolling_windows, score, score_rolling
+from .hf.support import UnsupportedModelError
+
+_moved.install()
 
 try:  # transformers is the [hf] extra: without it, planning and packing still work
     _register()

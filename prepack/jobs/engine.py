@@ -36,20 +36,17 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import layout
-from .backends import choose
+from ..attention.registry import choose
 from .decoding import RequestRules, Rules, integer, positive_integer, top_p_warp
-from .forward import default_token_budget
-from .hf import attention_needs, model_device, require_switched
-from .step import PackedCall
-from .cascade import cascade_kernel
-from .kvstore import KVStore
-from .prefix_regions import sharing_refusal
-from .scheduler import Request, Scheduler
-from .rope import RopeDependence, rope_dependence
-from .support import UnsupportedModelError
-from .vision import StepRunner
-from .wrapped import check_mode, runner, unwrap
+from ..executor.step import forward_step, rope_groups
+from ..hf.model import base_model, default_token_budget
+from ..hf.registration import attention_needs, model_device, require_switched
+from ..executor.kvstore import KVStore
+from ..executor.regions import sharing_refusal
+from ..executor.scheduler import Request, Scheduler
+from ..hf.rope import RopeDependence, rope_dependence
+from ..hf.support import UnsupportedModelError, kv_share_sources
+from ..hf.wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
 _ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
@@ -456,7 +453,7 @@ def _pick(scores: torch.Tensor, generator) -> torch.Tensor:
 
 def _warp(processors, scores: torch.Tensor) -> torch.Tensor:
     """Row-wise warpers (see :func:`_row_wise`) on (n, V) scores, as the list would apply them; top-p without its
-    full index sort (:func:`~prepack.decoding.top_p_warp`, bit for bit the warper's)."""
+    full index sort (:func:`~prepack.jobs.decoding.top_p_warp`, bit for bit the warper's)."""
     top_p = _row_warpers()[2]
     ids = scores.new_zeros(len(scores), 0, dtype=torch.long)  # read by none of them
     for p in processors:
