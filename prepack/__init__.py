@@ -27,6 +27,7 @@ from .collate import DataCollatorForPackedRows, to_flash_kwargs
 from .collate_vision import DataCollatorForPackedVisionRows
 from .data.fronts import PackStats, pack_dataset, pack_examples, pack_iterable, pack_iterable_dataset, pack_stats, pack_table
 from .jobs.outputs import forward_at
+from .jobs.completions import logprobs
 from .jobs.generation import generate, generate_iter
 from .jobs.result import VLLM_FINISH_REASON, Generation
 from .jobs.heads import classify, embed
@@ -70,6 +71,7 @@ __all__ = [
     "forward_at",
     "generate",
     "generate_iter",
+    "logprobs",
     "get_backend",
     "lower_bound_l1",
     "lower_bound_l2",

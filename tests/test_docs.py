@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api.md"
 INTERNALS = ROOT / "docs" / "internals.md"
 # modules whose own names api.md documents (besides ``prepack.NAME``): the public modules not re-exported whole
-PUBLIC_MODULES = ("prepack.lm_eval", "prepack.ray_data", "prepack.tiny")
+PUBLIC_MODULES = ("prepack.lm_eval", "prepack.ray_data", "prepack.tiny", "prepack.trl")
 
 SECTION = re.compile(r"^## .*`(prepack/[\w/]*?)(\.py)?`")
 ENTRY = re.compile(r"^### ")

@@ -113,3 +113,14 @@ def test_multirank_packed_sft_resumes_from_a_checkpoint_with_the_uninterrupted_l
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert abs(resumed[step] - whole[step]) <= 1e-6 * abs(whole[step]), (step, resumed[step], whole[step])
+
+
+def test_grpo_with_prepack_trains_on_prepack_rollouts_that_match_trl(capsys):
+    pytest.importorskip("trl")
+    argv = ["--steps", "2", "--prompts", "2", "--generations", "2", "--new-tokens", "6"]
+    assert load("grpo_with_prepack").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "same completions as TRL's own path under top_k=1: True" in out
+    gap = float(out.split("largest |rollout logprob - TRL's recomputation|: ")[1].split()[0])
+    assert gap <= 1e-5
+    assert "step 1: reward" in out and "step 2: reward" in out

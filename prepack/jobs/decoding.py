@@ -290,3 +290,35 @@ def _own_copies(objects, name: str, kind):
                 "copy.deepcopy (e.g. a __deepcopy__ that shares what is read-only)"
             ) from e
     return out
+
+
+def top_p_warp(scores: torch.Tensor, warper) -> torch.Tensor:
+    """transformers' ``TopPLogitsWarper`` applied to (n, V) scores, bit for bit, without its (n, V) index sort.
+
+    The warper sorts each row ascending, takes the softmax of the sorted row and its cumulative sum, and removes
+    the prefix whose sum is at most ``1 - top_p`` (all but the last ``min_tokens_to_keep``). Only that prefix's
+    length and the values matter: the sorted values (numpy's sort, no indices) give the same softmax and
+    cumulative sum, so the same length k, and the removed tokens are those at most the k-th smallest value.
+    Where that value is tied across the cut, which of the tied tokens torch's sort put first decides: such a
+    row (and any CPU-less, non-fp32 or NaN case) goes through the warper itself.
+
+    Args:
+        scores: (n, V) float scores (after the processors before it).
+        warper: a ``TopPLogitsWarper`` (its ``top_p``, ``min_tokens_to_keep``, ``filter_value``).
+
+    Returns:
+        (n, V) scores with the removed tokens at ``filter_value``, equal to ``warper(ids, scores)``.
+    """
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.ndim != 2 or bool(torch.isnan(scores).any()):
+        return warper(scores.new_zeros(len(scores), 0, dtype=torch.long), scores)
+    n, vocab = scores.shape
+    values = torch.from_numpy(np.sort(scores.numpy(), axis=-1))  # (n, V): torch.sort's values, ascending
+    cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+    cut = (cumulative <= (1 - warper.top_p)).sum(-1).clamp(max=vocab - warper.min_tokens_to_keep)  # (n,) removed
+    last = values.gather(1, (cut - 1).clamp(min=0)[:, None])  # (n, 1) the largest removed value
+    remove = (scores <= last) & (cut > 0)[:, None]
+    out = scores.masked_fill(remove, warper.filter_value)
+    tied = ((remove.sum(-1) != cut) & (cut > 0)).nonzero()[:, 0]
+    if len(tied):  # the cut splits tied values: the warper's own sort order decides, row by row as alone
+        out[tied] = warper(scores.new_zeros(len(tied), 0, dtype=torch.long), scores[tied])
+    return out

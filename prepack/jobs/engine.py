@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..attention.registry import choose
-from .decoding import RequestRules, Rules, integer, positive_integer
+from .decoding import RequestRules, Rules, integer, positive_integer, top_p_warp
 from ..executor.step import forward_step, rope_groups
 from ..hf.model import base_model, default_token_budget
 from ..hf.registration import attention_needs, model_device, require_switched
@@ -430,7 +430,7 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
     for (_, sample), rows in groups.items():
         at = torch.tensor(rows, device=logits.device)
         scores = logits.index_select(0, at)
-        scores = reqs[rows[0]].rules.processors(scores.new_zeros(len(rows), 0, dtype=torch.long), scores)
+        scores = _warp(reqs[rows[0]].rules.processors, scores)
         if sample:
             probs = torch.softmax(scores, dim=-1)
             for j, i in enumerate(rows):
@@ -449,6 +449,16 @@ def _pick(scores: torch.Tensor, generator) -> torch.Tensor:
     if generator is None:
         return scores.argmax(-1)
     return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+
+
+def _warp(processors, scores: torch.Tensor) -> torch.Tensor:
+    """Row-wise warpers (see :func:`_row_wise`) on (n, V) scores, as the list would apply them; top-p without its
+    full index sort (:func:`~prepack.jobs.decoding.top_p_warp`, bit for bit the warper's)."""
+    top_p = _row_warpers()[2]
+    ids = scores.new_zeros(len(scores), 0, dtype=torch.long)  # read by none of them
+    for p in processors:
+        scores = top_p_warp(scores, p) if type(p) is top_p else p(ids, scores)
+    return scores
 
 
 @functools.lru_cache(maxsize=1)
