@@ -28,7 +28,10 @@ import numpy as np, torch
 import prepack
 from prepack.bench.models import build_model
 from prepack.bench.prompts import fit_vocab, source_prompts
-from prepack.jobs.generation import generate_with_backends
+if hasattr(prepack, "_moved"):  # the subpackage layout; an older checkout has the flat one
+    from prepack.jobs.generation import generate_with_backends
+else:
+    from prepack.generation import generate_with_backends
 
 n, header_len, samples, new = (int(a) for a in sys.argv[1:5])
 model = build_model("llama-small")
