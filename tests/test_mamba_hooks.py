@@ -4,27 +4,15 @@ The oracle is the mixer's own forward (transformers' modeling code, torch path) 
 hidden states alone; a call without ``seq_idx`` must be the modeling file's own computation.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from prepack.mixers import mamba as mamba_hooks, ssm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import model_zoo  # noqa: E402
+from .ssm_models import CHUNKED as MAMBA2_FAMILY  # chunk sizes below the longer segments': several SSD chunks each
+from .ssm_models import model_zoo
 
 LENGTHS = [7, 1, 3, 12, 2]
-# chunk sizes below the longer segments' lengths, so segments span several SSD chunks
-MAMBA2_FAMILY = {
-    "mamba2": {"chunk_size": 4},
-    "bamba": {"mamba_chunk_size": 4},
-    "nemotron_h": {"chunk_size": 4},
-    "falcon_h1": {"mamba_chunk_size": 4},
-    "granitemoehybrid": {"mamba_chunk_size": 4},
-    "zamba2": {"chunk_size": 4},
-}
 
 
 def _mixers(model):
