@@ -14,12 +14,15 @@ causal mask to the bottom right, as flash-attn does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..planner import layout
 from ..attention.registry import Kernel
@@ -153,6 +156,38 @@ class PackedCall:
     kv: KVSource | None = None
     row_mask: Callable | None = field(default=None)
     states: MixerStates | None = None
+
+
+# A packed forward's position_ids tensor -> its call, while the forward runs (:func:`carried_by`).
+_BY_POSITIONS = WeakIdKeyDictionary()
+_BY_POSITIONS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def carried_by(call: PackedCall, position_ids: torch.Tensor) -> Iterator[None]:
+    """Let attention layers find ``call`` by the ``position_ids`` tensor the forward is given, while it runs.
+
+    Some decoder layers (Nemotron's, Falcon's, StableLM's) hand their attention the ``position_ids`` they were
+    given but drop every other keyword, ``prepack=`` among them. transformers hands every layer the very same
+    position_ids object, so the layer finds the call by that object's identity (:func:`call_of`), as a padding-free
+    training batch's layout is found (:mod:`prepack.hf.registration`). Nothing is written to the model; the entry
+    goes when the forward returns (or the tensor does), and another forward's tensor is another object.
+    """
+    with _BY_POSITIONS_LOCK:
+        _BY_POSITIONS[position_ids] = call
+    try:
+        yield
+    finally:
+        with _BY_POSITIONS_LOCK:
+            _BY_POSITIONS.pop(position_ids, None)
+
+
+def call_of(position_ids) -> PackedCall | None:
+    """The packed call whose forward was given this very ``position_ids`` tensor (:func:`carried_by`), else None."""
+    if not isinstance(position_ids, torch.Tensor):
+        return None
+    with _BY_POSITIONS_LOCK:
+        return _BY_POSITIONS.get(position_ids)
 
 
 def check_layer_idx(layer_idx: int | None) -> None:

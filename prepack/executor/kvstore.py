@@ -48,21 +48,28 @@ class KVStore:
             (:func:`prepack.jobs.engine.cache_slides`): such a layer's attention must apply a window.
         reads: layer -> the earlier layer whose keys and values it reads (cross-layer KV sharing,
             :func:`prepack.hf.support.kv_share_sources`): such a layer has no pool of its own.
+        revisits: the model runs attention at one layer index several times in a forward, each over a key/value
+            stream of its own (:func:`prepack.hf.support.revisiting_attention`): the k-th call at a layer index in a
+            step reads and writes the pool ``(layer_idx, k)`` (k >= 1; the first call's pool is ``layer_idx``).
     """
 
-    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=(), reads=None):
+    def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=(), reads=None,
+                 revisits: bool = False):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
         self.split_chunks = split_chunks
         self.slides = tuple(slides)  # per layer: whether the model's own cache keeps only a sliding window of keys
         self.reads = dict(reads or {})  # layer -> the layer whose pool it reads (KV sharing); it writes none
+        self.revisits = revisits
+        if revisits and self.reads:
+            raise UnsupportedModelError("a model that both revisits attention layers and shares keys across layers is not implemented")
         self.start: dict[int, int] = {}  # request -> first pool row of its region
         self.capacity: dict[int, int] = {}  # request -> rows of its region
         self.length: dict[int, int] = {}  # request -> real keys cached
         self.top = 0  # pool rows in use or garbage below this row; free above it
         self.size = 0  # pool rows allocated per layer
-        self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer_idx -> (keys, values), (P, H_kv, D)
+        self.pools: dict = {}  # layer_idx (or (layer_idx, visit), :attr:`revisits`) -> (keys, values), (P, H_kv, D)
         self.peak_bytes = 0
         self.prefix_of: dict[int, int] = {}  # request or region -> the prefix region it continues
         self.sharers: dict[int, int] = {}  # prefix region (a negative key) -> requests and regions attached to it
@@ -261,6 +268,7 @@ class StepKV:
         self.dst = torch.from_numpy(dst).to(store.device)
         self.layout = StepLayout(q_lengths, k_lengths, store.device)
         self._written: set[int] = set()  # layers whose keys this step holds: a second write would overwrite them
+        self._visits: dict[int, int] = {}  # with store.revisits: layer -> calls at it this step after the first
         self._new: dict[int, tuple] = {}  # a layer others read -> the (key, value) tensors it wrote this step
 
     def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,11 +284,17 @@ class StepKV:
             raise UnsupportedModelError(f"layer {layer_idx} got keys of batch {key.shape[0]}; the engine runs one packed stream")
         if layer_idx in self.store.reads:
             return self._read_shared(layer_idx, key, value, window)
+        pool = layer_idx
         if layer_idx in self._written:
-            raise UnsupportedModelError(
-                f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
-                "key/value stream per layer and cannot decode this model exactly"
-            )
+            if not self.store.revisits:
+                raise UnsupportedModelError(
+                    f"layer {layer_idx} went through attention twice in one forward; prepack's engine keeps one "
+                    "key/value stream per layer unless the model's attention class is known to give each call a "
+                    "stream of its own (prepack.hf.support.REVISITING_ATTENTION), so it cannot decode this model exactly"
+                )
+            # the k-th call at this layer index: a stream of its own, the same one at every step (calls come in model order)
+            self._visits[layer_idx] = self._visits.get(layer_idx, 0) + 1
+            pool = (layer_idx, self._visits[layer_idx])
         store = self.store
         if layer_idx < len(store.slides) and store.slides[layer_idx] and not window:
             raise UnsupportedModelError(
@@ -291,9 +305,9 @@ class StepKV:
         self._written.add(layer_idx)
         if layer_idx in store.reads.values():
             self._new[layer_idx] = (key, value)
-        if layer_idx not in store.pools:  # the first step: every layer's pool at the size planned
-            store.pools[layer_idx] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
-        pool_k, pool_v = store.pools[layer_idx]
+        if pool not in store.pools:  # the first step: every layer's pool at the size planned
+            store.pools[pool] = tuple(x.new_zeros(store.size, x.shape[1], x.shape[3]) for x in (key, value))
+        pool_k, pool_v = store.pools[pool]
         if pool_k.shape[1:] != (key.shape[1], key.shape[3]) or pool_v.shape[1:] != (value.shape[1], value.shape[3]):
             raise UnsupportedModelError(
                 f"layer {layer_idx}'s keys/values changed shape between steps ({tuple(pool_k.shape[1:])} cached, "

@@ -31,7 +31,7 @@ from ..planner import layout
 from ..attention.cascade import cascade_kernel
 from ..data.batch import pack_plan
 from ..planner.bins import plan
-from .call import PackedCall, StepLayout
+from .call import PackedCall, StepLayout, carried_by
 from ..hf.support import UnsupportedModelError
 from ..hf.wrapped import unwrap
 
@@ -97,7 +97,7 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
         kw.update(images)
     at = rows_of(fed)
     first = store is not None and not store.pools
-    with torch.no_grad():
+    with torch.no_grad(), carried_by(call, pos):  # for layers that drop prepack= but pass position_ids on
         values = _outputs(module, base, ids, pos, call, at, output, kw)
     if first:
         check_every_layer(module, store)
@@ -146,6 +146,8 @@ def check_every_layer(module, store) -> None:
     """After the first stored step: every layer's attention went through prepack's (the store holds one pool per such layer)."""
     layers = unwrap(module).config.get_text_config(decoder=True).num_hidden_layers
     missing = sorted(set(range(layers)) - set(store.pools) - set(store.reads))  # readers read their source's pool
+    if missing and store.revisits and len(store.pools) >= layers:
+        missing = []  # a model that revisits layer indices (HRM's cycles): one stream per call, as many as its cache has
     if missing:
         raise UnsupportedModelError(
             f"{type(unwrap(module)).__name__}: layers {missing} of {layers} did not go through prepack's attention, so "

@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..attention.functions import dense_attention, segment_mask
 from ..attention.registry import Kernel, Needs, choose
-from ..executor.call import PackedCall, StepLayout
+from ..executor.call import PackedCall, StepLayout, call_of
 from .causal_masks import is_plain_causal
 from ..mixers import install as install_mixers
 from .wrapped import unwrap
@@ -372,6 +372,8 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     """
     B, H, Lq, D = query.shape
     call: PackedCall | None = kwargs.get("prepack")
+    if call is None:  # a decoder layer that dropped prepack= but passed the forward's position_ids on
+        call = call_of(kwargs.get("position_ids"))
     cu_q, batch = kwargs.get("cu_seq_lens_q"), None
     if call is None:
         if cu_q is not None:
@@ -387,6 +389,14 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
                     "sequences); pass cu_seq_lens_q too: DataCollatorWithFlattening(return_flash_attn_kwargs=True)"
                 )
         if cu_q is None:
+            if _INSIDE.get() > 0 and attention_mask is None and Lq == key.shape[2] and Lq > 1 and _is_causal(module, kwargs):
+                # inside a prepack call this mask was skipped for a packed stream: the wrapped implementation's
+                # causal attention would run across the packed prompts
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) got no packed layout inside a "
+                    "prepack call: its decoder layer passes neither prepack= nor the forward's position_ids on to "
+                    "attention, so prepack cannot keep the packed prompts apart"
+                )
             return _own_attention(own, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:
         raise UnsupportedModelError(
@@ -432,13 +442,16 @@ def _own_attention(own: str, module, query, key, value, attention_mask, scaling,
     """A call with no packed layout: exactly the wrapped implementation ``own``, under its own mask."""
     for name in PREPACK_KWARGS:
         kwargs.pop(name, None)
-    causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
-    if attention_mask is None and causal and query.shape[2] == key.shape[2]:
+    if attention_mask is None and _is_causal(module, kwargs) and query.shape[2] == key.shape[2]:
         # prepack_mask built nothing for this maskless causal call: build the mask ``own`` would have
         attention_mask = _own_mask(own, module, query, kwargs)
     return _own_function(own, module)(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+
+
+def _is_causal(module, kwargs: dict) -> bool:
+    return kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
 
 
 def _own_function(own: str, module):

@@ -162,6 +162,25 @@ def layer_attention(module, kwargs: dict, num_tokens: int) -> LayerAttention:
     return LayerAttention(int(window) if window else None, chunk, float(softcap), sinks)
 
 
+# Attention classes (transformers 5.25) that run attention more than once at one layer index in a forward, each call
+# over a key/value stream of its own that the model's own cache keeps apart: prepack's KV store gives the k-th call at
+# a layer index in a step a pool of its own (:class:`prepack.executor.kvstore.KVStore`'s ``revisits``), in call order.
+REVISITING_ATTENTION = {
+    # differential attention: two calls per layer, the same keys with each half of the values (chunked along heads,
+    # a per-token transform of the one cached value tensor), so each call's stream is a per-token function of it
+    "DiffLlamaAttention": "two attention calls per layer over the two halves of its values",
+    # hierarchical reasoning: the H and L stacks share layer indices 0..num_layers_per_stack-1 and run in cycles;
+    # each run writes its own cache slot (layer_idx + cycle_offset), in a fixed order
+    "HrmTextAttention": "its stacks run in cycles, each run with a cache slot of its own (layer_idx + cycle_offset)",
+}
+
+
+def revisiting_attention(model) -> bool:
+    """Whether ``model`` runs attention several times at one layer index per forward, each call over a stream of
+    its own (:data:`REVISITING_ATTENTION`). Any other model doing so is refused at its second call."""
+    return any(type(m).__name__ in REVISITING_ATTENTION for m in model.modules())
+
+
 def mixes_outside_attention(config) -> bool:
     """Whether ``config``'s layers include token mixers other than attention (``layer_types`` such as
     ``"linear_attention"``, ``"conv"``, ``"mamba"``): their layers see no attention layout."""
@@ -191,7 +210,7 @@ def check_model(model) -> None:
     mixing = _token_mixing_outside_attention(model, {path for path, _, _ in mixers})
     if mixing:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {mixing}")
-    if not getattr(model, "_supports_attention_backend", False) and not (mixers and _attention_routes_through_interface(model, mixer_ids)):
+    if not getattr(model, "_supports_attention_backend", False) and not _attention_routes_through_interface(model, mixer_ids, bool(mixers)):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
@@ -201,10 +220,15 @@ def check_model(model) -> None:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {reason}")
 
 
-def _attention_routes_through_interface(model, mixer_ids: set) -> bool:
-    """Whether every attention module of a hybrid model (transformers marks these ``_supports_attention_backend =
-    False``, since vLLM-style backends cannot hold their recurrent state) calls ``ALL_ATTENTION_FUNCTIONS``, the
-    registry prepack's implementation is looked up in. Read from the class's own forward code, not from a list."""
+def _attention_routes_through_interface(model, mixer_ids: set, hybrid: bool) -> bool:
+    """Whether every attention module of a model that transformers does not mark ``_supports_attention_backend``
+    calls ``ALL_ATTENTION_FUNCTIONS``, the registry prepack's implementation is looked up in. Read from the class's
+    own forward code, not from a list.
+
+    transformers marks hybrids False since vLLM-style backends cannot hold their recurrent state, and older
+    families (Falcon, StableLM, BioGPT) since their layers do not forward every keyword down to attention. Their
+    attention still runs prepack's implementation; a layer that gets no packed layout inside a prepack call is
+    refused there (:func:`prepack.hf.registration.prepack_attention`), never run across the packed prompts."""
     found = False
     for module in model.modules():
         if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and id(module) not in mixer_ids:
@@ -212,8 +236,10 @@ def _attention_routes_through_interface(model, mixer_ids: set) -> bool:
             if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
                 return False
             found = True
+    if found or not hybrid:
+        return found
     # a model of mixers only (Mamba2) has no attention to route: every layer's cache type is a mixer's
-    return found or not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
+    return not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
 
 
 def _cache_layer_types(model) -> list[str]:

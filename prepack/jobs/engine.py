@@ -45,7 +45,7 @@ from ..executor.kvstore import KVStore
 from ..executor.regions import sharing_refusal
 from ..executor.scheduler import Request, Scheduler
 from ..hf.rope import RopeDependence, rope_dependence
-from ..hf.support import UnsupportedModelError, kv_share_sources
+from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention
 from ..hf.wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -197,7 +197,7 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
     store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model),
-                    reads=kv_share_sources(unwrap(model).config))
+                    reads=kv_share_sources(unwrap(model).config), revisits=revisiting_attention(unwrap(model)))
 
     limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
     if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost

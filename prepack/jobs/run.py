@@ -41,7 +41,7 @@ from ..planner.bins import check_capacity, plan
 from ..executor.regions import MIN_SHARED_TOKENS, common_prefix_length, sharing_refusal
 from ..hf.rope import rope_dependence
 from ..executor.scheduler import Scheduler
-from ..hf.support import UnsupportedModelError, kv_share_sources, stateless_layers
+from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention, stateless_layers
 from ..mixers import continuation_refusal
 from ..mixers.states import MixerCapture, SegmentCaches
 from ..mixers.states import layer_indices as mixer_layer_indices
@@ -169,7 +169,8 @@ def run_jobs(
     ordered, share = _order(jobs, budget, share)
     waiting = deque(ordered)
     plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
-    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=(), reads=kv_share_sources(unwrap(model).config))
+    store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=(), reads=kv_share_sources(unwrap(model).config),
+                    revisits=revisiting_attention(unwrap(model)))
     sched = Scheduler(store, token_budget=budget, kv_budget=max(default_kv_budget(model), longest),
                       max_batch=None, admit_check=lambda r: None, chunk=not kernel.rows, share=share,
                       stats=_NoStats(), read_ahead=READ_AHEAD)
