@@ -215,9 +215,25 @@ def check_model(model) -> None:
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
         )
+    if getattr(config.get_text_config(decoder=True), "alibi", False):
+        raise UnsupportedModelError(
+            f"{name} cannot be packed exactly: its ALiBi position bias (config.alibi) is built from the forward's "
+            "attention mask into a dense bias, which in a packed stream would count positions across the packed prompts"
+        )
     reason = _unsupported_cache_layers(model, mixers)
     if reason:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {reason}")
+
+
+# Attention classes of models transformers 5.25 does not mark ``_supports_attention_backend`` (their decoder layers
+# drop keywords on the way to attention) that prepack packs exactly: each calls ``ALL_ATTENTION_FUNCTIONS``, is handed
+# the forward's position_ids (where the packed call is found: :func:`prepack.executor.call.carried_by`), and its model
+# takes its positions from the position_ids it is given.
+UNMARKED_ATTENTION = {
+    "FalconAttention": "its decoder layer passes position_ids (and no other keyword) on; RoPE from position_ids",
+    "StableLmAttention": "its decoder layer passes position_ids (and no other keyword) on; RoPE from position_ids",
+    "BioGptAttention": "keywords reach it; its learned positions are read at the position_ids given",
+}
 
 
 def _attention_routes_through_interface(model, mixer_ids: set, hybrid: bool) -> bool:
@@ -225,15 +241,19 @@ def _attention_routes_through_interface(model, mixer_ids: set, hybrid: bool) -> 
     calls ``ALL_ATTENTION_FUNCTIONS``, the registry prepack's implementation is looked up in. Read from the class's
     own forward code, not from a list.
 
-    transformers marks hybrids False since vLLM-style backends cannot hold their recurrent state, and older
-    families (Falcon, StableLM, BioGPT) since their layers do not forward every keyword down to attention. Their
-    attention still runs prepack's implementation; a layer that gets no packed layout inside a prepack call is
-    refused there (:func:`prepack.hf.registration.prepack_attention`), never run across the packed prompts."""
+    transformers marks hybrids False since vLLM-style backends cannot hold their recurrent state: their attention
+    modules are accepted by their code. Other models it marks False are accepted only where their attention class is
+    in :data:`UNMARKED_ATTENTION`: calling ``ALL_ATTENTION_FUNCTIONS`` is not enough (Marian's, BART's decoders
+    compute positions from the forward's length and ignore the position_ids they are given, so a packed stream
+    would get wrong positions). A layer that gets no packed layout inside a prepack call is refused there
+    (:func:`prepack.hf.registration.prepack_attention`), never run across the packed prompts."""
     found = False
     for module in model.modules():
         if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and id(module) not in mixer_ids:
             forward = inspect.unwrap(type(module).forward)
             if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
+                return False
+            if not hybrid and type(module).__name__ not in UNMARKED_ATTENTION:
                 return False
             found = True
     if found or not hybrid:
