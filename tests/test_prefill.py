@@ -123,9 +123,18 @@ def test_encoder_decoder_model_is_rejected():
 
 
 def test_model_without_attention_interface_is_rejected():
-    model = build("llama")
-    model._supports_attention_backend = False  # as for models with hard-wired attention
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                                           attention_types=[[["global"], 1]])).eval()  # hard-wired attention
     with pytest.raises(TypeError, match="does not route attention through transformers' AttentionInterface"):
+        prepack.prefill(model, [[1, 2]])
+
+
+def test_a_model_transformers_does_not_mark_is_rejected_unless_its_attention_class_is_verified():
+    model = build("llama")
+    model._supports_attention_backend = False  # as for BART-family decoders, whose positions ignore position_ids
+    with pytest.raises(TypeError, match=r"has not verified its attention class \(LlamaAttention"):
         prepack.prefill(model, [[1, 2]])
 
 

@@ -211,6 +211,14 @@ def check_model(model) -> None:
     if mixing:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {mixing}")
     if not getattr(model, "_supports_attention_backend", False) and not _attention_routes_through_interface(model, mixer_ids, bool(mixers)):
+        if _attention_calls_interface(model):
+            raise UnsupportedModelError(
+                f"{name}'s positions may not follow position_ids: transformers does not mark it "
+                f"_supports_attention_backend and prepack has not verified its attention class "
+                f"({', '.join(sorted(_attention_classes(model)))}; prepack.hf.support.UNMARKED_ATTENTION lists those it "
+                "has). Such decoders (BART's family) count positions as arange(length) of the forward, which in a packed "
+                "stream runs across the prompts, and their layers need not hand attention the call's keywords"
+            )
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
@@ -260,6 +268,18 @@ def _attention_routes_through_interface(model, mixer_ids: set, hybrid: bool) -> 
         return found
     # a model of mixers only (Mamba2) has no attention to route: every layer's cache type is a mixer's
     return not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
+
+
+def _attention_classes(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")}
+
+
+def _attention_calls_interface(model) -> bool:
+    """Whether ``model`` has attention modules (with a ``layer_idx``) and every one calls ``ALL_ATTENTION_FUNCTIONS``."""
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return bool(modules) and all(
+        "ALL_ATTENTION_FUNCTIONS" in inspect.unwrap(type(m).forward).__code__.co_names for m in modules
+    )
 
 
 def _cache_layer_types(model) -> list[str]:
