@@ -110,3 +110,11 @@ def test_falcon_with_alibi_is_refused_naming_the_bias():
                                            alibi=True)).eval()
     with pytest.raises(UnsupportedModelError, match="ALiBi"):
         prepack.prefill(model, prompts([3, 5]))
+
+
+def test_doges_dynamic_mask_attention_is_refused_naming_the_module():
+    from transformers import DogeConfig, DogeForCausalLM
+
+    model = DogeForCausalLM(DogeConfig(**TINY, num_hidden_layers=1)).eval()
+    with pytest.raises(UnsupportedModelError, match="DogeAttention builds its own attention mask"):
+        prepack.prefill(model, prompts([3, 5]))

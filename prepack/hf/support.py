@@ -223,6 +223,9 @@ def check_model(model) -> None:
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
             "cannot give it packed attention; use a decoder-only model that supports attn_implementation"
         )
+    dynamic = _dynamic_mask_attention(model)
+    if dynamic:
+        raise UnsupportedModelError(f"{name} cannot be packed exactly: {dynamic}")
     if getattr(config.get_text_config(decoder=True), "alibi", False):
         raise UnsupportedModelError(
             f"{name} cannot be packed exactly: its ALiBi position bias (config.alibi) is built from the forward's "
@@ -268,6 +271,26 @@ def _attention_routes_through_interface(model, mixer_ids: set, hybrid: bool) -> 
         return found
     # a model of mixers only (Mamba2) has no attention to route: every layer's cache type is a mixer's
     return not any(t in ATTENTION_LAYER_TYPES or t.startswith("hybrid") for t in _cache_layer_types(model))
+
+
+def _dynamic_mask_attention(model) -> str | None:
+    """Why attention that builds its own mask from the keys it sees cannot be packed (Doge's dynamic mask attention).
+
+    ``DogeAttention.prepare_dynamic_mask`` (transformers 5.25) turns the values of every key the module sees into a
+    per-key bias (``exp(A * softplus(dt_proj(values)))``) and keeps only each query's ``keep_window_size`` highest
+    keys, inside the module, before ``AttentionInterface``. prepack's attention receives that (B, H, Lq, Lk) mask
+    over the whole packed stream: the top-k would rank other requests' keys, and in decoding the module sees only
+    the new tokens' values (the cached keys are added inside attention), so the cached keys would have no bias.
+    """
+    for module in model.modules():
+        if callable(getattr(module, "prepare_dynamic_mask", None)):
+            return (
+                f"{type(module).__name__} builds its own attention mask inside the module (prepare_dynamic_mask: a bias "
+                "from each key's value states, and each query's top keep_window_size keys), outside transformers' "
+                "AttentionInterface; over a packed stream that selection would rank other requests' keys, and when "
+                "decoding it would see only the new tokens' values, not the cached keys'"
+            )
+    return None
 
 
 def _attention_classes(model) -> set[str]:
