@@ -18,6 +18,8 @@ import torch
 from transformers import (
     DiffLlamaConfig,
     DiffLlamaForCausalLM,
+    DoryConfig,
+    DoryForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     HrmTextConfig,
@@ -40,6 +42,9 @@ LENGTHS = [1, 3, 7, 12, 20]
 NEW_TOKENS = 4
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DORY = DoryConfig(**TINY, num_hidden_layers=4, head_dim=16, sliding_window=4,
+                  layer_types=["sliding_attention", "full_attention"] * 2, n_input_layers=1, n_recurrent_layers=2,
+                  n_output_layers=1)
 FAMILIES = {
     # decoder layers that drop prepack= but pass position_ids on
     "nemotron": lambda: NemotronForCausalLM(NemotronConfig(**TINY, num_hidden_layers=2, head_dim=16)),
@@ -50,6 +55,8 @@ FAMILIES = {
     "diffllama": lambda: DiffLlamaForCausalLM(DiffLlamaConfig(**TINY, num_hidden_layers=2)),
     "hrm_text": lambda: HrmTextForCausalLM(HrmTextConfig(
         **TINY, head_dim=16, num_layers_per_stack=1, num_hidden_layers=6, H_cycles=2, L_cycles=2, L_bp_cycles=[1])),
+    # recurrent depth: layers 1-2 run twice, the second loop into cache layers the model appends (4, 5)
+    "dory": lambda: DoryForCausalLM(DORY),
 }
 
 
@@ -118,3 +125,28 @@ def test_doges_dynamic_mask_attention_is_refused_naming_the_module():
     model = DogeForCausalLM(DogeConfig(**TINY, num_hidden_layers=1)).eval()
     with pytest.raises(UnsupportedModelError, match="DogeAttention builds its own attention mask"):
         prepack.prefill(model, prompts([3, 5]))
+
+
+def test_dorys_appended_cache_layers_are_in_every_cache_prepack_builds():
+    torch.manual_seed(0)
+    model = DoryForCausalLM(DORY).eval()
+    seqs = prompts([5, 9, 3], seed=5)
+    result = prepack.prefill(model, seqs)
+    assert result.layer_copies == {4: 1, 5: 2}  # loop 2 of layers 1 and 2
+    cache, mask = result.left_padded_cache()
+    assert len(cache.layers) == 6
+    longest = max(len(s) for s in seqs)
+    ids = torch.stack([torch.cat([torch.zeros(longest - len(s), dtype=torch.long), s]) for s in seqs])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=0)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    for row, s in zip(out[:, longest:].tolist(), seqs):
+        want = oracle.alone_generate(model, s, **kwargs)
+        assert row[: len(want)] == want
+
+
+def test_dory_whose_early_loops_read_the_last_loops_keys_is_refused():
+    config = DoryConfig(**{**DORY.to_dict(), "recurrent_kv_cache_mode": "last_loop"})
+    with pytest.raises(UnsupportedModelError, match="recurrent_kv_cache_mode='last_loop'"):
+        prepack.prefill(DoryForCausalLM(config).eval(), prompts([3, 5]))

@@ -172,6 +172,9 @@ REVISITING_ATTENTION = {
     # hierarchical reasoning: the H and L stacks share layer indices 0..num_layers_per_stack-1 and run in cycles;
     # each run writes its own cache slot (layer_idx + cycle_offset), in a fixed order
     "HrmTextAttention": "its stacks run in cycles, each run with a cache slot of its own (layer_idx + cycle_offset)",
+    # recurrent depth: the middle layers run n_recurrent_loops times, each loop after the first writing a deep copy of
+    # the layer's cache layer that the model appends (recurrent_kv_cache_mode="per_loop"; "last_loop" is refused)
+    "DoryAttention": "its recurrent loops each keep a cache layer of their own (recurrent_kv_cache_mode='per_loop')",
 }
 
 
@@ -226,6 +229,13 @@ def check_model(model) -> None:
     dynamic = _dynamic_mask_attention(model)
     if dynamic:
         raise UnsupportedModelError(f"{name} cannot be packed exactly: {dynamic}")
+    loops = getattr(config.get_text_config(decoder=True), "recurrent_kv_cache_mode", "per_loop")
+    if loops != "per_loop":
+        raise UnsupportedModelError(
+            f"{name} cannot be packed exactly: recurrent_kv_cache_mode={loops!r} makes its loops before the last read the "
+            "last loop's cached keys without writing their own (DoryPastReader), a stream prepack's caches and KV store "
+            "do not hold; recurrent_kv_cache_mode='per_loop' (the default) is exact"
+        )
     if getattr(config.get_text_config(decoder=True), "alibi", False):
         raise UnsupportedModelError(
             f"{name} cannot be packed exactly: its ALiBi position bias (config.alibi) is built from the forward's "

@@ -9,7 +9,9 @@ them, with one indexing op per layer and tensor, into the layout a decoder wants
 
 from __future__ import annotations
 
+import copy
 import functools
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -93,7 +95,7 @@ def _tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(H, -1, D).index_select(1, src).transpose(0, 1)
 
 
-def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int):
+def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int, copies: dict[int, int] | None = None):
     """A ``DynamicCache`` of (n, H_kv, pad_to, D) layers holding the packed tokens, zeros elsewhere.
 
     The padded layout is mostly padding, so writing it is what costs. Each layer
@@ -105,10 +107,11 @@ def left_padded_cache(config, chunks: list, pieces: list, n: int, pad_to: int):
     Args:
         chunks: per forward, per layer (keys, values), each packed (B, H_kv, L, D).
         pieces: (chunk, src, dst) as in :func:`gather_padded`, ``dst`` into the n * pad_to token axis.
+        copies: cache layers the model appends in its forward -> the layer each copies (:func:`appended_layers`).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = _append_copies(DynamicCache(config=config), copies)
     where = [(c, src, dst // pad_to, dst % pad_to) for c, src, dst in pieces]
     for i, kv in enumerate(chunks[0]):
         if _keeps_no_kv(cache.layers[i]):  # a layer reading another's keys (KV sharing): transformers caches none for it
@@ -148,6 +151,27 @@ def recording_cache(config, records: dict):
     for reader, source in kv_share_sources(config).items():
         readers.setdefault(source, []).append(reader)
     cache.layers = [_recording_layer_class()(i, records, readers.get(i, ())) for i in range(len(cache.layers))]
+    for layer in cache.layers:
+        layer.cache = weakref.ref(cache)
+    return cache
+
+
+def appended_layers(cache) -> dict[int, int]:
+    """Cache layers the model appended to a :func:`recording_cache` during its forward -> the layer each copies.
+
+    Dory's recurrent loops (``recurrent_kv_cache_mode="per_loop"``) append ``copy.deepcopy`` of their layers' cache
+    layers and write each later loop's keys there; the per-request caches get the same copies
+    (:func:`build_dynamic_cache`'s ``copies``), so ``model.generate`` finds the layout it made itself.
+    """
+    return {i: layer.origin for i, layer in enumerate(cache.layers) if getattr(layer, "origin", None) is not None}
+
+
+def _append_copies(cache, copies: dict[int, int] | None):
+    """Append to ``cache`` (a fresh ``DynamicCache``) a deep copy of layer ``copies[i]`` at each index ``i``, in order."""
+    for i in sorted(copies or {}):
+        if i != len(cache.layers):
+            raise ValueError(f"cache layer {i} copies layer {copies[i]}, but the cache has {len(cache.layers)} layers")
+        cache.layers.append(copy.deepcopy(cache.layers[copies[i]]))
     return cache
 
 
@@ -160,7 +184,19 @@ def _recording_layer_class():
             super().__init__()
             self.layer_idx, self.records, self.readers = layer_idx, records, tuple(readers)
 
+        origin = None  # set on a copy the model appended (appended_layers): the layer it copies
+        cache = None  # weakref to the recording cache holding this layer
+
+        def __deepcopy__(self, memo):
+            # a copy the model appends to the cache (Dory's per-loop layers): it records the same way, under the
+            # index it holds in the cache (found at its first update), and remembers the layer it copies
+            twin = RecordingLayer(None, self.records)
+            twin.origin, twin.cache = self.layer_idx if self.origin is None else self.origin, self.cache
+            return twin
+
         def update(self, key_states, value_states, *args, **kwargs):
+            if self.layer_idx is None:
+                self.layer_idx = next(i for i, layer in enumerate(self.cache().layers) if layer is self)
             kept = (own_storage(key_states), own_storage(value_states))
             for i in (self.layer_idx, *self.readers):  # layers reading this one's keys and values hold the same tensors
                 self.records[i] = kept
@@ -169,15 +205,16 @@ def _recording_layer_class():
     return RecordingLayer
 
 
-def build_dynamic_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+def build_dynamic_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]], copies: dict[int, int] | None = None):
     """A transformers ``DynamicCache`` for ``config`` holding (B, H_kv, L, D) keys/values per layer.
 
     Built through ``DynamicCache.update`` so that sliding-window layers keep
     only their window, exactly as transformers would after its own prefill.
+    ``copies``: cache layers the model appends in its forward -> the layer each copies (:func:`appended_layers`).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = _append_copies(DynamicCache(config=config), copies)
     for i, (k, v) in enumerate(layers):
         if not _keeps_no_kv(cache.layers[i]):  # a layer reading another's keys (KV sharing) caches none of its own
             cache.update(k, v, i)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -69,6 +69,7 @@ class PrefillResult:
     tokens_run: int = 0
     shared_tokens: int = 0
     _last_pieces: tuple | None = None  # (Plan, tokens) of each request's last piece, for the deprecated ``batch``
+    layer_copies: dict = field(default_factory=dict)  # cache layers the model appends -> the layer each copies
 
     @property
     def num_requests(self) -> int:
@@ -135,7 +136,7 @@ class PrefillResult:
         """One transformers ``DynamicCache`` per request, holding a copy of exactly its prompt's keys and values."""
         if self.chunks and isinstance(self.chunks[0], MixerCapture):  # mixer states + attention keys, one cache
             return [with_keys(self._mixer_states(i), self.request_kv(i)) for i in range(self.num_requests)]
-        return [kvcache.build_dynamic_cache(self.config, self.request_kv(i)) for i in range(self.num_requests)]
+        return [kvcache.build_dynamic_cache(self.config, self.request_kv(i), self.layer_copies) for i in range(self.num_requests)]
 
     def _pieces(self, rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per chunk: (chunk, src, dst) token indices moving ``rows``' tokens to ``dst`` (request after request)."""
@@ -161,7 +162,7 @@ class PrefillResult:
         dst = kvcache.padded_targets(self._lengths[rows], pad_to, left=True)
         mask = torch.zeros(len(rows), pad_to, dtype=torch.long, device=self.lengths.device)
         mask.view(-1)[torch.from_numpy(dst).to(mask.device)] = 1
-        cache = kvcache.left_padded_cache(self.config, self.chunks, self._pieces(rows, dst), len(rows), pad_to)
+        cache = kvcache.left_padded_cache(self.config, self.chunks, self._pieces(rows, dst), len(rows), pad_to, self.layer_copies)
         return cache, mask
 
     def flash_kvcache(self, extra: int = 0, *, padding: str = "right") -> kvcache.FlashKVCache:
@@ -271,7 +272,7 @@ def prefill_tokens(
     return PrefillResult(
         logits=out_logits, lengths=torch.from_numpy(lengths).to(device), steps=run.steps, backend=run.backend,
         chunks=run.chunks, parts=run.parts, config=model.config, tokens_run=run.tokens_run,
-        shared_tokens=run.shared_tokens, _last_pieces=_last_pieces(run, tokens),
+        shared_tokens=run.shared_tokens, _last_pieces=_last_pieces(run, tokens), layer_copies=run.layer_copies,
     )
 
 

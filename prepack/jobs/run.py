@@ -96,6 +96,8 @@ class JobsRun(NamedTuple):
         steps: forwards run. tokens_run: tokens that went through the model.
         shared_tokens: prompt tokens not run because a region held them for several requests.
         grids: per step, its (B, L) token grid (1 row of T tokens for a varlen stream).
+        layer_copies: cache layers the model appended in its forwards -> the layer each copies
+            (:func:`prepack.jobs.caches.appended_layers`; Dory's per-loop layers), {} for most models.
     """
 
     backend: str
@@ -106,6 +108,7 @@ class JobsRun(NamedTuple):
     tokens_run: int
     shared_tokens: int
     grids: list
+    layer_copies: dict = {}
 
 
 def run_jobs(
@@ -183,7 +186,8 @@ def run_jobs(
         values = run.values() if run.outputs else no_values(model, output, reduce, device)
     parts = layout.Parts.join([(j.index, *p) for j in jobs for p in _chain(j)], len(lengths))
     tokens_run = sum(n for _, _, n in (p for j in jobs for p in j.pieces)) + run.region_tokens
-    return JobsRun(kernel.name, values, run.chunks, parts, run.steps, tokens_run, int(lengths.sum()) - tokens_run, run.grids)
+    return JobsRun(kernel.name, values, run.chunks, parts, run.steps, tokens_run, int(lengths.sum()) - tokens_run, run.grids,
+                   run.layer_copies)
 
 
 class _NoStats:
@@ -266,6 +270,7 @@ class _Jobs:
         # layers that write no keys: a mixer's (its states are in the request's own cache) and an MLP-only one
         self.keyless = self.mixer_layers | stateless_layers(model) if self.mixer_layers else frozenset()
         self.chunks: list = []  # per forward, per layer (keys, values) what the model cached (keep_cache)
+        self.layer_copies: dict = {}  # cache layers the model appends in its forward -> the layer each copies
         self.outputs: list = []  # per forward, (values, rows in the request-order result)
         self.grids: list = []  # per forward, its (B, L) token grid
         self.steps = self.region_tokens = 0
@@ -315,6 +320,7 @@ class _Jobs:
         self.grids.append(fed.grid)
         if self.keep_cache:
             chunk = _recorded(records, len(cache["cache"].layers), self.name, self.keyless)
+            self.layer_copies = kvcache.appended_layers(cache["cache"])
             if states is not None:  # kept beside the keys: per segment of this forward, its request's mixer states
                 chunk = MixerCapture(chunk, {int(fed.start[j]): c for j, c in states.caches.items()})
             self.chunks.append(chunk)
