@@ -18,7 +18,9 @@ is as the user left it (``generate_batch``, ``save_pretrained`` and TRL see the 
 forward, ``model.generate``, a padded batch, a second model sharing the config) computes what
 the wrapped implementation computes, with the wrapped implementation's own mask. A packed call
 carries its layout, its kernel and its KV sink in one keyword, ``prepack=``
-(:class:`prepack.executor.call.PackedCall`); a padding-free training batch carries transformers'
+(:class:`prepack.executor.call.PackedCall`); a layer whose decoder layer drops that keyword but passes the
+forward's ``position_ids`` on finds the call by that tensor (:func:`prepack.executor.call.call_of`), and a causal
+call that finds no layout inside a prepack entry point is refused. A padding-free training batch carries transformers'
 ``cu_seq_lens_q/k`` (``DataCollatorWithFlattening``) or restarting ``position_ids``.
 
 **Masks.** The ``"prepack|<own>"`` mask function builds nothing for a call with no padding mask,

@@ -216,11 +216,11 @@ def check_model(model) -> None:
     if not getattr(model, "_supports_attention_backend", False) and not _attention_routes_through_interface(model, mixer_ids, bool(mixers)):
         if _attention_calls_interface(model):
             raise UnsupportedModelError(
-                f"{name}'s positions may not follow position_ids: transformers does not mark it "
-                f"_supports_attention_backend and prepack has not verified its attention class "
-                f"({', '.join(sorted(_attention_classes(model)))}; prepack.hf.support.UNMARKED_ATTENTION lists those it "
-                "has). Such decoders (BART's family) count positions as arange(length) of the forward, which in a packed "
-                "stream runs across the prompts, and their layers need not hand attention the call's keywords"
+                f"{name} is not marked _supports_attention_backend by transformers and prepack has not verified its "
+                f"attention class ({', '.join(sorted(_attention_classes(model)))}; prepack.hf.support.UNMARKED_ATTENTION "
+                "lists those it has): such a model need not take positions from position_ids (BART-family decoders "
+                "count them as arange(length) of the forward, which in a packed stream runs across the prompts) nor "
+                "hand attention the call's keywords"
             )
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so prepack "
