@@ -121,12 +121,6 @@ def test_a_prompt_longer_than_the_token_budget_is_refused_with_the_reason():
         prepack.prefill(model, random_prompts([5, 40]), token_budget=16)
 
 
-def test_generate_is_refused_naming_the_layer_type():
-    model = build_hybrid("qwen3_5_text")
-    with pytest.raises(UnsupportedModelError, match="has linear_attention layers; prepack's decode engine caches attention keys"):
-        prepack.generate(model, random_prompts([5, 8]), max_new_tokens=3, do_sample=False)
-
-
 def test_row_backend_is_refused_for_mixers():
     with pytest.raises(UnsupportedModelError, match="sdpa_masked.*varlen backend"):
         prepack.prefill(build_hybrid("lfm2"), random_prompts([4, 6]), backend="sdpa_masked")

@@ -164,16 +164,47 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
         extra = varlen.kwargs(seg.cu_seqlens, seq_idx_of(seg.q_lengths, hidden.device))
         return forward(module, hidden, attention_mask=None, **rest, **per_token, **extra)
     cache_name = _cache_name(type(module))
-    outs, start = [], 0
+    starts = np.concatenate([[0], np.cumsum(seg.q_lengths)[:-1]]).astype(np.int64)
+    outs = {}
+    for rows in _decode_groups(module, seg):  # one-token segments that continue their states: the mixer's own decode path, batched
+        outs.update(_decode_together(module, forward, cache_name, seg, rows, starts, hidden, per_token, rest))
     for j, n in enumerate(seg.q_lengths.tolist()):
-        if n == 0:
+        if n == 0 or j in outs:
             continue
+        start = int(starts[j])
         cache = seg.states.cache_for(j) if seg.states is not None else None
         own = {} if cache is None else {cache_name: cache}
         own.update({k: v[:, start:start + n] for k, v in per_token.items()})
-        outs.append(forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest))
-        start += n
-    return _concat(outs, name)
+        outs[j] = forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest)
+    return _concat([outs[j] for j in sorted(outs)], name)
+
+
+def _decode_groups(module, seg: Segments) -> list[list[int]]:
+    """Groups of segments a step decodes in one batched call each: one token each, continuing held states alike."""
+    states = seg.states
+    if states is None or not hasattr(states, "gather"):
+        return []
+    from .kinds import mixer_layer_idx
+
+    rows = [j for j in np.flatnonzero(seg.q_lengths == 1).tolist() if states.continues(j)]
+    return states.groups(rows, mixer_layer_idx(module)) if len(rows) > 1 else []
+
+
+def _decode_together(module, forward, cache_name: str, seg: Segments, rows: list[int], starts, hidden, per_token: dict,
+                     rest: dict) -> dict:
+    """``module``'s own forward once over the one-token segments ``rows``, batched as ``model.generate`` batches
+    its decode steps: (n, 1, D) with their states stacked; their new states go back to each request's cache."""
+    from .kinds import mixer_layer_idx
+
+    layer = mixer_layer_idx(module)
+    at = torch.from_numpy(starts[rows]).to(hidden.device)
+    cache = seg.states.gather(rows, layer)
+    own = {k: v[0, at][:, None] for k, v in per_token.items()}
+    out = forward(module, hidden[0, at][:, None], attention_mask=None, **{cache_name: cache}, **own, **rest)
+    seg.states.scatter(rows, layer, cache)
+    first = out if isinstance(out, torch.Tensor) else out[0]
+    return {j: (first[b : b + 1] if isinstance(out, torch.Tensor) else (first[b : b + 1],) + tuple(out[1:]))
+            for b, j in enumerate(rows)}
 
 
 def _concat(outs: list, name: str):
