@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..hf.support import UnsupportedModelError
+from . import active
 from .kinds import kind_of, mixer_modules, seq_idx_of
 
 # the names transformers' mixers take a cache under (5.x renamed past_key_values / cache_params to cache)
@@ -90,6 +91,7 @@ def install(model) -> int:
             )
         if kind.prepare is not None:
             kind.prepare(module)
+    active.install(model, [path for path, _, kind in found if kind.keywords_dropped])
     return len(found)
 
 
@@ -110,6 +112,8 @@ def packed_forward(self, *args, **kwargs):
 def call_segments(module, kwargs: dict) -> Segments | None:
     """The segments a mixer call carries (``prepack=`` or ``cu_seq_lens_q``), or None for a plain call."""
     call = kwargs.get("prepack")
+    if call is None and kind_of(module).keywords_dropped:
+        call = active.active_call()  # the model above passed no keyword on: the call its top module got
     if call is not None:
         if call.row_mask is not None:
             raise UnsupportedModelError(
