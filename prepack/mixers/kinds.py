@@ -68,6 +68,9 @@ class MixerKind:
             transformers' per-instance kernel hooks, :mod:`prepack.mixers.mamba`), or None.
         keywords_dropped: the model above the mixer passes it no keyword (Mamba's blocks): the packed call
             reaches it through :mod:`prepack.mixers.active` (hooks on the modules above it) instead.
+        returns_state: the module returns ``(output, its final state)`` and its decoder layer keeps the output
+            only (MiniMax's lightning attention): the packed call returns ``(output, None)``, as prepack's
+            attention returns no weights; the states go to each segment's own cache.
     """
 
     name: str
@@ -77,6 +80,7 @@ class MixerKind:
     varlen: VarlenKernels | None = field(default=None)
     prepare: Callable[[torch.nn.Module], object] | None = field(default=None)
     keywords_dropped: bool = False
+    returns_state: bool = False
 
 
 KINDS: list[MixerKind] = []

@@ -177,13 +177,16 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
         own.update({k: v[:, start:start + n] for k, v in per_token.items()})
         outs.append(forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest))
         start += n
-    return _concat(outs, name)
+    return _concat(outs, name, kind_of(module).returns_state)
 
 
-def _concat(outs: list, name: str):
-    """Per-segment outputs (a tensor, or a tuple whose other entries are None) -> one along the token axis."""
+def _concat(outs: list, name: str, returns_state: bool = False):
+    """Per-segment outputs (a tensor, or a tuple whose other entries are None, or a state the caller drops when
+    ``returns_state``) -> one along the token axis."""
     if all(isinstance(o, torch.Tensor) for o in outs):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if returns_state and all(isinstance(o, tuple) and isinstance(o[0], torch.Tensor) for o in outs):
+        return (torch.cat([o[0] for o in outs], dim=1),) + (None,) * (len(outs[0]) - 1)  # states: in each segment's cache
     if all(isinstance(o, tuple) and all(x is None for x in o[1:]) for o in outs):
         return (torch.cat([o[0] for o in outs], dim=1),) + outs[0][1:]
     raise UnsupportedModelError(f"{name} returned {type(outs[0]).__name__}; prepack joins tensors (or (tensor, None, ...)) only")

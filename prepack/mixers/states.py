@@ -10,6 +10,8 @@ adds each request's keys and values from the packed stream afterwards (:func:`wi
 
 from __future__ import annotations
 
+import functools
+
 
 
 class SegmentCaches:
@@ -26,10 +28,50 @@ class SegmentCaches:
     def cache_for(self, segment: int):
         cache = self.caches.get(segment)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = self.caches[segment] = DynamicCache(config=self.config)
+            cache = self.caches[segment] = new_cache(self.config)
         return cache
+
+
+def own_cache_class(config) -> type | None:
+    """The cache class ``config``'s modeling file defines for its model (MiniMax's ``MiniMaxCache``, which its model
+    requires), or None where the model uses transformers' ``DynamicCache``.
+
+    Read from the modeling file beside the config's (``configuration_x`` -> ``modeling_x``): the one subclass of
+    ``DynamicCache`` defined there. Two such classes: neither is taken (ambiguous, the model's ``DynamicCache`` then).
+    """
+    return _own_cache_class(type(config))
+
+
+@functools.lru_cache(maxsize=None)
+def _own_cache_class(config_class: type) -> type | None:
+    import importlib
+    import inspect
+
+    from transformers import DynamicCache
+
+    name = config_class.__module__.replace(".configuration_", ".modeling_")
+    if name == config_class.__module__:
+        return None
+    try:
+        modeling = importlib.import_module(name)
+    except ImportError:
+        return None
+    found = [c for c in vars(modeling).values()
+             if inspect.isclass(c) and issubclass(c, DynamicCache) and c is not DynamicCache and c.__module__ == name]
+    return found[0] if len(found) == 1 else None
+
+
+def new_cache(config):
+    """A fresh cache of the model's own class for ``config``: its modeling file's own (:func:`own_cache_class`), else
+    ``DynamicCache(config=config)``, as the model itself makes one for ``use_cache=True``."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    cls = own_cache_class(config)
+    if cls is None:
+        return DynamicCache(config=config)
+    return cls(config=config) if "config" in inspect.signature(cls.__init__).parameters else cls()
 
 
 class MixerCapture(list):
