@@ -110,6 +110,11 @@ def test_mamba1_padding_free_training_batch_is_refused(model_type):
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in random_prompts([4, 6])])
     with pytest.raises(prepack.UnsupportedModelError, match="passes no keyword on to its mixers.*cu_seq_lens_q"):
         model(**batch, use_cache=False)
+    with pytest.raises(prepack.UnsupportedModelError, match="restarting position_ids"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    with torch.no_grad():  # a padded batch, and one sequence with its own positions, are the model's own
+        model.eval()(input_ids=batch["input_ids"], position_ids=torch.arange(10)[None], use_cache=False)
+        model(input_ids=batch["input_ids"][:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), use_cache=False)
 
 
 @pytest.mark.parametrize("model_type", ["mamba2", "bamba"])

@@ -22,8 +22,9 @@ either (the model above it drops it), so a wrapper there would have nothing to f
 a variable set by prepack's own entry points: the hook serves every caller that passes ``prepack=``
 (the executor's steps, the decode engine, a user's own packed call) with one mechanism.
 
-A padding-free training batch (transformers' ``cu_seq_lens_q``) does not reach these mixers either:
-the hook refuses it rather than let the sequences run into each other.
+A padding-free training batch (transformers' ``cu_seq_lens_q``, or position ids restarting inside a row
+with no padding mask) does not reach these mixers either: the hook refuses it rather than let the
+sequences run into each other.
 """
 
 from __future__ import annotations
@@ -72,13 +73,22 @@ def install(model, mixer_paths: list[str]) -> int:
 
 def _enter(module, args, kwargs):
     call = kwargs.get("prepack")
-    if call is None and kwargs.get("cu_seq_lens_q") is not None:
+    if call is None and (kwargs.get("cu_seq_lens_q") is not None or _restarts(kwargs)):
         raise UnsupportedModelError(
-            f"{type(module).__name__} passes no keyword on to its mixers, so a padding-free batch's cu_seq_lens_q never "
-            "reaches them and its sequences would run into each other; train this model on a padded batch"
+            f"{type(module).__name__} passes no keyword on to its mixers, so a padding-free batch's sequence bounds "
+            "(cu_seq_lens_q, restarting position_ids) never reach them and its sequences would run into each other; "
+            "train this model on a padded batch"
         )
     if call is not None:
         _ACTIVE.set(_ACTIVE.get() + (call,))
+
+
+def _restarts(kwargs: dict) -> bool:
+    """Whether a maskless call's (B, L) position_ids restart inside a row: a padding-free batch of several sequences."""
+    pos = kwargs.get("position_ids")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2 or kwargs.get("attention_mask") is not None:
+        return False
+    return bool((pos[:, 1:] - pos[:, :-1] != 1).any())
 
 
 def _leave(module, args, kwargs, output):
