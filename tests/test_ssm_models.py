@@ -5,6 +5,8 @@ prompt alone against ``model.generate`` continuing the request's prefill cache (
 ``DynamicCache``: conv and SSM states plus attention keys), and the mixers' own forward per segment.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,9 @@ def test_mamba1_gets_the_packed_call_from_the_model_above_and_plain_calls_stay_p
     assert hooks == (1, 1)
     prepack.forward_at(model, seqs)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks, "hooks installed again"
+    twin = copy.deepcopy(model)  # carries the hooks: not hooked twice
+    prepack.forward_at(twin, seqs)
+    assert (len(twin._forward_pre_hooks), len(twin._forward_hooks)) == hooks
     assert active.active_call() is None
     with torch.no_grad():
         plain = model(torch.tensor([seqs[1]]), use_cache=False).logits[0, -1]

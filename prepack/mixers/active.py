@@ -30,7 +30,6 @@ sequences run into each other.
 from __future__ import annotations
 
 import contextvars
-import weakref
 
 import torch
 
@@ -38,8 +37,6 @@ from ..hf.support import UnsupportedModelError
 
 # the calls of the forwards running now, innermost last (a tuple: each set makes a new value, nothing is shared)
 _ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("prepack_active_call", default=())
-# modules that carry the hooks already (install is idempotent); weak, so a model that goes leaves nothing behind
-_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def active_call():
@@ -62,11 +59,10 @@ def install(model, mixer_paths: list[str]) -> int:
     hooked = 0
     for path in sorted(above):
         module = modules[path]
-        if module in _HOOKED:
+        if any(h is _enter for h in module._forward_pre_hooks.values()):  # hooked already (or a deepcopy of one that was)
             continue
         module.register_forward_pre_hook(_enter, with_kwargs=True)
         module.register_forward_hook(_leave, with_kwargs=True, always_call=True)
-        _HOOKED.add(module)
         hooked += 1
     return hooked
 
