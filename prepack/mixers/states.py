@@ -11,7 +11,7 @@ adds each request's keys and values from the packed stream afterwards (:func:`wi
 from __future__ import annotations
 
 import functools
-
+import sys
 
 
 class SegmentCaches:
@@ -39,25 +39,19 @@ def own_cache_class(config) -> type | None:
     Read from the modeling file beside the config's (``configuration_x`` -> ``modeling_x``): the one subclass of
     ``DynamicCache`` defined there. Two such classes: neither is taken (ambiguous, the model's ``DynamicCache`` then).
     """
-    return _own_cache_class(type(config))
+    name = type(config).__module__.replace(".configuration_", ".modeling_")
+    modeling = sys.modules.get(name) if name != type(config).__module__ else None
+    return None if modeling is None else _defined_cache_class(modeling)  # not imported: no model of it was built
 
 
 @functools.lru_cache(maxsize=None)
-def _own_cache_class(config_class: type) -> type | None:
-    import importlib
+def _defined_cache_class(modeling) -> type | None:
     import inspect
 
     from transformers import DynamicCache
 
-    name = config_class.__module__.replace(".configuration_", ".modeling_")
-    if name == config_class.__module__:
-        return None
-    try:
-        modeling = importlib.import_module(name)
-    except ImportError:
-        return None
-    found = [c for c in vars(modeling).values()
-             if inspect.isclass(c) and issubclass(c, DynamicCache) and c is not DynamicCache and c.__module__ == name]
+    found = [c for c in vars(modeling).values() if inspect.isclass(c) and issubclass(c, DynamicCache)
+             and c is not DynamicCache and c.__module__ == modeling.__name__]
     return found[0] if len(found) == 1 else None
 
 
