@@ -21,7 +21,7 @@ from .test_generate import alone, tokens
 
 # merged-parts attention (prefix sharing) is exact for these; lfm3's sliding window is not merged, so it only chunks
 NO_SHARING = {"lfm3"}
-SSM = ("mamba2", "falcon_h1", "nemotron_h", "zamba", "zamba2", "jamba")
+SSM = ("mamba", "falcon_mamba", "mamba2", "falcon_h1", "nemotron_h", "zamba", "zamba2", "jamba")
 
 
 def _prompts(make) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..hf.support import UnsupportedModelError
+from . import active
 from .kinds import kind_of, mixer_modules, seq_idx_of
 
 # the names transformers' mixers take a cache under (5.x renamed past_key_values / cache_params to cache)
@@ -90,6 +91,7 @@ def install(model) -> int:
             )
         if kind.prepare is not None:
             kind.prepare(module)
+    active.install(model, [path for path, _, kind in found if kind.keywords_dropped])
     return len(found)
 
 
@@ -110,6 +112,8 @@ def packed_forward(self, *args, **kwargs):
 def call_segments(module, kwargs: dict) -> Segments | None:
     """The segments a mixer call carries (``prepack=`` or ``cu_seq_lens_q``), or None for a plain call."""
     call = kwargs.get("prepack")
+    if call is None and kind_of(module).keywords_dropped:
+        call = active.active_call()  # the model above passed no keyword on: the call its top module got
     if call is not None:
         if call.row_mask is not None:
             raise UnsupportedModelError(
@@ -176,7 +180,7 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
         own = {} if cache is None else {cache_name: cache}
         own.update({k: v[:, start:start + n] for k, v in per_token.items()})
         outs[j] = forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest)
-    return _concat([outs[j] for j in sorted(outs)], name)
+    return _concat([outs[j] for j in sorted(outs)], name, kind_of(module).returns_state)
 
 
 def _decode_groups(module, seg: Segments) -> list[list[int]]:
@@ -207,10 +211,13 @@ def _decode_together(module, forward, cache_name: str, seg: Segments, rows: list
             for b, j in enumerate(rows)}
 
 
-def _concat(outs: list, name: str):
-    """Per-segment outputs (a tensor, or a tuple whose other entries are None) -> one along the token axis."""
+def _concat(outs: list, name: str, returns_state: bool = False):
+    """Per-segment outputs (a tensor, or a tuple whose other entries are None, or a state the caller drops when
+    ``returns_state``) -> one along the token axis."""
     if all(isinstance(o, torch.Tensor) for o in outs):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if returns_state and all(isinstance(o, tuple) and isinstance(o[0], torch.Tensor) for o in outs):
+        return (torch.cat([o[0] for o in outs], dim=1),) + (None,) * (len(outs[0]) - 1)  # states: in each segment's cache
     if all(isinstance(o, tuple) and all(x is None for x in o[1:]) for o in outs):
         return (torch.cat([o[0] for o in outs], dim=1),) + outs[0][1:]
     raise UnsupportedModelError(f"{name} returned {type(outs[0]).__name__}; prepack joins tensors (or (tensor, None, ...)) only")

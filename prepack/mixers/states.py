@@ -11,6 +11,8 @@ adds each request's keys and values from the packed stream afterwards (:func:`wi
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 
 import numpy as np
 import torch
@@ -30,10 +32,44 @@ class SegmentCaches:
     def cache_for(self, segment: int):
         cache = self.caches.get(segment)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = self.caches[segment] = DynamicCache(config=self.config)
+            cache = self.caches[segment] = new_cache(self.config)
         return cache
+
+
+def own_cache_class(config) -> type | None:
+    """The cache class ``config``'s modeling file defines for its model (MiniMax's ``MiniMaxCache``, which its model
+    requires), or None where the model uses transformers' ``DynamicCache``.
+
+    Read from the modeling file beside the config's (``configuration_x`` -> ``modeling_x``): the one subclass of
+    ``DynamicCache`` defined there. Two such classes: neither is taken (ambiguous, the model's ``DynamicCache`` then).
+    """
+    name = type(config).__module__.replace(".configuration_", ".modeling_")
+    modeling = sys.modules.get(name) if name != type(config).__module__ else None
+    return None if modeling is None else _defined_cache_class(modeling)  # not imported: no model of it was built
+
+
+@functools.lru_cache(maxsize=None)
+def _defined_cache_class(modeling) -> type | None:
+    import inspect
+
+    from transformers import DynamicCache
+
+    found = [c for c in vars(modeling).values() if inspect.isclass(c) and issubclass(c, DynamicCache)
+             and c is not DynamicCache and c.__module__ == modeling.__name__]
+    return found[0] if len(found) == 1 else None
+
+
+def new_cache(config):
+    """A fresh cache of the model's own class for ``config``: its modeling file's own (:func:`own_cache_class`), else
+    ``DynamicCache(config=config)``, as the model itself makes one for ``use_cache=True``."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    cls = own_cache_class(config)
+    if cls is None:
+        return DynamicCache(config=config)
+    return cls(config=config) if "config" in inspect.signature(cls.__init__).parameters else cls()
 
 
 class MixerCapture(list):
@@ -105,9 +141,7 @@ class HeldStates:
         if cache is None:
             parent = self.prefix_of.get(key)
             if parent is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.config)
+                cache = new_cache(self.config)
             elif parent not in self.held:
                 raise RuntimeError(f"unit {key} continues prefix region {parent}, whose states were never computed (a scheduling bug)")
             else:
@@ -147,9 +181,15 @@ class StepStates:
     def groups(self, segments: list[int], layer: int) -> list[list[int]]:
         """``segments`` grouped by which of layer ``layer``'s states their caches hold (a one-token prompt's first
         call may leave some unset): each group of two or more decodes in one call; the rest run on their own."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
         by: dict = {}
         for j in segments:
-            own = self.cache_for(j).layers[layer]
+            cache = self.cache_for(j)
+            if type(cache) is not DynamicCache or not isinstance(cache.layers[layer], LinearAttentionCacheLayerMixin):
+                return []  # a model's own cache class (MiniMax's) holds its states elsewhere: each decodes on its own
+            own = cache.layers[layer]
             held = (tuple(own.is_conv_states_initialized.values()), tuple(own.is_recurrent_states_initialized.values()))
             if any(held[0]) or any(held[1]):
                 by.setdefault(held, []).append(j)
