@@ -86,3 +86,16 @@ def test_a_requests_states_are_freed_with_its_keys():
     store.states.cache_of(0)  # a copy of the region's states
     assert store.states.held[0] is not store.states.held[-1]
     assert store.free(0) == [0, -1] and store.states.held == {}
+
+
+def test_a_peft_wrapped_hybrid_decodes_what_its_own_generate_gives():
+    from peft import LoraConfig, get_peft_model
+
+    model = build_hybrid("qwen3_5_text")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "in_proj_qkv"], init_lora_weights=False)  # attention and a mixer
+    peft = get_peft_model(model, lora).eval()
+    seqs = [torch.tensor(s) for s in random_prompts([5, 40, 9])]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = prepack.generate(peft, seqs, token_budget=16, **kwargs)
+    for s, g in zip(seqs, got, strict=True):
+        assert g.tokens.tolist() == peft.generate(input_ids=s[None], **kwargs)[0, len(s):].tolist()
