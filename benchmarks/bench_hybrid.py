@@ -1,17 +1,23 @@
-"""Packed prefill of a Qwen3.5-shaped hybrid model (gated delta-net + attention) against its own left-padded batch.
+"""A Qwen3.5-shaped hybrid model (gated delta-net + attention), packed, against its own left-padded batch.
 
-    python benchmarks/bench_hybrid.py [--batch-size 32] [--max-len 1024] [--seed 0] [--repeat 3] [--warmup 1] [--only prefill|kernel]
+    python benchmarks/bench_hybrid.py [--batch-size 32] [--max-len 1024] [--seed 0] [--repeat 3] [--warmup 1]
+                                      [--new-tokens 128] [--eos-set 0.01] [--only prefill|generate|kernel]
 
 Model: Qwen3.5's architecture (``Qwen3_5ForCausalLM``), fp32, random weights: hidden 1024, 8 layers, three
 gated-delta-net layers to each attention layer, vocab 32k (see ``qwen35_shaped``). Prompts: ShareGPT first turns
-drawn with --seed and cut at --max-len. Two comparisons, interleaved (--warmup untimed rounds first), medians over
+drawn with --seed and cut at --max-len. Three comparisons, interleaved (--warmup untimed rounds first), medians over
 --repeat, the outputs of the timed calls checked against each other:
 
 1. **prefill**: ``prepack.prefill`` with each request's cache built (``dynamic_caches``: attention keys and the
    gated delta-net's conv and recurrent states, the model's own ``DynamicCache``) against the model's own
    left-padded batch (``model(ids, attention_mask=mask, logits_to_keep=1)``, which builds its batched cache). Both
    calls' next tokens are checked to agree, and the largest logit gap is printed.
-2. **kernel**: one gated delta-net layer on one unpacked sequence (the longest prompt): transformers' own forward
+2. **generate**: ``prepack.generate`` (each request's conv and recurrent state held across steps, every running
+   request decoded in one call of each mixer) against left-padded ``model.generate``, greedy, at most
+   --new-tokens, with a random --eos-set fraction of the ids declared EOS so that completions end at varied
+   lengths; the tokens are checked to be the same. Then **a decode step**: the median pure decode step of that
+   run (every running request's one new token) against a no-cache forward of as many one-token rows.
+3. **kernel**: one gated delta-net layer on one unpacked sequence (the longest prompt): transformers' own forward
    (its torch chunked delta rule) against the same layer under prepack's packed path (``prepack.mixers``, one
    segment), and the packed stream of all prompts against each prompt through the layer alone: what packing costs.
 """
@@ -27,6 +33,8 @@ import torch
 
 import prepack
 from prepack.bench import load_prompts
+from prepack.jobs.generation import generate_with_backends
+from transformers import LogitsProcessorList
 from prepack.mixers import mixer_modules
 
 
@@ -100,6 +108,79 @@ def bench_prefill(model, seqs, repeat: int, warmup: int) -> None:
     print(f"\ngoal packed prefill >= 3x the left-padded batch: {'met' if med['padded'] / med['prepack'] >= 3 else 'NOT met'}\n")
 
 
+def eos_set(vocab: int, fraction: float) -> list[int]:
+    """A random ``fraction`` of the ids (never 0-2) declared EOS, so that greedy completions end at varied lengths."""
+    ids = np.random.default_rng(1).permutation(np.arange(3, vocab))[: max(1, int(fraction * vocab))]
+    return sorted(int(i) for i in ids)
+
+
+def until_eos(row: list[int], eos: set) -> list[int]:
+    """New tokens up to and including the first EOS (what ``prepack.generate`` returns for that request)."""
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[: i + 1]
+    return row
+
+
+def bench_generate(model, seqs, new_tokens: int, eos: list[int], repeat: int, warmup: int) -> None:
+    """prepack.generate against the model's own left-padded ``model.generate``, greedy, ``new_tokens`` at most; and
+    prepack's pure decode steps with every request running against a no-cache forward of as many one-token rows
+    (timed in the same interleaved rounds)."""
+    ids, mask = left_padded(seqs)
+    common = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    rows = torch.randint(3, model.config.vocab_size, (len(seqs), 1), generator=torch.Generator().manual_seed(0))
+    steps, own_steps = [], []
+
+    def padded():
+        stamps = []
+
+        def stamp(_ids, scores):  # called once per generate step: the time between two calls is one decode step
+            stamps.append(time.perf_counter())
+            return scores
+
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([stamp]), **common)
+        own_steps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+        return [until_eos(row, set(eos)) for row in out[:, ids.shape[1]:].tolist()]
+
+    def packed():
+        got = generate_with_backends(model, seqs, **common)
+        st = got.stats
+        ends = [0.0] + list(st.step_end_s)
+        steps.extend(ends[i + 1] - ends[i] for i in range(st.steps)
+                     if st.prompt_tokens[i] == 0 and st.decode_rows[i] == len(seqs))
+        return [g.tokens.tolist() for g in got.results]
+
+    def no_cache():
+        with torch.no_grad():
+            return model(input_ids=rows, use_cache=False).logits
+
+    times, last = interleaved({"padded": padded, "prepack": packed, "no-cache": no_cache}, repeat, warmup)
+    same = sum(a == b for a, b in zip(last["padded"], last["prepack"], strict=True))
+    lengths = [len(t) for t in last["prepack"]]
+    print(f"generate, greedy, at most {new_tokens} new tokens, EOS set of {len(eos)} ids: completion lengths "
+          f"{min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.1f}); same tokens as left-padded model.generate: "
+          f"{same}/{len(seqs)} requests")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("| method | median s | speedup vs padded |\n|---|---|---|")
+    for k in ("padded", "prepack"):
+        print(f"| {k} | {med[k]:.2f} | {med['padded'] / med[k]:.2f}x |")
+    print(f"\ngoal generate >= 2x left-padded model.generate: {'met' if med['padded'] / med['prepack'] >= 2 else 'NOT met'}\n")
+    if not steps:
+        print("no decode step ran with every request running: no decode-step figure\n")
+        return
+    step = statistics.median(steps)
+    print(f"a decode step with all {len(seqs)} requests running (median of {len(steps)} such steps of the prepack runs) "
+          f"against a no-cache forward of {len(seqs)} one-token rows (median of {len(times['no-cache'])}, same rounds)")
+    print("| call | median ms | vs no-cache forward |\n|---|---|---|")
+    print(f"| model(ids ({len(seqs)}, 1), use_cache=False) | {med['no-cache'] * 1e3:.1f} | 1.00x |")
+    print(f"| prepack decode step | {step * 1e3:.1f} | {step / med['no-cache']:.2f}x |")
+    own = statistics.median(own_steps)  # left-padded: its rows stay in the batch after their EOS
+    print(f"| left-padded model.generate's own decode step (median of {len(own_steps)}) | {own * 1e3:.1f} | "
+          f"{own / med['no-cache']:.2f}x |")
+    print(f"\ngoal decode step <= 1.25x a no-cache forward of the same rows: {'met' if step / med['no-cache'] <= 1.25 else 'NOT met'}\n")
+
+
 def bench_kernel(model, seqs, repeat: int, warmup: int) -> None:
     layer = mixer_modules(model)[0][1]
     longest = max(seqs, key=len)
@@ -143,7 +224,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--only", choices=("prefill", "kernel"), help="run one of the two comparisons")
+    ap.add_argument("--new-tokens", type=int, default=128, help="generate: most new tokens per request")
+    ap.add_argument("--eos-set", type=float, default=0.01, help="generate: fraction of the ids declared EOS")
+    ap.add_argument("--only", choices=("prefill", "generate", "kernel"), help="run one of the comparisons")
     args = ap.parse_args()
     model = qwen35_shaped()
     ps = load_prompts("sharegpt", args.batch_size, max_len=args.max_len, on_long="truncate", seed=args.seed,
@@ -156,9 +239,11 @@ def main() -> None:
     with torch.no_grad():  # one-time costs (first calls, prepack's wrapper install) out of every timing
         model(torch.tensor([seqs[0][:8]]))
     prepack.prefill(model, [seqs[0][:8]])
-    if args.only != "kernel":
+    if args.only in (None, "prefill"):
         bench_prefill(model, seqs, args.repeat, args.warmup)
-    if args.only != "prefill":
+    if args.only in (None, "generate"):
+        bench_generate(model, seqs, args.new_tokens, eos_set(model.config.vocab_size, args.eos_set), args.repeat, args.warmup)
+    if args.only in (None, "kernel"):
         bench_kernel(model, seqs, args.repeat, args.warmup)
 
 

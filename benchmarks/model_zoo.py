@@ -270,11 +270,11 @@ def alone_generate(model, seq, pad_id: int) -> list:
 def cached_generate(model, seq, pad_id: int) -> list:
     """transformers alone: prefill all but the last token into its own cache, then ``generate`` (what prepack does)."""
     import torch
-    from transformers import DynamicCache
 
     from prepack.hf.registration import cache_kwarg
+    from prepack.mixers.states import new_cache
 
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)  # the model's own cache class (MiniMax takes its MiniMaxCache only)
     with torch.no_grad():
         if len(seq) > 1:
             model(seq[None, :-1], **{cache_kwarg(model): cache}, use_cache=True)

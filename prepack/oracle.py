@@ -61,6 +61,10 @@ def _layer_tensors(layer) -> dict:
     return out
 
 
+def _linear(state) -> dict:
+    return {"linear_cache": state if isinstance(state, torch.Tensor) else None}
+
+
 def cache_gap(mine, theirs) -> float:
     """Max abs difference between two caches' keys and values (and mixer layers' conv and recurrent states), layer
     by layer (inf if laid out differently)."""
@@ -69,8 +73,12 @@ def cache_gap(mine, theirs) -> float:
     if len(mine.layers) != len(theirs.layers):
         return float("inf")
     gap = 0.0
-    for a, b in zip(mine.layers, theirs.layers, strict=True):
-        ta, tb = _layer_tensors(a), _layer_tensors(b)
+    pairs = [(_layer_tensors(a), _layer_tensors(b)) for a, b in zip(mine.layers, theirs.layers, strict=True)]
+    if hasattr(theirs, "linear_cache"):  # MiniMaxCache: each lightning-attention layer's state beside the layers
+        if len(getattr(mine, "linear_cache", ())) != len(theirs.linear_cache):
+            return float("inf")
+        pairs += [(_linear(a), _linear(b)) for a, b in zip(mine.linear_cache, theirs.linear_cache)]
+    for ta, tb in pairs:
         if set(ta) != set(tb):
             return float("inf")
         for name in ta:

@@ -37,6 +37,9 @@ HYBRIDS = {
     "kimi_linear": dict(**KDA),
     "bailing_hybrid": dict(**KDA, expert_swiglu_limit_list=[0, 0, 0], share_expert_swiglu_limit_list=[0, 0, 0], topk_group=1,
                            num_nextn_predict_layers=0),
+    # MiniMax: lightning (linear) attention layers beside attention layers, blocks of 4 tokens (prompts span several)
+    "minimax": dict(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, block_size=4,
+                    num_local_experts=4, num_experts_per_tok=2),
     # a sliding-window attention layer beside the convolutions
     "lfm3": dict(num_hidden_layers=3, conv_L_cache=5, head_dim=16, sliding_window=6,
                  layer_types=["conv", "full_attention", "sliding_attention"]),

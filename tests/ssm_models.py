@@ -19,8 +19,9 @@ CHUNKED = {
     "granitemoehybrid": {"mamba_chunk_size": 4},
     "zamba2": {"chunk_size": 4},
 }
-# every state-space type prepack packs: the Mamba2 family (one call), Zamba and Jamba (per segment)
-SSM_TYPES = (*CHUNKED, "zamba", "jamba")
+# every state-space type prepack packs: the Mamba2 family (one call), Zamba, Jamba, Mamba and FalconMamba (per segment)
+MAMBA1_TYPES = ("mamba", "falcon_mamba")
+SSM_TYPES = (*CHUNKED, "zamba", "jamba", *MAMBA1_TYPES)
 
 
 def build_ssm(model_type: str, **extra):

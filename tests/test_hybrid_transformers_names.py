@@ -17,6 +17,7 @@ MIXERS = {  # modeling module -> its mixer class
     "lfm2_moe": "Lfm2MoeShortConv",
     "lfm3": "Lfm3ShortConv",
     "kimi_linear": "KimiLinearDeltaAttention",
+    "minimax": "MiniMaxLightningAttention",
 }
 
 
@@ -91,3 +92,41 @@ def test_decoder_layers_pass_keyword_arguments_on_to_their_mixer():
         source = inspect.getsource(getattr(modeling(name), cls_name).forward)
         after = source[source.index(call):]
         assert "**kwargs" in after[: after.index("\n            )")], f"{cls_name} no longer passes **kwargs to its mixer"
+
+
+def test_linear_attention_cache_layers_keep_the_names_the_engine_stacks_states_through():
+    """prepack.mixers.states.StepStates gathers and scatters a layer's states through these names."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    model = build_hybrid("qwen3_5_text")
+    cache = DynamicCache(config=model.config)
+    layer = cache.layers[0]
+    assert isinstance(layer, LinearAttentionCacheLayerMixin)
+    for name in ("number_of_states", "is_conv_states_initialized", "is_recurrent_states_initialized", "conv_states",
+                 "recurrent_states", "conv_kernel_size"):
+        assert hasattr(layer, name), f"LinearAttentionLayer.{name} is gone (prepack.mixers.states.StepStates)"
+    conv, rec = torch.randn(2, 8, 4), torch.randn(2, 2, 4, 4)
+    assert layer.update_conv_state(conv, state_idx=0, conv_kernel_size=4) is not None
+    layer.update_recurrent_state(rec, state_idx=0)
+    assert torch.equal(layer.conv_states[0], conv) and torch.equal(layer.recurrent_states[0], rec)
+    assert layer.is_conv_states_initialized[0] and layer.is_recurrent_states_initialized[0] and layer.has_previous_state[0]
+
+
+def test_minimax_keeps_its_own_cache_class_and_the_lightning_attention_contract():
+    """MiniMax's model requires its own MiniMaxCache (linear_cache beside the layers); its lightning attention returns
+    (output, state), which its decoder layer unpacks and drops (prepack returns (output, None))."""
+    from transformers import DynamicCache, LlamaConfig, MiniMaxConfig
+
+    from prepack.mixers.states import new_cache, own_cache_class
+
+    minimax = modeling("minimax")
+    assert own_cache_class(MiniMaxConfig()) is minimax.MiniMaxCache, "MiniMaxCache is no longer the one cache class of modeling_minimax"
+    assert type(new_cache(MiniMaxConfig())) is minimax.MiniMaxCache
+    assert type(new_cache(LlamaConfig())) is DynamicCache
+    for name in ("get_linear_cache", "set_linear_cache", "linear_cache"):
+        assert name in vars(minimax.MiniMaxCache) or name in inspect.getsource(minimax.MiniMaxCache.__init__), name
+    assert "isinstance(cache, MiniMaxCache)" in inspect.getsource(minimax.MiniMaxModel.forward)
+    source = inspect.getsource(minimax.MiniMaxDecoderLayer.forward)
+    assert "hidden_states, _ = self.self_attn(" in source and "**kwargs" in source, "MiniMaxDecoderLayer's call changed"

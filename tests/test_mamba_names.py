@@ -63,3 +63,16 @@ def test_the_torch_oracles_and_cache_layer_the_tests_use_keep_their_names():
     layer = LinearAttentionLayer()
     layer.update_conv_state(torch.arange(3.0).view(1, 1, 3), conv_kernel_size=4)
     assert layer.conv_states[0].tolist() == [[[0.0, 0.0, 1.0, 2.0]]]
+
+
+@pytest.mark.parametrize(("model_type", "cls_name"), [("mamba", "MambaMixer"), ("falcon_mamba", "FalconMambaMixer")])
+def test_mamba1_mixers_keep_the_attributes_and_cache_keyword_prepack_reads(model_type, cls_name):
+    from prepack.mixers import kind_of
+
+    cls = getattr(_modeling(model_type), cls_name)
+    params = list(inspect.signature(inspect.unwrap(cls.forward)).parameters)
+    assert params[:4] == ["self", "hidden_states", "cache", "attention_mask"], f"{cls_name}.forward takes {params}"
+    from .ssm_models import build_ssm
+
+    mixer = next(m for m in build_ssm(model_type).modules() if type(m) is cls)
+    assert kind_of(mixer) is mamba_hooks.MAMBA1, f"{cls_name} is no longer recognised as a Mamba1 mixer"

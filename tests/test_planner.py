@@ -158,7 +158,7 @@ def test_planner_and_layout_do_not_import_torch():
     from pathlib import Path
 
     # prepack/__init__ imports torch, so load the package's modules without running it
-    folder = Path(prepack.planner.__file__).parent
+    folder = Path(prepack.planner.__file__).parent.parent  # the package folder, not run: its submodules found there
     code = (
         f"import sys, types; pkg = types.ModuleType('prepack'); pkg.__path__ = [{str(folder)!r}];"
         "sys.modules['prepack'] = pkg; import prepack.planner.bins, prepack.planner.layout;"

@@ -5,15 +5,19 @@ prompt alone against ``model.generate`` continuing the request's prefill cache (
 ``DynamicCache``: conv and SSM states plus attention keys), and the mixers' own forward per segment.
 """
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 import prepack
 from prepack import mixers
-from prepack.mixers import mamba
+from prepack.mixers import active, mamba
+from prepack.oracle import cache_gap
 
 from .conftest import gpu
-from .ssm_models import SSM_TYPES, build_ssm, random_prompts
+from .ssm_models import MAMBA1_TYPES, SSM_TYPES, build_ssm, random_prompts
 
 TOL = 1e-4
 LENGTHS = [5, 17, 1, 12, 9]
@@ -34,7 +38,10 @@ def test_forward_at_prefill_and_continued_caches_match_each_prompt_alone(model_t
     result = prepack.prefill(model, seqs)
     for i, (seq, cache) in enumerate(zip(seqs, result.dynamic_caches, strict=True)):
         assert (result.logits[i] - want[i][-1]).abs().max() <= TOL, f"{model_type} request {i}: prefill logits"
-        assert type(cache).__name__ == "DynamicCache"
+        with torch.no_grad():
+            own = model(torch.tensor([seq]), use_cache=True).cache  # the cache the model leaves for the prompt alone
+        assert type(cache) is type(own)
+        assert cache_gap(cache, own) <= TOL, f"{model_type} request {i}: final states"
         first = int(result.logits[i].argmax())
         alone = model.generate(torch.tensor([seq]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(seq):]
         continued = model.generate(torch.tensor([seq + [first]]), cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -71,10 +78,48 @@ def test_score_with_a_shared_context_matches_each_pair_alone():
         assert abs(got[i].logprob - want) <= 1e-4, f"pair {i}"
 
 
-@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba"])
-def test_mamba1_models_whose_blocks_drop_keywords_are_refused(model_type):
-    with pytest.raises(prepack.UnsupportedModelError, match="Mixer \\(layer 0\\) ran without prepack's packed layout.*does not pass keyword"):
-        prepack.forward_at(build_ssm(model_type), random_prompts([3, 4]))
+@pytest.mark.parametrize("model_type", MAMBA1_TYPES)
+def test_mamba1_gets_the_packed_call_from_the_model_above_and_plain_calls_stay_plain(model_type):
+    """Mamba's blocks pass their mixer no keyword: the call reaches it through prepack.mixers.active's hooks, which
+    are installed once, are gone after each call (also one that raises), and leave plain calls the model's own."""
+    model, seqs = build_ssm(model_type), random_prompts([3, 4], seed=5)
+    prepack.forward_at(model, seqs)
+    hooks = len(model._forward_pre_hooks), len(model._forward_hooks)
+    assert hooks == (1, 1)
+    prepack.forward_at(model, seqs)
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks, "hooks installed again"
+    twin = copy.deepcopy(model)  # carries the hooks: not hooked twice
+    prepack.forward_at(twin, seqs)
+    assert (len(twin._forward_pre_hooks), len(twin._forward_hooks)) == hooks
+    assert active.active_call() is None
+    with torch.no_grad():
+        plain = model(torch.tensor([seqs[1]]), use_cache=False).logits[0, -1]
+        first = model(torch.tensor([seqs[0] + seqs[1]]), use_cache=False).logits[0, -1]
+    assert (plain - first).abs().max() > 1e-3, "a plain call of two prompts back to back must carry state across them"
+    from prepack.executor.call import PackedCall, StepLayout
+    from prepack.attention.registry import choose
+
+    wrong = PackedCall(StepLayout(np.array([3, 3]), np.array([3, 3]), torch.device("cpu")), choose("auto", device=torch.device("cpu")))
+    with pytest.raises(prepack.UnsupportedModelError, match="stream for segments of 6 tokens"):
+        with torch.no_grad():
+            model(torch.tensor([seqs[1]]), prepack=wrong, use_cache=False)
+    assert active.active_call() is None, "the call stayed active after its forward raised"
+
+
+@pytest.mark.parametrize("model_type", MAMBA1_TYPES)
+def test_mamba1_padding_free_training_batch_is_refused(model_type):
+    """transformers' cu_seq_lens_q never reaches Mamba's mixers: refused, not run across the sequences."""
+    from transformers import DataCollatorWithFlattening
+
+    model = prepack.enable(build_ssm(model_type).train())
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in random_prompts([4, 6])])
+    with pytest.raises(prepack.UnsupportedModelError, match="passes no keyword on to its mixers.*cu_seq_lens_q"):
+        model(**batch, use_cache=False)
+    with pytest.raises(prepack.UnsupportedModelError, match="restarting position_ids"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    with torch.no_grad():  # a padded batch, and one sequence with its own positions, are the model's own
+        model.eval()(input_ids=batch["input_ids"], position_ids=torch.arange(10)[None], use_cache=False)
+        model(input_ids=batch["input_ids"][:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), use_cache=False)
 
 
 @pytest.mark.parametrize("model_type", ["mamba2", "bamba"])

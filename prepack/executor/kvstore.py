@@ -51,16 +51,22 @@ class KVStore:
         revisits: the model runs attention at one layer index several times in a forward, each over a key/value
             stream of its own (:func:`prepack.hf.support.revisiting_attention`): the k-th call at a layer index in a
             step reads and writes the pool ``(layer_idx, k)`` (k >= 1; the first call's pool is ``layer_idx``).
+        keyless: layers that cache no keys (a token mixer's outside attention, an MLP-only layer's).
+
+    Attributes:
+        states: for a model with such mixers, each request's and region's conv / recurrent states
+            (:class:`prepack.mixers.states.HeldStates`, set by the engine), freed with its keys; or None.
     """
 
     def __init__(self, device, *, growth: float = 1.125, slack: int = 16, split_chunks: bool = False, slides=(), reads=None,
-                 revisits: bool = False):
+                 keyless=frozenset(), revisits: bool = False):
         if not growth > 1:
             raise ValueError(f"growth must be > 1, got {growth!r}")
         self.device, self.growth, self.slack = torch.device(device), growth, slack
         self.split_chunks = split_chunks
         self.slides = tuple(slides)  # per layer: whether the model's own cache keeps only a sliding window of keys
         self.reads = dict(reads or {})  # layer -> the layer whose pool it reads (KV sharing); it writes none
+        self.keyless, self.states = frozenset(keyless), None
         self.revisits = revisits
         if revisits and self.reads:
             raise UnsupportedModelError("a model that both revisits attention layers and shares keys across layers is not implemented")
@@ -125,6 +131,8 @@ class KVStore:
         for key in freed:
             for d in (self.start, self.capacity, self.length, self.most):
                 d.pop(key, None)
+        if self.states is not None:
+            self.states.drop(freed)
         if not self.start:  # nothing live: the whole pool is free again
             self.top = 0
         return freed
@@ -270,6 +278,14 @@ class StepKV:
         self._written: set[int] = set()  # layers whose keys this step holds: a second write would overwrite them
         self._visits: dict[int, int] = {}  # with store.revisits: layer -> calls at it this step after the first
         self._new: dict[int, tuple] = {}  # a layer others read -> the (key, value) tensors it wrote this step
+        self._shared_calls: dict[int, int] = {}  # an attention module shared by layers -> its calls so far this forward
+
+    def shared_layer(self, module) -> tuple:
+        """The pool key of an attention block that several layers share (Zamba's): its n-th call in a forward
+        is the n-th layer it serves, in every forward alike (the decoder's layer order)."""
+        n = self._shared_calls.get(id(module), 0)
+        self._shared_calls[id(module)] = n + 1
+        return ("shared", id(module), n)
 
     def extend(self, layer_idx, key, value, window=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, T, D) keys/values of the step's new tokens -> (1, H_kv, end, D) views of the layer's pool.
@@ -296,7 +312,7 @@ class StepKV:
             self._visits[layer_idx] = self._visits.get(layer_idx, 0) + 1
             pool = (layer_idx, self._visits[layer_idx])
         store = self.store
-        if layer_idx < len(store.slides) and store.slides[layer_idx] and not window:
+        if isinstance(layer_idx, int) and layer_idx < len(store.slides) and store.slides[layer_idx] and not window:
             raise UnsupportedModelError(
                 f"layer {layer_idx}'s cache keeps only a sliding window of keys, but its attention applies no window, "
                 "so transformers' own decoding attends to fewer keys than its prefill did; prepack's decode engine "

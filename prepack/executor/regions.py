@@ -70,10 +70,14 @@ def sharing_refusal(model, rope) -> str | None:
     sliding window or chunk may hide some, no soft-cap or sink may enter the merged softmax, and the
     rotary frequencies must not depend on the request's length (:mod:`prepack.hf.rope`).
     """
+    return continuation_refusal(model) or merge_refusal(model, rope)
+
+
+def merge_refusal(model, rope) -> str | None:
+    """Why ``model``'s attention over a prefix region and a request's own keys cannot be merged from the two parts
+    exactly (None: it can). A model with token mixers outside attention also needs the region's final states
+    (the decode engine keeps them: :class:`prepack.mixers.states.HeldStates`)."""
     needs = attention_needs(model)
-    stateful = continuation_refusal(model)
-    if stateful:
-        return stateful
     if rope is not None:
         return "its rotary frequencies depend on the sequence length"
     if needs.window:

@@ -95,12 +95,15 @@ class Scheduler:
         admit_check: called with each request before it is admitted (raises to refuse it).
         chunk: whether a prompt may be fed over several steps (else one longer than the budget is refused).
         share: whether admitted requests may read shared prefix regions.
+        parent_first: a unit continues its prefix region only from the step after the region's last tokens (a
+            model whose token mixers carry state: the region's final state must exist before a child copies it).
     """
 
     def __init__(self, store: KVStore, *, token_budget: int, kv_budget: int, max_batch: int | None,
-                 admit_check, chunk: bool, share: bool, stats, read_ahead: int | None = None):
+                 admit_check, chunk: bool, share: bool, stats, read_ahead: int | None = None, parent_first: bool = False):
         self.store, self.token_budget, self.kv_budget, self.max_batch = store, token_budget, kv_budget, max_batch
         self.admit_check, self.chunk, self.share, self.stats = admit_check, chunk, share, stats
+        self.parent_first = parent_first
         self.running: dict[int, Request] = {}  # admission order
         self.prefilling: list = []  # requests and prefix regions with prompt tokens still to feed, admission order
         self.live: dict[int, Prefix] = {}
@@ -135,8 +138,8 @@ class Scheduler:
         for u in todo:
             if budget <= 0:
                 break
-            if u.prefix is not None and len(u.prefix.pending) > feeds.get(u.prefix.key, 0):
-                continue  # its parent region is not all in the cache by the end of this step
+            if u.prefix is not None and len(u.prefix.pending) > (0 if self.parent_first else feeds.get(u.prefix.key, 0)):
+                continue  # its parent region is not all in the cache by the end of this step (or, parent_first, before it)
             n = min(len(u.pending), budget)
             if n < len(u.pending) and not (self.chunk and u.splittable):
                 break

@@ -55,7 +55,7 @@ class Fed(NamedTuple):
 
 def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Callable[[Fed], np.ndarray], *,
                  output: str = "logits", base=None, cache: dict | None = None, vision=None, samples: int = 1,
-                 capacity: int | None = None, states=None) -> tuple[Fed, torch.Tensor]:
+                 capacity: int | None = None, states=None, held=None) -> tuple[Fed, torch.Tensor]:
     """One packed forward: ``feeds[key]`` pending tokens of each unit ``units[key]``.
 
     Args:
@@ -71,6 +71,8 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
         capacity: a row kernel's row length.
         states: for a model with token mixers outside attention (:mod:`prepack.mixers`), where each segment's
             conv / recurrent state goes (a :class:`prepack.mixers.MixerStates`), or None.
+        held: instead of ``states``, in a stored step: the mixer states the units keep across steps
+            (:class:`prepack.mixers.states.HeldStates`, the decode engine's).
 
     Returns:
         ``(fed, values)``: :class:`Fed`, and (K, X) the outputs at ``rows_of(fed)``.
@@ -90,6 +92,8 @@ def forward_step(module, kernel, store, feeds: dict, units: dict, rows_of: Calla
         offset = np.array([u.offset for u in order], np.int64)  # a sharer's own keys follow its prefix regions'
         pos = torch.from_numpy(layout.ranges(offset + fed.cached, q))[None].to(device)
         step_kernel = kernel if kv.parts is None else cascade_kernel(kernel, kv.parts, kv.base_layout)
+        if held is not None:
+            states = held.for_step([u.key for u in order], kv.layout.q_lengths)
         call = PackedCall(kv.layout, step_kernel, kv=kv, states=states)
     if vision is not None:
         prompts = np.array([u.index // samples for u in fed.units], np.int64)
@@ -145,7 +149,7 @@ def _outputs(module, base, ids, pos, call, at: np.ndarray, output: str, kw: dict
 def check_every_layer(module, store) -> None:
     """After the first stored step: every layer's attention went through prepack's (the store holds one pool per such layer)."""
     layers = unwrap(module).config.get_text_config(decoder=True).num_hidden_layers
-    missing = sorted(set(range(layers)) - set(store.pools) - set(store.reads))  # readers read their source's pool
+    missing = sorted(set(range(layers)) - set(store.pools) - set(store.reads) - store.keyless)  # readers read their source's pool
     if missing and store.revisits and len(store.pools) >= layers:
         missing = []  # a model that revisits layer indices (HRM's cycles): one stream per call, as many as its cache has
     if missing:

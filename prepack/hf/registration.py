@@ -418,7 +418,7 @@ def prepack_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         kernel = call.kernel
         if call.kv is not None:  # the call's KV source: a decode step's store, a recorder, earlier keys to continue
-            key, value = call.kv.extend(getattr(module, "layer_idx", None), key, value, sem.window or sem.chunk)
+            key, value = call.kv.extend(_layer_of(module, call.kv), key, value, sem.window or sem.chunk)
         if call.row_mask is not None:  # rows of capacity C under dense block-diagonal masks (the prepacking paper's layout)
             out = dense_attention(
                 query, key, value, call.row_mask(sem.window, sem.chunk), scale=scale, softcap=sem.softcap,
@@ -588,3 +588,13 @@ def cache_kwarg(model) -> str:
     """The name ``model.forward`` / ``generate`` take a cache under: transformers 5.x renamed
     ``past_key_values`` to ``cache``; use whichever this model takes."""
     return _cache_kwarg_for(type(unwrap(model)))  # the class's signature, under any wrapper
+
+
+def _layer_of(module, kv):
+    """Which layer's keys ``module`` writes: its ``layer_idx``; for one attention block shared by several layers
+    (Zamba's, whose ``layer_idx`` is None or -1 and whose caller passes the layer on to the cache only), the
+    layer its call order in this forward gives (:meth:`prepack.executor.kvstore.StepKV.shared_layer`)."""
+    layer = getattr(module, "layer_idx", None)
+    if (layer is None or layer < 0) and hasattr(kv, "shared_layer"):
+        return kv.shared_layer(module)
+    return layer

@@ -144,13 +144,15 @@ def recording_cache(config, records: dict):
     Args:
         records: filled with layer_idx -> (keys, values), each (B, H_kv, L, D).
     """
-    from transformers import DynamicCache
+    from ..mixers.states import new_cache
 
-    cache = DynamicCache(config=config)
+    cache = new_cache(config)  # the model's own class: MiniMax's model refuses any other
     readers: dict[int, list[int]] = {}  # a layer -> the later layers that read its keys and values (KV sharing)
     for reader, source in kv_share_sources(config).items():
         readers.setdefault(source, []).append(reader)
-    cache.layers = [_recording_layer_class()(i, records, readers.get(i, ())) for i in range(len(cache.layers))]
+    # a cache class made without the config (MiniMaxCache) adds its layers on first use: one per decoder layer here
+    layers = len(cache.layers) or config.get_text_config(decoder=True).num_hidden_layers
+    cache.layers = [_recording_layer_class()(i, records, readers.get(i, ())) for i in range(layers)]
     for layer in cache.layers:
         layer.cache = weakref.ref(cache)
     return cache

@@ -42,10 +42,12 @@ from ..executor.step import forward_step, rope_groups
 from ..hf.model import base_model, default_token_budget
 from ..hf.registration import attention_needs, model_device, require_switched
 from ..executor.kvstore import KVStore
-from ..executor.regions import sharing_refusal
+from ..executor.regions import merge_refusal
 from ..executor.scheduler import Request, Scheduler
 from ..hf.rope import RopeDependence, rope_dependence
-from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention
+from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention, stateless_layers
+from ..mixers.states import HeldStates
+from ..mixers.states import layer_indices as mixer_layer_indices
 from ..hf.wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -188,16 +190,21 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     stats = EngineStats() if stats is None else stats
     stats.backend = kernel.name
     rope = rope_dependence(model)
-    plain = sharing_refusal(model, rope) is None  # attention that can be merged from parts exactly
+    plain = merge_refusal(model, rope) is None  # attention that can be merged from parts exactly
     # a prompt with images runs whole in one step: its image features and mRoPE rows are laid out for the
     # whole prompt, so it neither continues a shared prefix nor is split into chunks
     share = share_prefixes and plain and vision is None
     chunk = rope is None and vision is None
     require_switched(model)  # held by the caller for the whole run (prepack.hf.registration.switched_iter)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
+    # token mixers outside attention (prepack.mixers) keep each request's conv / recurrent state across steps
+    mixers = mixer_layer_indices(model)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
     store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model),
-                    reads=kv_share_sources(unwrap(model).config), revisits=revisiting_attention(unwrap(model)))
+                    reads=kv_share_sources(unwrap(model).config), revisits=revisiting_attention(unwrap(model)),
+                    keyless=mixers | stateless_layers(unwrap(model)) if mixers else frozenset())
+    if mixers:
+        store.states = HeldStates(unwrap(model).config.get_text_config(decoder=True), store.prefix_of)
 
     limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
     if isinstance(prompts, Sequence):  # all in memory: every request's limits before any runs, so none is lost
@@ -212,7 +219,7 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
             clock.initial_timestamp = time.time()
 
     sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
-                      admit_check=admit_check, chunk=chunk, share=share, stats=stats)
+                      admit_check=admit_check, chunk=chunk, share=share, stats=stats, parent_first=bool(mixers))
     return _Run(module, kernel, store, sched, rope, _requests(prompts, rules, device, seed),
                 read_ahead=2 * (max_batch or 64), logprobs=logprobs, stats=stats, progress=progress,
                 vision=vision, samples=rules.samples)
@@ -382,7 +389,7 @@ def _forward_step(run: "_Run", feeds: dict, units: dict) -> tuple[list, torch.Te
         return (fed.start + fed.q - 1)[[n == len(u.pending) for u, n in zip(fed.units, fed.q)]]
 
     fed, out = forward_step(run.module, run.kernel, run.store, feeds, units, last_rows, base=run.base,
-                            vision=run.vision, samples=run.samples)
+                            vision=run.vision, samples=run.samples, held=run.store.states)
     samples = [u for u, n in zip(fed.units, fed.q) if n == len(u.pending)]
     logits = out.float()
     is_request = [isinstance(u, Request) for u in samples]
@@ -496,14 +503,18 @@ def _finished(r: Request, device) -> str | None:
 
 
 def check_engine_model(model) -> None:
-    """Refuse a model whose per-layer state is not plain attention keys and values, naming the model and why."""
+    """Refuse a model whose per-layer state is neither attention keys and values nor a mixer's state
+    (:mod:`prepack.mixers`), naming the model and why."""
     config = model.config.get_text_config(decoder=True)
     name = type(model).__name__
-    other = sorted({t for t in getattr(config, "layer_types", None) or () if t not in _ATTENTION_LAYERS})
+    mixers = mixer_layer_indices(model)
+    keyless = mixers | stateless_layers(unwrap(model)) if mixers else frozenset()
+    types = getattr(config, "layer_types", None) or ()
+    other = sorted({t for i, t in enumerate(types) if t not in _ATTENTION_LAYERS and i not in keyless})
     if other:
         raise UnsupportedModelError(
-            f"{name} has {', '.join(other)} layers; prepack's decode engine caches attention keys and values only "
-            "(recurrent or linear-attention state is not implemented)"
+            f"{name} has {', '.join(other)} layers that are neither attention nor a token mixer prepack keeps the "
+            "state of (prepack.mixers), so its decode engine cannot hold what they carry from token to token"
         )
     kv_share_sources(config)  # layers reading another's keys read its pool (KVStore.reads); refuses what it cannot map
 

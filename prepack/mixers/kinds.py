@@ -66,6 +66,11 @@ class MixerKind:
         prepare: ``prepare(module)``, run once per mixer by :func:`prepack.mixers.install` beside the
             wrapper, for what the kind's one-call path needs on the module (e.g. prepack's runtime on
             transformers' per-instance kernel hooks, :mod:`prepack.mixers.mamba`), or None.
+        keywords_dropped: the model above the mixer passes it no keyword (Mamba's blocks): the packed call
+            reaches it through :mod:`prepack.mixers.active` (hooks on the modules above it) instead.
+        returns_state: the module returns ``(output, its final state)`` and its decoder layer keeps the output
+            only (MiniMax's lightning attention): the packed call returns ``(output, None)``, as prepack's
+            attention returns no weights; the states go to each segment's own cache.
     """
 
     name: str
@@ -74,6 +79,8 @@ class MixerKind:
     states: tuple[str, ...]
     varlen: VarlenKernels | None = field(default=None)
     prepare: Callable[[torch.nn.Module], object] | None = field(default=None)
+    keywords_dropped: bool = False
+    returns_state: bool = False
 
 
 KINDS: list[MixerKind] = []

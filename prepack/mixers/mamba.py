@@ -205,4 +205,6 @@ MAMBA_LAYER = register_kind(MixerKind(
 
 # Mamba / FalconMamba (and any other Mamba1 mixer): matched so that a packed call that cannot reach it is refused
 # by name when it runs (packed.py's check), rather than the model being called unsupported for a wrong reason
-MAMBA1 = register_kind(MixerKind(name="mamba1", matches=_is_mamba1, layer_types=("linear_attention",), states=("conv", "ssm")))
+MAMBA1 = register_kind(MixerKind(
+    name="mamba1", matches=_is_mamba1, layer_types=("linear_attention",), states=("conv", "ssm"), keywords_dropped=True,
+))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..hf.support import UnsupportedModelError
+from . import active
 from .kinds import kind_of, mixer_modules, seq_idx_of
 
 # the names transformers' mixers take a cache under (5.x renamed past_key_values / cache_params to cache)
@@ -90,6 +91,7 @@ def install(model) -> int:
             )
         if kind.prepare is not None:
             kind.prepare(module)
+    active.install(model, [path for path, _, kind in found if kind.keywords_dropped])
     return len(found)
 
 
@@ -110,6 +112,8 @@ def packed_forward(self, *args, **kwargs):
 def call_segments(module, kwargs: dict) -> Segments | None:
     """The segments a mixer call carries (``prepack=`` or ``cu_seq_lens_q``), or None for a plain call."""
     call = kwargs.get("prepack")
+    if call is None and kind_of(module).keywords_dropped:
+        call = active.active_call()  # the model above passed no keyword on: the call its top module got
     if call is not None:
         if call.row_mask is not None:
             raise UnsupportedModelError(
@@ -164,22 +168,56 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
         extra = varlen.kwargs(seg.cu_seqlens, seq_idx_of(seg.q_lengths, hidden.device))
         return forward(module, hidden, attention_mask=None, **rest, **per_token, **extra)
     cache_name = _cache_name(type(module))
-    outs, start = [], 0
+    starts = np.concatenate([[0], np.cumsum(seg.q_lengths)[:-1]]).astype(np.int64)
+    outs = {}
+    for rows in _decode_groups(module, seg):  # one-token segments that continue their states: the mixer's own decode path, batched
+        outs.update(_decode_together(module, forward, cache_name, seg, rows, starts, hidden, per_token, rest))
     for j, n in enumerate(seg.q_lengths.tolist()):
-        if n == 0:
+        if n == 0 or j in outs:
             continue
+        start = int(starts[j])
         cache = seg.states.cache_for(j) if seg.states is not None else None
         own = {} if cache is None else {cache_name: cache}
         own.update({k: v[:, start:start + n] for k, v in per_token.items()})
-        outs.append(forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest))
-        start += n
-    return _concat(outs, name)
+        outs[j] = forward(module, hidden[:, start:start + n], attention_mask=None, **own, **rest)
+    return _concat([outs[j] for j in sorted(outs)], name, kind_of(module).returns_state)
 
 
-def _concat(outs: list, name: str):
-    """Per-segment outputs (a tensor, or a tuple whose other entries are None) -> one along the token axis."""
+def _decode_groups(module, seg: Segments) -> list[list[int]]:
+    """Groups of segments a step decodes in one batched call each: one token each, continuing held states alike."""
+    states = seg.states
+    if states is None or not hasattr(states, "gather"):
+        return []
+    from .kinds import mixer_layer_idx
+
+    rows = [j for j in np.flatnonzero(seg.q_lengths == 1).tolist() if states.continues(j)]
+    return states.groups(rows, mixer_layer_idx(module)) if len(rows) > 1 else []
+
+
+def _decode_together(module, forward, cache_name: str, seg: Segments, rows: list[int], starts, hidden, per_token: dict,
+                     rest: dict) -> dict:
+    """``module``'s own forward once over the one-token segments ``rows``, batched as ``model.generate`` batches
+    its decode steps: (n, 1, D) with their states stacked; their new states go back to each request's cache."""
+    from .kinds import mixer_layer_idx
+
+    layer = mixer_layer_idx(module)
+    at = torch.from_numpy(starts[rows]).to(hidden.device)
+    cache = seg.states.gather(rows, layer)
+    own = {k: v[0, at][:, None] for k, v in per_token.items()}
+    out = forward(module, hidden[0, at][:, None], attention_mask=None, **{cache_name: cache}, **own, **rest)
+    seg.states.scatter(rows, layer, cache)
+    first = out if isinstance(out, torch.Tensor) else out[0]
+    return {j: (first[b : b + 1] if isinstance(out, torch.Tensor) else (first[b : b + 1],) + tuple(out[1:]))
+            for b, j in enumerate(rows)}
+
+
+def _concat(outs: list, name: str, returns_state: bool = False):
+    """Per-segment outputs (a tensor, or a tuple whose other entries are None, or a state the caller drops when
+    ``returns_state``) -> one along the token axis."""
     if all(isinstance(o, torch.Tensor) for o in outs):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if returns_state and all(isinstance(o, tuple) and isinstance(o[0], torch.Tensor) for o in outs):
+        return (torch.cat([o[0] for o in outs], dim=1),) + (None,) * (len(outs[0]) - 1)  # states: in each segment's cache
     if all(isinstance(o, tuple) and all(x is None for x in o[1:]) for o in outs):
         return (torch.cat([o[0] for o in outs], dim=1),) + outs[0][1:]
     raise UnsupportedModelError(f"{name} returned {type(outs[0]).__name__}; prepack joins tensors (or (tensor, None, ...)) only")
