@@ -66,14 +66,14 @@ def warp_rows(scores: torch.Tensor, lists: list, steps: tuple) -> torch.Tensor:
         (m, V) scores equal to ``lists[j](ids, scores[j:j+1])`` for every row j.
     """
     per_row = [_by_step(lst, steps) for lst in lists]
-    out = scores.clone()
+    out = scores  # every step returns a new tensor: the caller's scores are never written
     for s, kind in enumerate(steps):
         have = [(j, w[s]) for j, w in enumerate(per_row) if s in w]
-        if not have:
-            continue
-        rows = torch.tensor([j for j, _ in have], dtype=torch.long, device=scores.device)
-        sub = out.index_select(0, rows)
-        out.index_copy_(0, rows, _STEPS[kind](sub, [w for _, w in have]))
+        if len(have) == len(per_row):
+            out = _STEPS[kind](out, [w for _, w in have])
+        elif have:
+            rows = torch.tensor([j for j, _ in have], dtype=torch.long, device=scores.device)
+            out = out.index_copy(0, rows, _STEPS[kind](out.index_select(0, rows), [w for _, w in have]))
     return out
 
 
@@ -110,20 +110,26 @@ def _top_k(scores: torch.Tensor, warpers: list) -> torch.Tensor:
 
 def _top_p(scores: torch.Tensor, warpers: list) -> torch.Tensor:
     """TopPLogitsWarper per row without its (m, V) index sort (see ``prepack.jobs.decoding.top_p_warp``, here with
-    per-row ``top_p``, ``min_tokens_to_keep`` and ``filter_value``)."""
-    if scores.device.type != "cpu" or scores.dtype != torch.float32 or bool(torch.isnan(scores).any()):
+    per-row ``top_p``, ``min_tokens_to_keep`` and ``filter_value``). The softmax and cumulative sum of the sorted
+    values are torch's own (their rounding is the warper's); comparisons and counts, exact in any library, are
+    numpy's (single-threaded: no waiting on torch's second thread for a cheap pass)."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32:
         return _each(scores, warpers)
-    m, vocab = scores.shape
-    values = torch.from_numpy(_sorted_values(scores.numpy()))  # (m, V) ascending: torch.sort's values
-    cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+    x = scores.numpy()
+    if np.isnan(x).any():
+        return _each(scores, warpers)
+    vocab = x.shape[1]
+    values = _sorted_values(x)  # (m, V) ascending: torch.sort's values
+    cumulative = torch.from_numpy(values).softmax(dim=-1).cumsum(dim=-1).numpy()
     # the warper compares with the Python float 1 - top_p, which torch casts to float32
-    bound = torch.tensor([1 - w.top_p for w in warpers], dtype=torch.float32)[:, None]
-    keep = _settings(warpers, "min_tokens_to_keep", scores, torch.long)[:, 0]
-    cut = torch.minimum((cumulative <= bound).sum(-1), vocab - keep)  # (m,) sorted positions removed
-    last = values.gather(1, (cut - 1).clamp(min=0)[:, None])  # (m, 1) the largest removed value
-    remove = (scores <= last) & (cut > 0)[:, None]
-    out = _filled(scores, remove, warpers)
-    tied = ((remove.sum(-1) != cut) & (cut > 0)).nonzero()[:, 0].tolist()
+    bound = np.array([1 - w.top_p for w in warpers], np.float32)[:, None]
+    keep = np.array([w.min_tokens_to_keep for w in warpers])
+    cut = np.minimum(np.count_nonzero(cumulative <= bound, axis=-1), vocab - keep)  # (m,) sorted positions removed
+    last = np.take_along_axis(values, np.maximum(cut - 1, 0)[:, None], 1)  # (m, 1) the largest removed value
+    remove = (x <= last) & (cut > 0)[:, None]
+    fill = np.array([w.filter_value for w in warpers], np.float32)[:, None]
+    out = torch.from_numpy(np.where(remove, fill, x))
+    tied = np.flatnonzero((np.count_nonzero(remove, axis=-1) != cut) & (cut > 0)).tolist()
     for j in tied:  # the cut splits tied values: torch.sort's order among them decides, as in the warper alone
         out[j] = _each(scores[j : j + 1], [warpers[j]])[0]
     return out
