@@ -7,13 +7,16 @@ Two pieces of :func:`prepack.jobs.engine`'s step, both per-row arithmetic done f
   that row alone. Rows whose outcome depends on an order the values do not fix (ties across a top-p cut or
   across min-p's ``min_tokens_to_keep``), and rows holding NaN, are handed to their own warpers.
 * :func:`draw`: ``torch.multinomial(probs[j:j+1], 1, generator=g_j)`` for every row, consuming each generator
-  exactly as that call does. On CPU, ``torch.multinomial`` with one sample is ``argmax(p / q)`` with
-  ``q = exponential_()`` over the whole row: one ``random64()`` (two Mersenne-twister words) and one ``log1p``
-  per vocabulary entry, serially. :func:`draw` produces the same words with numpy's MT19937 from the
-  generator's own state (and writes the advanced state back), and takes ``log1p`` only where ``p > 0``: the
-  other entries' ratios are 0 whatever ``q`` is. A one-time check against ``torch.multinomial`` (:func:`replica_ok`)
-  decides whether this torch build draws that way; if not, and for CUDA generators, every row calls
-  ``torch.multinomial`` itself.
+  exactly as that call does. On CPU, ``torch.multinomial`` with one sample is the first ``argmax(p / q)`` with
+  ``q = exponential_()`` over the whole row: one ``random64()`` (two Mersenne-twister words) and one glibc
+  ``log1p`` per vocabulary entry, in torch's serial kernel (about 20 ns an entry). :func:`draw` produces the
+  same words with numpy's MT19937 from the generator's own state (about 5 ns an entry), writes the advanced
+  state back, and ranks only the entries with ``p > 0`` (the others' ratios are 0 whatever ``q`` is),
+  recomputing the few that can win exactly as torch does. Where the words cannot settle it (a uniform of
+  exactly 0) the row goes to ``torch.multinomial``. A one-time check against ``torch.multinomial``
+  (:func:`replica_ok`: consecutive draws, the same tokens and generator states) decides whether this torch
+  and numpy draw that way (torch's ``CPUGeneratorImplState`` layout, numpy's MT19937 state struct); if not,
+  and for CUDA generators, every row calls ``torch.multinomial`` itself.
 """
 
 from __future__ import annotations
@@ -140,12 +143,15 @@ def _sorted_values(x: np.ndarray) -> np.ndarray:
     if len(x) < 8 or torch.get_num_threads() < 2:
         return np.sort(x, axis=-1)
     out = np.empty_like(x)
-    half = len(x) // 2
-    pool = _pool()
-    later = pool.submit(lambda: out.__setitem__(slice(half, None), np.sort(x[half:], axis=-1)))
-    out[:half] = np.sort(x[:half], axis=-1)
+    half = slice(len(x) // 2, None)
+    later = _pool().submit(_sort_into, out, x, half)
+    _sort_into(out, x, slice(0, len(x) // 2))
     later.result()
     return out
+
+
+def _sort_into(out: np.ndarray, x: np.ndarray, rows: slice) -> None:
+    out[rows] = np.sort(x[rows], axis=-1)
 
 
 @functools.lru_cache(maxsize=1)
