@@ -26,7 +26,6 @@ transformers builds its logits processors and stopping criteria from its own pro
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections import deque
@@ -427,7 +426,7 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
             chosen.index_copy_(0, at, scores[greedy].argmax(-1))
         if sample:
             at = torch.tensor([rows[j] for j in sample], device=logits.device)
-            probs = torch.softmax(scores[sample], dim=-1)
+            probs = torch.softmax(scores if len(sample) == len(rows) else scores[sample], dim=-1)
             chosen.index_copy_(0, at, draw(probs, [reqs[rows[j]].generator for j in sample]).to(chosen.device))
     lps = [None] * len(reqs)
     if logprobs:
@@ -454,7 +453,7 @@ def _processed(reqs: list, logits: torch.Tensor, device) -> tuple[list[int], tor
             at = torch.tensor(members, device=logits.device)
             parts.append(warp_rows(logits.index_select(0, at), [reqs[i].rules.processors for i in members], steps))
         rows += members
-    return rows, torch.cat(parts) if parts else None
+    return rows, (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
 
 
 def _ids(r: Request, device) -> torch.Tensor:
