@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ def _sorted_values(x: np.ndarray) -> np.ndarray:
         return np.sort(x, axis=-1)
     out = np.empty_like(x)
     half = slice(len(x) // 2, None)
-    later = _pool().submit(_sort_into, out, x, half)
+    later = _pool(os.getpid()).submit(_sort_into, out, x, half)
     _sort_into(out, x, slice(0, len(x) // 2))
     later.result()
     return out
@@ -155,7 +156,8 @@ def _sort_into(out: np.ndarray, x: np.ndarray, rows: slice) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _pool():
+def _pool(pid: int):
+    """One sorting thread per process (keyed by pid: a forked child has no thread of its parent's pool)."""
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepack-sort")
