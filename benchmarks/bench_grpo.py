@@ -3,6 +3,9 @@
     python benchmarks/bench_grpo.py                                   # the issue's workload, llama-512
     python benchmarks/bench_grpo.py --model llama-small --eos-set 0.03  # llama-small, an EOS set: lengths vary
     python benchmarks/bench_grpo.py --prompts 4 --generations 2 --new-tokens 8 --repeat 1 --no-step  # a quick look
+    python benchmarks/bench_grpo.py --pieces-only                     # part 2b alone: the engine's token choice
+    python benchmarks/bench_grpo.py --only 2 --prompts 8 --new-tokens 32 --max-len 256 --repeat 2 --baseline /tmp/base
+                                                  # part 2 against an older checkout, fresh processes, alternating
 
 The workload: ``--prompts`` ShareGPT first turns (16 to ``--max-len`` tokens of a byte-level BPE trained on other
 ShareGPT turns, so that prompts are text and TRL templates them itself), ``--generations`` samples each
@@ -20,7 +23,10 @@ Measured in one run, methods interleaved within each repeat, medians of ``--repe
    and ``rollout_func=prepack.trl.rollout_func()``; then once more under ``top_k=1``, where the three
    must give the same completions (checked, printed);
 2. ``prepack.generate`` on the same requests: greedy, ``do_sample=True, top_k=1``, ``temperature=0.7,
-   top_p=0.9`` (sampling against greedy);
+   top_p=0.9`` (sampling against greedy); with ``--baseline`` also in an older checkout, each checkout's
+   sampled tokens checked equal;
+2b. one step's token choice for the same number of requests, piece by piece, the engine's before
+   (``top_p_warp``, one ``torch.multinomial`` per request) and now (``prepack.jobs.sampling``), interleaved;
 3. the log-probabilities of the rollout batch: TRL's padded ``_get_per_token_logps_and_entropies``
    (batches of ``per_device_train_batch_size``) against ``prepack.logprobs`` (one packed run), with the
    largest difference between the two;
@@ -32,6 +38,8 @@ Measured in one run, methods interleaved within each repeat, medians of ``--repe
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import statistics
 import sys
@@ -179,7 +187,9 @@ def sampling(model, tok, prompts, args) -> dict:
             out[v] = timed(lambda: prepack.generate(model, ids, **common, **kw), times[v])
     tokens = {v: sum(len(g.tokens) for g in res) for v, res in out.items()}
     same = [g.tokens.tolist() for g in out["greedy"]] == [g.tokens.tolist() for g in out["do_sample, top_k=1"]]
-    return {"times": times, "tokens": tokens, "same": same}
+    digest = {v: hashlib.sha256(json.dumps([g.tokens.tolist() for g in res]).encode()).hexdigest()[:16]
+              for v, res in out.items()}
+    return {"times": times, "tokens": tokens, "same": same, "digest": digest}
 
 
 def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
@@ -309,7 +319,8 @@ import bench_grpo, prepack
 args = bench_grpo.parser().parse_args(sys.argv[2:])
 model, tok, prompts = bench_grpo.workload(args)
 s = bench_grpo.sampling(model, tok, prompts, args)
-print(json.dumps({"times": s["times"], "tokens": s["tokens"], "same": s["same"], "prepack": prepack.__file__}))
+print(json.dumps({"times": s["times"], "tokens": s["tokens"], "same": s["same"], "digest": s["digest"],
+                  "prepack": prepack.__file__}))
 """
 
 
@@ -388,11 +399,14 @@ def report_baseline(args, argv: list) -> None:
             runs[name].append(run_child(here if name == "this checkout" else args.baseline.resolve(), CHILD, child_argv))
     print(f"2. prepack.generate, this checkout against --baseline {args.baseline} (fresh processes, alternating; "
           f"load average {os.getloadavg()[0]:.1f} at the end)\n")
-    print("| checkout | decoding | seconds | / greedy (same checkout) | top_k=1 gives the greedy tokens |\n|---|---|---|---|---|")
+    print("| checkout | decoding | seconds | / greedy (same checkout) | top_k=1 gives the greedy tokens | "
+          "the same tokens in every run of both checkouts |\n|---|---|---|---|---|---|")
+    every = runs["this checkout"] + runs["baseline"]
     for name, rows in runs.items():
         med = {v: statistics.median(x["times"][v][0] for x in rows) for v in rows[0]["times"]}
         for v, sec in med.items():
-            print(f"| {name} | {v} | {sec:.2f} | {sec / med['greedy']:.2f}x | {all(x['same'] for x in rows)} |")
+            same = len({x["digest"][v] for x in every}) == 1
+            print(f"| {name} | {v} | {sec:.2f} | {sec / med['greedy']:.2f}x | {all(x['same'] for x in rows)} | {same} |")
 
 
 def _without_baseline(argv: list) -> list:
