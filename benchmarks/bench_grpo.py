@@ -3,6 +3,9 @@
     python benchmarks/bench_grpo.py                                   # the issue's workload, llama-512
     python benchmarks/bench_grpo.py --model llama-small --eos-set 0.03  # llama-small, an EOS set: lengths vary
     python benchmarks/bench_grpo.py --prompts 4 --generations 2 --new-tokens 8 --repeat 1 --no-step  # a quick look
+    python benchmarks/bench_grpo.py --pieces-only                     # part 2b alone: the engine's token choice
+    python benchmarks/bench_grpo.py --only 2 --prompts 8 --new-tokens 32 --max-len 256 --repeat 2 --baseline /tmp/base
+                                                  # part 2 against an older checkout, fresh processes, alternating
 
 The workload: ``--prompts`` ShareGPT first turns (16 to ``--max-len`` tokens of a byte-level BPE trained on other
 ShareGPT turns, so that prompts are text and TRL templates them itself), ``--generations`` samples each
@@ -20,7 +23,10 @@ Measured in one run, methods interleaved within each repeat, medians of ``--repe
    and ``rollout_func=prepack.trl.rollout_func()``; then once more under ``top_k=1``, where the three
    must give the same completions (checked, printed);
 2. ``prepack.generate`` on the same requests: greedy, ``do_sample=True, top_k=1``, ``temperature=0.7,
-   top_p=0.9`` (sampling against greedy);
+   top_p=0.9`` (sampling against greedy); with ``--baseline`` also in an older checkout, each checkout's
+   sampled tokens checked equal;
+2b. one step's token choice for the same number of requests, piece by piece, the engine's before
+   (``top_p_warp``, one ``torch.multinomial`` per request) and now (``prepack.jobs.sampling``), interleaved;
 3. the log-probabilities of the rollout batch: TRL's padded ``_get_per_token_logps_and_entropies``
    (batches of ``per_device_train_batch_size``) against ``prepack.logprobs`` (one packed run), with the
    largest difference between the two;
@@ -32,12 +38,16 @@ Measured in one run, methods interleaved within each repeat, medians of ``--repe
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -177,47 +187,74 @@ def sampling(model, tok, prompts, args) -> dict:
             out[v] = timed(lambda: prepack.generate(model, ids, **common, **kw), times[v])
     tokens = {v: sum(len(g.tokens) for g in res) for v, res in out.items()}
     same = [g.tokens.tolist() for g in out["greedy"]] == [g.tokens.tolist() for g in out["do_sample, top_k=1"]]
-    return {"times": times, "tokens": tokens, "same": same}
+    digest = {v: hashlib.sha256(json.dumps([g.tokens.tolist() for g in res]).encode()).hexdigest()[:16]
+              for v, res in out.items()}
+    return {"times": times, "tokens": tokens, "same": same, "digest": digest}
 
 
 def sampling_step(vocab: int, rows: int, repeat: int = 5) -> dict:
     """Part 2b: one decode step's token choice for ``rows`` requests at ``vocab`` ids, piece by piece (medians, ms):
-    what prepack's engine runs per step beyond greedy's argmax when every request samples with its own generator."""
+    what prepack's engine runs per step beyond greedy's argmax when every request samples with its own generator.
+    The engine's token choice before this change (``top_p_warp``, one ``torch.multinomial`` per request) and now
+    (``prepack.jobs.sampling.warp_rows`` and ``draw``) are timed in the same loop, interleaved, and must give the
+    same tokens from generators seeded alike."""
     from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from prepack.jobs import sampling as now  # the engine's own pieces (private steps of _choose: measured here)
+    from prepack.jobs.decoding import top_p_warp
 
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
     warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)])
-    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    lists = [warpers] * rows
+    gens = {k: [torch.Generator().manual_seed(i) for i in range(rows)] for k in ("before", "now")}
     state: dict = {}
+
+    def before_warp(scores):  # the engine's application of equal row-wise warpers before this change
+        return top_p_warp(warpers[0](None, scores), warpers[1])
+
+    def before_choice():
+        probs = torch.softmax(before_warp(logits.clone()), -1)
+        state["before"] = [int(torch.multinomial(probs[j : j + 1], 1, generator=gens["before"][j])) for j in range(rows)]
+
+    def now_choice():
+        probs = torch.softmax(now.warp_rows(logits, lists, now.ORDER), -1)
+        state["now"] = now.draw(probs, gens["now"]).tolist()
+
     pieces = {
         "greedy argmax": lambda: logits.argmax(-1),
         "temperature + top-p warpers (transformers', batched)": lambda: state.update(
             scores=warpers(torch.zeros(rows, 0, dtype=torch.long), logits.clone())),
         "  of which the top-p sort": lambda: torch.sort(logits, descending=False),
-        "the same warpers as prepack's engine applies them (top_p_warp)": lambda: _engine_warp(warpers, logits.clone()),
+        "before: the warpers as the engine applied them (top_p_warp)": lambda: before_warp(logits.clone()),
+        "now: the warpers as the engine applies them (sampling.warp_rows)": lambda: now.warp_rows(logits, lists, now.ORDER),
         "softmax (batched)": lambda: state.update(probs=torch.softmax(state["scores"], -1)),
-        "one multinomial per request (its own generator)": lambda: [
-            torch.multinomial(state["probs"][j : j + 1], 1, generator=gens[j]) for j in range(rows)],
+        "before: one torch.multinomial per request (its own generator)": lambda: [
+            torch.multinomial(state["probs"][j : j + 1], 1, generator=gens["before"][j]) for j in range(rows)],
+        "now: the same draws (sampling.draw)": lambda: now.draw(state["probs"], gens["now"]),
+        "before: whole token choice (warpers, softmax, draws)": before_choice,
+        "now: whole token choice (warpers, softmax, draws)": now_choice,
         "log_softmax + gather (logprobs)": lambda: torch.log_softmax(logits / 0.7, -1).gather(1, logits.argmax(-1)[:, None]),
     }
     times: dict = {k: [] for k in pieces}
+    same = True
     for _ in range(repeat):
         for k, fn in pieces.items():
             timed(fn, times[k])
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+        same &= state["before"] == state["now"]
+    medians = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    return {"ms": medians, "same": same}
 
 
-def _engine_warp(warpers, scores):
-    from prepack.jobs.engine import _warp  # the engine's own application of row-wise warpers (private: measured here)
-
-    return _warp(warpers, scores)
-
-
-def print_pieces(vocab: int, rows: int) -> None:
-    print(f"\n2b. one decode step's token choice for {rows} requests at {vocab} ids (median ms)\n")
+def print_pieces(vocab: int, rows: int, repeat: int = 5) -> None:
+    got = sampling_step(vocab, rows, repeat)
+    print(f"\n2b. one decode step's token choice for {rows} requests at {vocab} ids (median ms of {repeat}, interleaved; "
+          f"load average {os.getloadavg()[0]:.1f} at the end; before and now give the same tokens: {got['same']})\n")
     print("| piece | ms |\n|---|---|")
-    for k, ms in sampling_step(vocab, rows).items():
+    for k, ms in got["ms"].items():
         print(f"| {k} | {ms:.1f} |")
+    ms = got["ms"]
+    print(f"\nwhole token choice: before / now = {ms['before: whole token choice (warpers, softmax, draws)'] / ms['now: whole token choice (warpers, softmax, draws)']:.2f}x; "
+          f"now / greedy argmax = {ms['now: whole token choice (warpers, softmax, draws)'] / ms['greedy argmax']:.1f}x")
 
 
 def logprobs(model, tr, batch, args) -> dict:
@@ -274,7 +311,20 @@ def step(model, tok, prompts, args, out_dir) -> dict:
     return {"total": total, "step_time": tr.state.log_history[0].get("step_time"), "spans": spans}
 
 
-def main(argv=None) -> int:
+PARTS = ("1", "2", "2b", "3", "4")
+CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])  # this benchmark's directory: the workload; prepack is the checkout's (PYTHONPATH)
+import bench_grpo, prepack
+args = bench_grpo.parser().parse_args(sys.argv[2:])
+model, tok, prompts = bench_grpo.workload(args)
+s = bench_grpo.sampling(model, tok, prompts, args)
+print(json.dumps({"times": s["times"], "tokens": s["tokens"], "same": s["same"], "digest": s["digest"],
+                  "prepack": prepack.__file__}))
+"""
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-512")
     ap.add_argument("--prompts", type=int, default=24)
@@ -286,55 +336,120 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-cb", action="store_true", help="leave out use_transformers_continuous_batching")
     ap.add_argument("--no-step", action="store_true", help="leave out the full GRPOTrainer step")
-    ap.add_argument("--pieces-only", action="store_true", help="only part 2b (no model, no trainer)")
-    args = ap.parse_args(argv)
-    if args.pieces_only:
-        print_pieces(args.vocab, args.prompts * args.generations)
-        return 0
-    if not 0 <= args.eos_set < 1:
-        ap.error(f"--eos-set must be in [0, 1), got {args.eos_set}")
+    ap.add_argument("--pieces-only", action="store_true", help="only part 2b (no model, no trainer); same as --only 2b")
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts to run, of 1,2,2b,3,4 (3 needs 1)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="part 2 only: also run it with this checkout's prepack (an older commit), each run a fresh "
+                         "process, alternating with this checkout's, --repeat rounds")
+    return ap
 
+
+def workload(args):
+    """The model, the tokenizer and the prompts of ``args``."""
     model = build(args.model, args.vocab)
     vocab = model.config.vocab_size
     tok, prompts = tokenizer_and_prompts(args.prompts, args.max_len, vocab)
     if args.eos_set:
         ids = np.random.default_rng(1).permutation(np.arange(3, vocab))[: int(args.eos_set * vocab)]
         model.generation_config.eos_token_id = sorted(int(i) for i in ids)
+    return model, tok, prompts
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    parts = ["2b"] if args.pieces_only else args.only.split(",")
+    if bad := [p for p in parts if p not in PARTS]:
+        ap.error(f"--only takes parts of {','.join(PARTS)}, got {','.join(bad)}")
+    if "3" in parts and "1" not in parts:
+        ap.error("--only 3 needs part 1 (its rollout batch): pass --only 1,3")
+    if args.baseline is not None and parts != ["2"]:
+        ap.error("--baseline compares part 2 only: pass --only 2")
+    if args.baseline is not None and not (args.baseline / "prepack" / "__init__.py").is_file():
+        ap.error(f"--baseline {args.baseline} holds no prepack/ checkout")
+    if not 0 <= args.eos_set < 1:
+        ap.error(f"--eos-set must be in [0, 1), got {args.eos_set}")
+    if parts == ["2b"]:
+        print_pieces(args.vocab, args.prompts * args.generations)
+        return 0
+    model, tok, prompts = workload(args)
     lengths = [len(tok(p)["input_ids"]) for p in prompts]
     print(f"{len(prompts)} ShareGPT prompts ({sum(lengths)} tokens, {min(lengths)}-{max(lengths)}) x {args.generations} "
           f"generations, max_completion_length={args.new_tokens}, temperature=0.7 top_p=0.9, {args.model} fp32 "
-          f"(EOS set: {args.eos_set:.0%} of {vocab} ids), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"(EOS set: {args.eos_set:.0%} of {model.config.vocab_size} ids), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} at start; median of {args.repeat}\n")
+    if args.baseline is not None:
+        report_baseline(args, argv if argv is not None else sys.argv[1:])
+        return 0
     with tempfile.TemporaryDirectory() as out_dir:
-        report(model, tok, prompts, args, out_dir)
+        report(model, tok, prompts, args, out_dir, parts)
     return 0
 
 
-def report(model, tok, prompts, args, out_dir) -> None:
+def report_baseline(args, argv: list) -> None:
+    """Part 2 in fresh processes, this checkout's prepack and ``--baseline``'s alternating (A B B A ...)."""
+    from bench_regression import run_child
+
+    here = Path(__file__).resolve().parents[1]
+    child_argv = [str(Path(__file__).resolve().parent)] + [a for a in _without_baseline(argv)] + ["--repeat", "1"]
+    runs: dict = {"this checkout": [], "baseline": []}
+    for r in range(args.repeat):
+        order = ("this checkout", "baseline") if r % 2 == 0 else ("baseline", "this checkout")
+        for name in order:
+            runs[name].append(run_child(here if name == "this checkout" else args.baseline.resolve(), CHILD, child_argv))
+    print(f"2. prepack.generate, this checkout against --baseline {args.baseline} (fresh processes, alternating; "
+          f"load average {os.getloadavg()[0]:.1f} at the end)\n")
+    print("| checkout | decoding | seconds | / greedy (same checkout) | top_k=1 gives the greedy tokens | "
+          "the same tokens in every run of both checkouts |\n|---|---|---|---|---|---|")
+    every = runs["this checkout"] + runs["baseline"]
+    for name, rows in runs.items():
+        med = {v: statistics.median(x["times"][v][0] for x in rows) for v in rows[0]["times"]}
+        for v, sec in med.items():
+            same = len({x["digest"][v] for x in every}) == 1
+            print(f"| {name} | {v} | {sec:.2f} | {sec / med['greedy']:.2f}x | {all(x['same'] for x in rows)} | {same} |")
+
+
+def _without_baseline(argv: list) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--baseline" or a == "--repeat":
+            skip = True
+        elif not a.startswith("--baseline=") and not a.startswith("--repeat="):
+            out.append(a)
+    return out
+
+
+def report(model, tok, prompts, args, out_dir, parts: list) -> None:
     med = lambda ts: statistics.median(ts)  # noqa: E731
-    r = rollouts(model, tok, prompts, args, out_dir)
-    pp = med(r["times"]["prepack.trl.rollout_func"])
-    ls = r["lengths"]
-    print(f"1. rollout phase (GRPOTrainer._generate), completion lengths {min(ls)}-{max(ls)} (mean {np.mean(ls):.1f})\n")
-    print("| method | seconds | / prepack | same completions under top_k=1 |\n|---|---|---|---|")
-    for m, ts in r["times"].items():
-        print(f"| {m} | {med(ts):.2f} | {med(ts) / pp:.2f}x | {r['same'][m]} |")
-    s = sampling(model, tok, prompts, args)
-    g = med(s["times"]["greedy"])
-    print(f"\n2. prepack.generate on the same {len(prompts) * args.generations} requests "
-          f"(top_k=1 gives the greedy tokens: {s['same']})\n")
-    print("| decoding | seconds | / greedy | new tokens |\n|---|---|---|---|")
-    for v, ts in s["times"].items():
-        print(f"| {v} | {med(ts):.2f} | {med(ts) / g:.2f}x | {s['tokens'][v]} |")
-    print_pieces(model.config.vocab_size, len(prompts) * args.generations)
-    lp = logprobs(model, r["trainer"], r["batch"], args)
-    ours = med(lp["times"]["prepack.logprobs"])
-    print(f"\n3. per-token log-probabilities and entropies of the rollout batch ({lp['tokens']} tokens, padded "
-          f"{lp['padded'][0]} x {lp['padded'][1]}); largest difference {lp['diff']:.2e}\n")
-    print("| function | seconds | / prepack |\n|---|---|---|")
-    for m, ts in lp["times"].items():
-        print(f"| {m} | {med(ts):.2f} | {med(ts) / ours:.2f}x |")
-    if args.no_step:
+    if "1" in parts:
+        r = rollouts(model, tok, prompts, args, out_dir)
+        pp = med(r["times"]["prepack.trl.rollout_func"])
+        ls = r["lengths"]
+        print(f"1. rollout phase (GRPOTrainer._generate), completion lengths {min(ls)}-{max(ls)} (mean {np.mean(ls):.1f})\n")
+        print("| method | seconds | / prepack | same completions under top_k=1 |\n|---|---|---|---|")
+        for m, ts in r["times"].items():
+            print(f"| {m} | {med(ts):.2f} | {med(ts) / pp:.2f}x | {r['same'][m]} |")
+    if "2" in parts:
+        s = sampling(model, tok, prompts, args)
+        g = med(s["times"]["greedy"])
+        print(f"\n2. prepack.generate on the same {len(prompts) * args.generations} requests "
+              f"(top_k=1 gives the greedy tokens: {s['same']})\n")
+        print("| decoding | seconds | / greedy | new tokens |\n|---|---|---|---|")
+        for v, ts in s["times"].items():
+            print(f"| {v} | {med(ts):.2f} | {med(ts) / g:.2f}x | {s['tokens'][v]} |")
+    if "2b" in parts:
+        print_pieces(model.config.vocab_size, len(prompts) * args.generations)
+    if "3" in parts:
+        lp = logprobs(model, r["trainer"], r["batch"], args)
+        ours = med(lp["times"]["prepack.logprobs"])
+        print(f"\n3. per-token log-probabilities and entropies of the rollout batch ({lp['tokens']} tokens, padded "
+              f"{lp['padded'][0]} x {lp['padded'][1]}); largest difference {lp['diff']:.2e}\n")
+        print("| function | seconds | / prepack |\n|---|---|---|")
+        for m, ts in lp["times"].items():
+            print(f"| {m} | {med(ts):.2f} | {med(ts) / ours:.2f}x |")
+    if args.no_step or "4" not in parts:
         return
     st = step(model, tok, prompts, args, out_dir)
     total = st["step_time"] or st["total"]
@@ -345,4 +460,6 @@ def report(model, tok, prompts, args, out_dir) -> None:
 
 
 if __name__ == "__main__":
+    # this checkout's prepack (not an installed copy); on import (the --baseline child) PYTHONPATH decides
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

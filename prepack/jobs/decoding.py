@@ -100,6 +100,8 @@ class RequestRules:
         temperature: what the chosen token's log-probability divides the logits by.
         clocks: the ``MaxTimeCriteria`` that ``max_time`` built, whose clock the engine starts when it
             admits the request (alone, its ``model.generate`` call would start then).
+        history: the request's ids so far (:class:`IdsBuffer`), made by the engine the first time its
+            processors or criteria read them.
     """
 
     max_length: int
@@ -109,6 +111,31 @@ class RequestRules:
     do_sample: bool
     temperature: float
     clocks: tuple = ()
+    history: "IdsBuffer | None" = None
+
+
+class IdsBuffer:
+    """A request's prompt and new tokens so far, (1, L) int64, grown in place as it decodes: the ids its processors
+    and stopping criteria read each step, without rebuilding them.
+
+    :meth:`view` returns a view of the first L ids; ids before L never change afterwards, so a view a processor or
+    criterion keeps stays what it saw (as ``model.generate``'s earlier ``input_ids`` do).
+    """
+
+    def __init__(self, prompt: np.ndarray, max_length: int, device):
+        self.prompt_length = self.length = len(prompt)
+        self.buffer = torch.empty(1, max(max_length, self.length + 1), dtype=torch.long, device=device)
+        self.buffer[0, : self.length] = torch.from_numpy(np.asarray(prompt, np.int64))
+
+    def view(self, tokens: list[int]) -> torch.Tensor:
+        """(1, prompt + len(tokens)) the prompt then ``tokens`` (the request's new tokens, of which the buffer holds a prefix)."""
+        n = self.prompt_length + len(tokens)
+        if n > self.buffer.shape[1]:  # past max_length (never, as the engine stops there): grow
+            self.buffer = torch.cat([self.buffer, self.buffer.new_empty(1, n)], 1)
+        if n > self.length:
+            self.buffer[0, self.length : n] = torch.tensor(tokens[self.length - self.prompt_length :], dtype=torch.long)
+            self.length = n
+        return self.buffer[:, :n]
 
 
 class Rules:

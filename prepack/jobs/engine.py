@@ -26,7 +26,6 @@ transformers builds its logits processors and stopping criteria from its own pro
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections import deque
@@ -37,7 +36,8 @@ import numpy as np
 import torch
 
 from ..attention.registry import choose
-from .decoding import RequestRules, Rules, integer, positive_integer, top_p_warp
+from .decoding import IdsBuffer, RequestRules, Rules, integer, positive_integer
+from .sampling import draw, row_wise_steps, warp_rows
 from ..executor.step import forward_step, rope_groups
 from ..hf.model import base_model, default_token_budget
 from ..hf.registration import attention_needs, model_device, require_switched
@@ -418,32 +418,23 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
     """Each request's next token (its processors, then argmax or a draw from its own generator), and its log-prob.
 
     Requests whose processors are only transformers' row-wise warpers (temperature, top-k, top-p, min-p: each row
-    of the scores on its own, the ids unread) with equal settings are processed as one batch, and sampled row by
-    row from their own generators: what each would get alone, without one processor call per request.
+    of the scores on its own, the ids unread) are warped together with per-row settings
+    (:func:`~prepack.jobs.sampling.warp_rows`); the others call their own processors on their own ids. Every
+    sampling request then draws from its own generator (:func:`~prepack.jobs.sampling.draw`): what each would
+    get alone.
     """
     chosen = logits.argmax(-1)  # every greedy request without processors: one argmax, no copy of the (n, V) logits
-    groups: dict = {}
-    for i, r in enumerate(reqs):
-        if not r.rules.do_sample and not len(r.rules.processors):
-            continue
-        key = _row_wise(r.rules.processors)
-        if key is not None:
-            groups.setdefault((key, r.rules.do_sample), []).append(i)
-            continue
-        scores = logits[i : i + 1]
-        if len(r.rules.processors):
-            scores = r.rules.processors(r.ids(device), scores.clone())
-        chosen[i] = _pick(scores, r.generator if r.rules.do_sample else None)[0]
-    for (_, sample), rows in groups.items():
-        at = torch.tensor(rows, device=logits.device)
-        scores = logits.index_select(0, at)
-        scores = _warp(reqs[rows[0]].rules.processors, scores)
+    rows, scores = _processed(reqs, logits, device)              # (k,) rows with processors or sampling, (k, V)
+    if rows:
+        sample = [j for j, i in enumerate(rows) if reqs[i].rules.do_sample]
+        greedy = [j for j, i in enumerate(rows) if not reqs[i].rules.do_sample]
+        if greedy:
+            at = torch.tensor([rows[j] for j in greedy], device=logits.device)
+            chosen.index_copy_(0, at, scores[greedy].argmax(-1))
         if sample:
-            probs = torch.softmax(scores, dim=-1)
-            for j, i in enumerate(rows):
-                chosen[i] = torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].generator)[0, 0]
-        else:
-            chosen.index_copy_(0, at, scores.argmax(-1))
+            at = torch.tensor([rows[j] for j in sample], device=logits.device)
+            probs = torch.softmax(scores if len(sample) == len(rows) else scores[sample], dim=-1)
+            chosen.index_copy_(0, at, draw(probs, [reqs[rows[j]].generator for j in sample]).to(chosen.device))
     lps = [None] * len(reqs)
     if logprobs:
         temp = torch.tensor([r.rules.temperature for r in reqs], device=logits.device)[:, None]
@@ -451,44 +442,32 @@ def _choose(reqs: list, logits: torch.Tensor, device, logprobs: bool) -> tuple[l
     return chosen.tolist(), lps
 
 
-def _pick(scores: torch.Tensor, generator) -> torch.Tensor:
-    """(1, V) processed scores -> (1,) the token: a draw from ``generator`` (sampling), else the argmax."""
-    if generator is None:
-        return scores.argmax(-1)
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+def _processed(reqs: list, logits: torch.Tensor, device) -> tuple[list[int], torch.Tensor | None]:
+    """The rows that sample or have processors, and their (k, V) processed scores: row-wise warper lists together
+    (grouped by the steps they take), any other list called on the request's own (1, L) ids."""
+    groups: dict = {}
+    for i, r in enumerate(reqs):
+        if not r.rules.do_sample and not len(r.rules.processors):
+            continue
+        groups.setdefault(row_wise_steps(r.rules.processors), []).append(i)
+    rows, parts = [], []
+    for steps, members in groups.items():
+        if steps is None:
+            for i in members:
+                r = reqs[i]
+                parts.append(r.rules.processors(_ids(r, device), logits[i : i + 1].clone()))
+        else:
+            at = torch.tensor(members, device=logits.device)
+            parts.append(warp_rows(logits.index_select(0, at), [reqs[i].rules.processors for i in members], steps))
+        rows += members
+    return rows, (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
 
 
-def _warp(processors, scores: torch.Tensor) -> torch.Tensor:
-    """Row-wise warpers (see :func:`_row_wise`) on (n, V) scores, as the list would apply them; top-p without its
-    full index sort (:func:`~prepack.jobs.decoding.top_p_warp`, bit for bit the warper's)."""
-    top_p = _row_warpers()[2]
-    ids = scores.new_zeros(len(scores), 0, dtype=torch.long)  # read by none of them
-    for p in processors:
-        scores = top_p_warp(scores, p) if type(p) is top_p else p(ids, scores)
-    return scores
-
-
-@functools.lru_cache(maxsize=1)
-def _row_warpers() -> tuple:
-    from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
-    )
-
-    return TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper
-
-
-def _row_wise(processors) -> tuple | None:
-    """A key equal for processor lists that change each row of the scores alike and on its own, reading no ids
-    (transformers' temperature, top-k, top-p and min-p warpers); None for any other list."""
-    key = []
-    for p in processors:
-        if type(p) not in _row_warpers():
-            return None
-        settings = vars(p).items()
-        if any(isinstance(v, torch.Tensor) for _, v in settings):
-            return None
-        key.append((type(p).__name__, tuple(sorted(settings))))
-    return tuple(key)
+def _ids(r: Request, device) -> torch.Tensor:
+    """(1, L) r's prompt and new tokens so far (a view of a buffer grown in place, never rebuilt)."""
+    if r.rules.history is None:
+        r.rules.history = IdsBuffer(r.prompt, r.rules.max_length, device)
+    return r.rules.history.view(r.tokens)
 
 
 def _finished(r: Request, device) -> str | None:
@@ -497,7 +476,7 @@ def _finished(r: Request, device) -> str | None:
         return "eos"
     if len(r.prompt) + len(r.tokens) >= r.rules.max_length:
         return "length"
-    if len(r.rules.criteria) and bool(r.rules.criteria(r.ids(device), None).any()):
+    if len(r.rules.criteria) and bool(r.rules.criteria(_ids(r, device), None).any()):
         return "stop"
     return None
 
