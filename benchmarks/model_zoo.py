@@ -534,10 +534,10 @@ def write_markdown(rows: list[dict], path: str, command: str, seconds: float) ->
         "`tests/test_rope.py`), not per model type here. The variant rows below cover RoPE types, config variants, "
         "train mode and half precision on the base types they name.",
         "",
-        "Outcomes: **exact** (all checks pass); **exact prefill** (a hybrid model with convolution / recurrent "
-        "layers, `prepack.mixers`: prefill logits and each request's cache, conv and recurrent states included, "
-        "exact on the varlen backend, the row backend `sdpa_masked` refused; `prepack.generate` refused with its "
-        "reason, since the decode engine does not hold recurrent state yet: see docs/hybrid.md); **refused** (prepack raised `UnsupportedModelError` naming the model "
+        "Outcomes: **exact** (all checks pass; for a hybrid model with convolution / recurrent layers, "
+        "`prepack.mixers`, the caches include each request's conv and recurrent states, `generate` holds them across "
+        "steps, and the row backend `sdpa_masked` is refused: see docs/hybrid.md); **exact prefill** (such a model "
+        "whose prefill and caches are exact but whose `prepack.generate` is refused with its reason); **refused** (prepack raised `UnsupportedModelError` naming the model "
         "and the reason); **not buildable tiny** (the tiny config does not build: our config's fault); **transformers "
         "fails** (plain transformers, with no prepack involved, fails: its own default config does not build, or the "
         "model run alone or left-padded `generate` raises; the detail names the call, reproducible without prepack); "

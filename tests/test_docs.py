@@ -315,9 +315,10 @@ SUMMARY = re.compile(
 def readme_model_claims(summary: dict) -> list[str]:
     """What README.md says about the model matrix, rendered from docs/models.md's summary line."""
     s = {k: int(v) for k, v in summary.items()}
+    prefill_only = f"{s['prefill']} exact for prefill only (generate refused), " if s["prefill"] else ""
     return [
-        f"of transformers' {s['total']} causal-LM types, {s['exact']} exact, {s['prefill']} exact for prefill "
-        f"(hybrid models: generate refused), {s['refused']} refused with a reason, "
+        f"of transformers' {s['total']} causal-LM types, {s['exact']} exact (prefill, caches and generated tokens), "
+        f"{prefill_only}{s['refused']} refused with a reason, "
         f"{s['tiny']} not buildable tiny, {s['fails']} failing in transformers itself, {s['wrong']} silently wrong",
     ]
 
