@@ -20,7 +20,6 @@ import itertools
 from collections import deque
 
 import numpy as np
-import torch
 
 from ..jobs.decoding import RequestRules
 from .kvstore import KVStore
@@ -60,10 +59,6 @@ class Request:
         return self.prompt
 
     splittable = True  # its prompt may be fed over several steps
-
-    def ids(self, device) -> torch.Tensor:
-        """(1, L) the prompt and the new tokens so far: what generate's processors and criteria see."""
-        return torch.from_numpy(np.concatenate([self.prompt, np.asarray(self.tokens, np.int64)]))[None].to(device)
 
 
 class Prefix:

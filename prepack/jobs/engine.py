@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..attention.registry import choose
-from .decoding import IdsBuffer, RequestRules, Rules, integer, positive_integer
+from .decoding import IdsBuffer, Rules, integer, positive_integer
 from .sampling import draw, row_wise_steps, warp_rows
 from ..executor.step import forward_step, rope_groups
 from ..hf.model import base_model, default_token_budget
@@ -45,9 +45,9 @@ from ..executor.kvstore import KVStore
 from ..executor.regions import merge_refusal
 from ..executor.scheduler import Request, Scheduler
 from ..hf.rope import RopeDependence, rope_dependence
-from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention, stateless_layers
+from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention
 from ..mixers.states import HeldStates
-from ..mixers.states import layer_indices as mixer_layer_indices
+from ..mixers.states import keyless_layers
 from ..hf.wrapped import check_mode, runner, unwrap
 
 FINISH_REASONS = ("eos", "length", "stop")
@@ -197,13 +197,12 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
     chunk = rope is None and vision is None
     require_switched(model)  # held by the caller for the whole run (prepack.hf.registration.switched_iter)
     module = runner(model)  # not torch.compile's wrapper; PEFT adapters and hooks stay in the call
-    # token mixers outside attention (prepack.mixers) keep each request's conv / recurrent state across steps
-    mixers = mixer_layer_indices(model)
+    keyless = keyless_layers(model)
     # on CPU a chunk that continues its own keys runs as two merged parts on the fused flash kernel
     store = KVStore(device, split_chunks=plain and device.type == "cpu", slides=cache_slides(model),
                     reads=kv_share_sources(unwrap(model).config), revisits=revisiting_attention(unwrap(model)),
-                    keyless=mixers | stateless_layers(unwrap(model)) if mixers else frozenset())
-    if mixers:
+                    keyless=keyless)
+    if keyless:  # token mixers outside attention (prepack.mixers) keep each request's conv / recurrent state across steps
         store.states = HeldStates(unwrap(model).config.get_text_config(decoder=True), store.prefix_of)
 
     limits = _Limits(type(model).__name__, position_limit(model), kv_budget, token_budget, chunk, rope)
@@ -219,7 +218,7 @@ def _start(model, prompts, rules: Rules, *, backend, token_budget, kv_budget, ma
             clock.initial_timestamp = time.time()
 
     sched = Scheduler(store, token_budget=token_budget, kv_budget=kv_budget, max_batch=max_batch,
-                      admit_check=admit_check, chunk=chunk, share=share, stats=stats, parent_first=bool(mixers))
+                      admit_check=admit_check, chunk=chunk, share=share, stats=stats, parent_first=bool(keyless))
     return _Run(module, kernel, store, sched, rope, _requests(prompts, rules, device, seed),
                 read_ahead=2 * (max_batch or 64), logprobs=logprobs, stats=stats, progress=progress,
                 vision=vision, samples=rules.samples)
@@ -486,8 +485,7 @@ def check_engine_model(model) -> None:
     (:mod:`prepack.mixers`), naming the model and why."""
     config = model.config.get_text_config(decoder=True)
     name = type(model).__name__
-    mixers = mixer_layer_indices(model)
-    keyless = mixers | stateless_layers(unwrap(model)) if mixers else frozenset()
+    keyless = keyless_layers(model)
     types = getattr(config, "layer_types", None) or ()
     other = sorted({t for i, t in enumerate(types) if t not in _ATTENTION_LAYERS and i not in keyless})
     if other:

@@ -41,9 +41,9 @@ from ..planner.bins import check_capacity, plan
 from ..executor.regions import MIN_SHARED_TOKENS, common_prefix_length, sharing_refusal
 from ..hf.rope import rope_dependence
 from ..executor.scheduler import Scheduler
-from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention, stateless_layers
+from ..hf.support import UnsupportedModelError, kv_share_sources, revisiting_attention
 from ..mixers import continuation_refusal
-from ..mixers.states import MixerCapture, SegmentCaches
+from ..mixers.states import MixerCapture, SegmentCaches, keyless_layers
 from ..mixers.states import layer_indices as mixer_layer_indices
 from ..hf.wrapped import check_mode, runner, unwrap
 
@@ -268,7 +268,7 @@ class _Jobs:
         self.name = type(unwrap(model)).__name__
         self.mixer_layers = mixer_layer_indices(model)
         # layers that write no keys: a mixer's (its states are in the request's own cache) and an MLP-only one
-        self.keyless = self.mixer_layers | stateless_layers(model) if self.mixer_layers else frozenset()
+        self.keyless = keyless_layers(model)
         self.chunks: list = []  # per forward, per layer (keys, values) what the model cached (keep_cache)
         self.layer_copies: dict = {}  # cache layers the model appends in its forward -> the layer each copies
         self.outputs: list = []  # per forward, (values, rows in the request-order result)

@@ -35,7 +35,7 @@ import torch
 
 from ..hf.support import UnsupportedModelError
 from . import active
-from .kinds import kind_of, mixer_modules, seq_idx_of
+from .kinds import kind_of, mixer_layer_idx, mixer_modules, seq_idx_of
 
 # the names transformers' mixers take a cache under (5.x renamed past_key_values / cache_params to cache)
 CACHE_NAMES = ("cache", "cache_params", "past_key_values", "past_key_value")
@@ -170,8 +170,10 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
     cache_name = _cache_name(type(module))
     starts = np.concatenate([[0], np.cumsum(seg.q_lengths)[:-1]]).astype(np.int64)
     outs = {}
-    for rows in _decode_groups(module, seg):  # one-token segments that continue their states: the mixer's own decode path, batched
-        outs.update(_decode_together(module, forward, cache_name, seg, rows, starts, hidden, per_token, rest))
+    if seg.states is not None and hasattr(seg.states, "gather"):  # the engine's held states: decode rows batched
+        layer = mixer_layer_idx(module)
+        for rows in _decode_groups(seg, layer):  # one-token segments that continue their states alike
+            outs.update(_decode_together(module, forward, layer, cache_name, seg, rows, starts, hidden, per_token, rest))
     for j, n in enumerate(seg.q_lengths.tolist()):
         if n == 0 or j in outs:
             continue
@@ -183,24 +185,17 @@ def run_segments(module, seg: Segments, args: tuple, kwargs: dict):
     return _concat([outs[j] for j in sorted(outs)], name, kind_of(module).returns_state)
 
 
-def _decode_groups(module, seg: Segments) -> list[list[int]]:
+def _decode_groups(seg: Segments, layer: int) -> list[list[int]]:
     """Groups of segments a step decodes in one batched call each: one token each, continuing held states alike."""
     states = seg.states
-    if states is None or not hasattr(states, "gather"):
-        return []
-    from .kinds import mixer_layer_idx
-
     rows = [j for j in np.flatnonzero(seg.q_lengths == 1).tolist() if states.continues(j)]
-    return states.groups(rows, mixer_layer_idx(module)) if len(rows) > 1 else []
+    return states.groups(rows, layer) if len(rows) > 1 else []
 
 
-def _decode_together(module, forward, cache_name: str, seg: Segments, rows: list[int], starts, hidden, per_token: dict,
-                     rest: dict) -> dict:
+def _decode_together(module, forward, layer: int, cache_name: str, seg: Segments, rows: list[int], starts, hidden,
+                     per_token: dict, rest: dict) -> dict:
     """``module``'s own forward once over the one-token segments ``rows``, batched as ``model.generate`` batches
-    its decode steps: (n, 1, D) with their states stacked; their new states go back to each request's cache."""
-    from .kinds import mixer_layer_idx
-
-    layer = mixer_layer_idx(module)
+    its decode steps: (n, 1, D) with layer ``layer``'s states stacked; their new states go back to each request's cache."""
     at = torch.from_numpy(starts[rows]).to(hidden.device)
     cache = seg.states.gather(rows, layer)
     own = {k: v[0, at][:, None] for k, v in per_token.items()}

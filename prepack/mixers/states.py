@@ -102,6 +102,16 @@ def with_keys(cache, layers: list):
     return cache
 
 
+def keyless_layers(model) -> frozenset[int]:
+    """The decoder layers of ``model`` that cache no keys where it has mixers: the mixers' and the MLP-only ones
+    (NemotronH's); empty for a model without mixers (every layer holds attention keys)."""
+    from ..hf.support import stateless_layers
+    from ..hf.wrapped import unwrap
+
+    mixers = layer_indices(model)
+    return frozenset(mixers | stateless_layers(unwrap(model))) if mixers else frozenset()
+
+
 def layer_indices(model) -> frozenset[int]:
     """The decoder layers of ``model`` whose token mixer is a registered mixer (they cache no keys)."""
     from .kinds import mixer_modules
